@@ -1,0 +1,56 @@
+"""``mosaic-fast info``: versions, devices, and which fast paths this install can run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as exc:  # an optional dependency that is absent or broken
+        return f"not available ({type(exc).__name__})"
+
+
+def collect() -> dict[str, str]:
+    """Everything ``info`` prints, as a dict (also embedded in benchmark JSON)."""
+    import torch
+
+    import mosaic_fast
+    from mosaic_fast.backend import INTERPRET, get_backend, triton_available
+
+    try:
+        from mosaic_fast import _C  # noqa: F401
+
+        ext = "built"
+    except ImportError as exc:
+        ext = f"missing ({exc})"
+    cuda = torch.cuda.is_available()
+    return {
+        "mosaic_fast": mosaic_fast.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "medmnist": _version("medmnist"),
+        "cuda available": str(cuda),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "backend": get_backend(),
+        "triton kernels": (
+            "available on CUDA" if triton_available() and cuda
+            else "interpreter (TRITON_INTERPRET=1)" if triton_available() and INTERPRET
+            else "installed, no GPU: torch fallback on CPU" if triton_available()
+            else "triton not installed"
+        ),
+        "C++ extension (mosaic_fast._C)": ext,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="mosaic-fast info", description=__doc__).parse_args(argv)
+    for key, value in collect().items():
+        print(f"{key:<32} {value}")
+    return 0

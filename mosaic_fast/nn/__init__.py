@@ -1,0 +1,9 @@
+"""Drop-in fast modules: same class names, constructor arguments and state_dict keys as ``reference``.
+
+Each class subclasses its reference twin (adding no parameters), so :func:`convert` can swap them in
+place.
+"""
+
+from .convert import convert
+
+__all__ = ["convert"]

@@ -1,0 +1,18 @@
+"""Plain-PyTorch reference modules: the ground truth every fast path is tested against."""
+
+from .adapter import EXPERT_NAMES, Adapter, MoSAdapter
+from .patch_embed import PatchEmbed2D, PatchEmbed3D, UnifiedPatchEmbed
+from .vit import Attention, Block, Encoder, Mlp
+
+__all__ = [
+    "EXPERT_NAMES",
+    "Adapter",
+    "Attention",
+    "Block",
+    "Encoder",
+    "Mlp",
+    "MoSAdapter",
+    "PatchEmbed2D",
+    "PatchEmbed3D",
+    "UnifiedPatchEmbed",
+]

@@ -1,0 +1,128 @@
+"""Reference AdaptFormer adapter and the MOSAIC three-specialist (A/B/C) adapter.
+
+Plain PyTorch, written for readability: these modules are the ground truth the fast paths are tested
+against. Parameter names match the MOSAIC seed repository so checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+EXPERT_NAMES = ("A", "B", "C")
+
+
+class Adapter(nn.Module):
+    """``adapter(h) = s * up(relu(down(LN_a(h))))`` (AdaptFormer); the residual is added by the caller."""
+
+    def __init__(
+        self,
+        d_model: int = 768,
+        bottleneck: int = 64,
+        dropout: float = 0.0,
+        init_option: str = "lora",
+        adapter_scalar: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if d_model <= 0 or bottleneck <= 0:
+            raise ValueError(f"d_model and bottleneck must be positive, got {d_model} and {bottleneck}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model = d_model
+        self.bottleneck = bottleneck
+        self.scale = float(adapter_scalar)
+        self.layer_norm = nn.LayerNorm(d_model, eps=1e-5)
+        self.down_proj = nn.Linear(d_model, bottleneck)
+        self.activation = nn.ReLU()
+        self.up_proj = nn.Linear(bottleneck, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters(init_option)
+
+    def reset_parameters(self, init_option: str = "lora") -> None:
+        """"lora": kaiming-uniform down, zero up (output 0 at init); "bert": N(0, 0.02) weights."""
+        if init_option == "lora":
+            nn.init.kaiming_uniform_(self.down_proj.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up_proj.weight)
+        elif init_option == "bert":
+            nn.init.normal_(self.down_proj.weight, mean=0.0, std=0.02)
+            nn.init.normal_(self.up_proj.weight, mean=0.0, std=0.02)
+        else:
+            raise ValueError(f"init_option must be 'lora' or 'bert', got {init_option!r}")
+        nn.init.zeros_(self.down_proj.bias)
+        nn.init.zeros_(self.up_proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[-1] != self.d_model:
+            raise ValueError(f"h: expected last dim {self.d_model}, got shape {tuple(h.shape)}")
+        z = self.activation(self.down_proj(self.layer_norm(h)))
+        return self.dropout(self.up_proj(z)) * self.scale
+
+
+def check_expert_id(expert_id: str | torch.Tensor, h: torch.Tensor) -> None:
+    """Raise a clear error unless ``expert_id`` is 'A'/'B'/'C' or a (B,) integer tensor of 0/1/2."""
+    if isinstance(expert_id, str):
+        if expert_id not in EXPERT_NAMES:
+            raise ValueError(f"expert_id must be one of {EXPERT_NAMES}, got {expert_id!r}")
+        return
+    if not isinstance(expert_id, torch.Tensor):
+        raise TypeError(
+            f"expert_id must be 'A'/'B'/'C' or a LongTensor of shape (B,), got {type(expert_id).__name__}"
+        )
+    if expert_id.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"expert_id tensor must be int64 (or int32), got {expert_id.dtype}")
+    if expert_id.dim() != 1 or expert_id.shape[0] != h.shape[0]:
+        raise ValueError(
+            f"expert_id tensor must have shape ({h.shape[0]},) (one id per sample of h with shape "
+            f"{tuple(h.shape)}), got {tuple(expert_id.shape)}"
+        )
+    if expert_id.device != h.device:
+        raise ValueError(f"expert_id is on {expert_id.device} but h is on {h.device}")
+    if not expert_id.is_cuda and expert_id.numel() and (expert_id.min() < 0 or expert_id.max() > 2):
+        raise ValueError(f"expert_id values must be in {{0, 1, 2}}, got {expert_id.tolist()}")
+
+
+class MoSAdapter(nn.Module):
+    """MOSAIC mixture-of-specialists adapter ("v2_moe"): three hard-routed adapters A, B, C.
+
+    ``forward(h, expert_id)``: ``expert_id`` is 'A'/'B'/'C' for the whole batch, or a (B,) integer
+    tensor of 0/1/2 routing each sample of a mixed batch to its specialist.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 768,
+        bottleneck_a: int = 64,
+        bottleneck_b: int = 96,
+        bottleneck_c: int = 192,
+        dropout: float = 0.0,
+        init_option: str = "lora",
+        adapter_scalar: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.bottleneck_a, self.bottleneck_b, self.bottleneck_c = bottleneck_a, bottleneck_b, bottleneck_c
+        self.expert_a = Adapter(d_model, bottleneck_a, dropout, init_option, adapter_scalar)
+        self.expert_b = Adapter(d_model, bottleneck_b, dropout, init_option, adapter_scalar)
+        self.expert_c = Adapter(d_model, bottleneck_c, dropout, init_option, adapter_scalar)
+
+    @property
+    def experts(self) -> tuple[Adapter, Adapter, Adapter]:
+        return (self.expert_a, self.expert_b, self.expert_c)
+
+    def get_expert(self, expert_id: str) -> Adapter:
+        check_expert_id(expert_id, torch.empty(0))
+        return self.experts[EXPERT_NAMES.index(expert_id)]
+
+    def forward(self, h: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
+        check_expert_id(expert_id, h)
+        if isinstance(expert_id, str):
+            return self.get_expert(expert_id)(h)
+        # Mixed batch: every specialist runs on the samples routed to it (masked per sample).
+        out = h.new_zeros(h.shape)
+        for index, expert in enumerate(self.experts):
+            mask = expert_id == index
+            if bool(mask.any()):
+                out[mask] = expert(h[mask])
+        return out
