@@ -1,0 +1,95 @@
+"""Benchmark cases and their timing: one case = one workload run by several implementations.
+
+A :class:`Case` says how to build inputs and which implementations ("reference", "fast", ...) to run
+on them. :func:`time_case` times every implementation on the same rotating input sets in one process
+(CUDA: ``triton.testing.do_bench`` medians; CPU: ``torch.utils.benchmark`` medians) and adds
+``torch.compile`` of the reference when the case allows it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: Measured on an H100 (DESIGN.md §6); used for the "% of floor" column on CUDA.
+PEAK_BYTES_PER_S = 3.0e12
+PEAK_FLOPS_BF16 = 7.9e14
+
+
+@dataclass
+class Case:
+    """One benchmark workload.
+
+    ``make_inputs(i)`` builds the i-th input set (fresh random data, never zeros); implementations take
+    the unpacked input set. ``floor_bytes``/``floor_flops`` give the roofline floor of the workload.
+    """
+
+    suite: str
+    name: str
+    params: dict[str, Any]
+    make_inputs: Callable[[int], Sequence[Any]]
+    impls: dict[str, Callable[..., Any]]
+    compile_reference: bool = True
+    floor_bytes: float | None = None
+    floor_flops: float | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rotating(fn: Callable[..., Any], input_sets: list[Sequence[Any]]) -> Callable[[], Any]:
+    cycle = itertools.cycle(input_sets)
+    return lambda: fn(*next(cycle))
+
+
+def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float = 0.5) -> float:
+    """Median seconds of one call of ``fn`` (warm-up first)."""
+    fn()
+    if device.type == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) / 1e3
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def floor_seconds(case: Case) -> float | None:
+    """Roofline floor: the larger of the memory time and the compute time."""
+    times = []
+    if case.floor_bytes:
+        times.append(case.floor_bytes / PEAK_BYTES_PER_S)
+    if case.floor_flops:
+        times.append(case.floor_flops / PEAK_FLOPS_BF16)
+    return max(times) if times else None
+
+
+def time_case(
+    case: Case, device: torch.device, rotate: int = 3, with_compile: bool = True, min_run_time: float = 0.5
+) -> dict[str, Any]:
+    """Time every implementation of ``case``; returns a JSON-ready record with ratios to "reference"."""
+    input_sets = [case.make_inputs(i) for i in range(rotate)]
+    impls = dict(case.impls)
+    if with_compile and case.compile_reference and "reference" in impls:
+        impls["compiled"] = torch.compile(impls["reference"])
+    record: dict[str, Any] = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {}}
+    for label, fn in impls.items():
+        try:
+            record["times_s"][label] = measure(_rotating(fn, input_sets), device, min_run_time)
+        except Exception as exc:  # torch.compile may fail on some setups: record, don't hide
+            record.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:300]
+    ref = record["times_s"].get("reference")
+    record["speedup_vs_reference"] = {k: ref / v for k, v in record["times_s"].items() if ref and v}
+    floor = floor_seconds(case) if device.type == "cuda" else None
+    if floor is not None:
+        record["floor_s"] = floor
+        record["pct_of_floor"] = {k: 100.0 * floor / v for k, v in record["times_s"].items()}
+    if case.notes:
+        record["notes"] = case.notes
+    record.update(case.extra)
+    return record

@@ -1,0 +1,43 @@
+"""Test set-up: Triton's interpreter on machines without a GPU, parity helpers as fixtures.
+
+TRITON_INTERPRET must be set before triton decorates the kernels, i.e. before mosaic_fast is imported.
+On a CUDA machine the kernels are compiled for real and the interpreter tests are skipped.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mosaic_fast  # noqa: E402
+from mosaic_fast.backend import INTERPRET, triton_available  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Every test starts on the "auto" backend and leaves it there."""
+    mosaic_fast.set_backend("auto")
+    yield
+    mosaic_fast.set_backend("auto")
+
+
+@pytest.fixture
+def triton_backend():
+    """Run the Triton kernels: compiled on CUDA, in the interpreter on CPU (skips when neither)."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    if not (torch.cuda.is_available() or INTERPRET):
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    mosaic_fast.set_backend("triton")
+    yield "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def cuda_device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")

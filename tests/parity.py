@@ -1,0 +1,43 @@
+"""Parity helpers shared by the tests (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import torch
+
+#: DESIGN.md §5 tolerances on ‖fast − ref‖ / ‖ref‖.
+TOL_CPU_FWD = 1e-5
+TOL_CPU_GRAD = 1e-4
+TOL_INTERPRETER = 1e-4
+TOL_CUDA_TF32 = 3e-3
+TOL_BF16 = 2e-2
+TOL_FP16 = 5e-3
+
+
+def rel_err(fast: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖fast − ref‖ / ‖ref‖ computed in float64."""
+    ref64 = ref.detach().double()
+    return float((fast.detach().double() - ref64).norm() / ref64.norm())
+
+
+def assert_parity(fast: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    """Fail on NaN/Inf, on a shape mismatch, on a near-zero reference, or when the error exceeds tol."""
+    assert fast.shape == ref.shape, f"{what}: shape {tuple(fast.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(fast).all(), f"{what}: fast result has NaN/Inf"
+    scale = float(ref.detach().double().norm())
+    assert scale > 1e-6 * (ref.numel() ** 0.5), f"{what}: reference is ~0 ({scale}); the check proves nothing"
+    err = rel_err(fast, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.05, seed: int | None = None) -> torch.nn.Module:
+    """Give every parameter fresh random values (incl. zero-initialised up-projections and biases);
+    LayerNorm-like weights stay near 1."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+            if name.endswith("weight") and p.dim() == 1:
+                p.copy_(1.0 + noise)
+            else:
+                p.copy_(noise)
+    return module
