@@ -53,7 +53,7 @@ def _extensions() -> list:
     ]
 
 
-packages = find_packages(include=["mosaic_fast", "mosaic_fast.*"]) + ["mosaic_fast.kernels"]
+packages = [*find_packages(include=["mosaic_fast", "mosaic_fast.*"]), "mosaic_fast.kernels"]
 
 setup(
     packages=packages,

@@ -11,10 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import mosaic_fast  # noqa: E402
-from mosaic_fast.backend import INTERPRET, triton_available  # noqa: E402
+import mosaic_fast
+from mosaic_fast.backend import INTERPRET, triton_available
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,9 @@ class PatchEmbed2D(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x: expected (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
-            raise ValueError(f"x: H and W must be divisible by patch_size {self.patch_size}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x: H and W must be divisible by patch_size {self.patch_size}, got {tuple(x.shape)}"
+            )
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
