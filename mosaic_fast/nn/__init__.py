@@ -5,5 +5,6 @@ place.
 """
 
 from .convert import convert
+from .vit import Attention, Block
 
-__all__ = ["convert"]
+__all__ = ["Attention", "Block", "convert"]

@@ -1,0 +1,88 @@
+"""EMA teacher with per-specialist momentum (MOSAIC).
+
+After every optimizer step ``p_t = m p_t + (1 - m) p_s`` over the student's trainable parameters,
+except the adapters of the specialists that were not active in the step (so a 2D batch never moves
+the volumetric specialist's teacher weights). Momentum: 0.9 for A and B, 0.95 for C (DESIGN.md §3).
+When several specialists are active (a mixed batch), each specialist's adapters use its own momentum
+and the shared trainable parameters (heads, 3D tokenizer) the largest active momentum (the slowest,
+most conservative update).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..reference.adapter import EXPERT_NAMES
+
+DEFAULT_MOMENTUM = {"A": 0.9, "B": 0.9, "C": 0.95}
+
+
+def expert_of_parameter(name: str) -> str | None:
+    """'A'/'B'/'C' for a parameter inside ``expert_a/b/c``, else None."""
+    for expert in EXPERT_NAMES:
+        if f".expert_{expert.lower()}." in f".{name}":
+            return expert
+    return None
+
+
+class EMATeacher:
+    """Holds ``model``, a frozen deep copy of the student, and updates it by EMA.
+
+    ``state_dict()`` is the copy's own (the same keys as the student), as the seed saves it.
+    """
+
+    def __init__(self, student: nn.Module, momentum: dict[str, float] | None = None) -> None:
+        self.model = copy.deepcopy(student)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.momentum = dict(DEFAULT_MOMENTUM if momentum is None else momentum)
+        for expert in EXPERT_NAMES:
+            m = self.momentum.get(expert)
+            if m is None or not 0.0 <= m <= 1.0:
+                raise ValueError(f"momentum[{expert!r}] must be in [0, 1], got {m}")
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def eval(self) -> EMATeacher:
+        self.model.eval()
+        return self
+
+    def to(self, *args, **kwargs) -> EMATeacher:
+        self.model.to(*args, **kwargs)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        return self.model.load_state_dict(state_dict, strict=strict)
+
+    @torch.no_grad()
+    def update(
+        self,
+        student: nn.Module,
+        experts: str | Iterable[str],
+        momentum: dict[str, float] | None = None,
+    ) -> None:
+        """EMA step towards ``student`` for the specialists in ``experts`` (e.g. "A" or {"A", "C"})."""
+        active = {experts} if isinstance(experts, str) else set(experts)
+        if not active or not active <= set(EXPERT_NAMES):
+            raise ValueError(f"experts must be a non-empty subset of {EXPERT_NAMES}, got {experts!r}")
+        moms = {**self.momentum, **(momentum or {})}
+        shared_m = max(moms[e] for e in active)
+        student = getattr(student, "module", student)  # unwrap DistributedDataParallel
+        teacher_params = dict(self.model.named_parameters())
+        for name, p_s in student.named_parameters():
+            if not p_s.requires_grad:
+                continue
+            expert = expert_of_parameter(name)
+            if expert is not None and expert not in active:
+                continue
+            m = moms[expert] if expert is not None else shared_m
+            teacher_params[name].mul_(m).add_(p_s.detach(), alpha=1.0 - m)

@@ -1,0 +1,27 @@
+"""Fast ViT pieces: SDPA attention and the block whose adapter adds into the residual in one kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+
+
+class Attention(reference.Attention):
+    """Same parameters as the reference; computed with ``scaled_dot_product_attention`` (flash/mem-eff)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.split_heads(x)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(reference.Block):
+    """Parallel-adapter block; ``x + mlp(h)`` is the base the fused adapter kernel adds into."""
+
+    def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return self.adapter.forward_fused(h, x + self.ffn(h), expert_id)
