@@ -75,3 +75,55 @@ def dataset_spec(name: str) -> DatasetSpec:
 #: Number of classes per head in the seed's order (equals medmnist's INFO; pinned here so building a
 #: model does not import medmnist).
 NUM_CLASSES = (9, 7, 4, 2, 14, 2, 8, 8, 5, 11, 11, 11, 11, 2, 2, 2, 3, 2)
+
+#: Image sizes medmnist publishes (``{flag}.npz`` is 28, the others ``{flag}_{size}.npz``).
+SIZES_2D = (28, 64, 128, 224)
+SIZES_3D = (28, 64)
+
+
+def available_sizes(name: str) -> tuple[int, ...]:
+    """File sizes medmnist offers for dataset ``name`` (2D: 28/64/128/224, 3D: 28/64)."""
+    return SIZES_3D if dataset_spec(name).is_3d else SIZES_2D
+
+
+def npz_filename(name: str, size: int) -> str:
+    """Official file name of dataset ``name`` at ``size``: ``pathmnist.npz``, ``pathmnist_224.npz``..."""
+    sizes = available_sizes(name)
+    if size not in sizes:
+        raise ValueError(f"size: {name} is published at sizes {sizes}, got {size}")
+    flag = name.lower()
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def resolve_datasets(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Canonical names (e.g. "BreastMNIST") of ``names``, given as names or medmnist flags, any case.
+
+    Accepts a comma-separated string or a sequence; keeps the given order and drops duplicates.
+    """
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    by_key = {name.lower(): name for name in ALL_DATASETS}
+    out: list[str] = []
+    for raw in names:
+        key = raw.strip().lower()
+        if key not in by_key:
+            raise ValueError(f"datasets: unknown dataset {raw!r}; expected names from {', '.join(ALL_DATASETS)}")
+        if by_key[key] not in out:
+            out.append(by_key[key])
+    if not out:
+        raise ValueError("datasets: at least one dataset is required")
+    return tuple(out)
+
+
+def training_order(names: tuple[str, ...] | list[str], interleaved: bool = False) -> tuple[str, ...]:
+    """The seed's round order restricted to ``names``: 2D then 3D, or alternating with ``interleaved``."""
+    order = INTERLEAVED_DATASETS if interleaved else ALL_DATASETS
+    chosen = set(resolve_datasets(list(names)))
+    return tuple(name for name in order if name in chosen)
+
+
+def head_index(name: str) -> int:
+    """Index of dataset ``name``'s classification head in MosaicModel (the seed's 18-dataset order)."""
+    if name not in EXPERT_ROUTING:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(ALL_DATASETS)}")
+    return ALL_DATASETS.index(name)
