@@ -1,6 +1,7 @@
 """Plain-PyTorch reference modules: the ground truth every fast path is tested against."""
 
 from .adapter import EXPERT_NAMES, Adapter, MoSAdapter
+from .moe import GatedMoEAdapter, GatedSpecialistAdapter, SkipRouter
 from .patch_embed import PatchEmbed2D, PatchEmbed3D, UnifiedPatchEmbed
 from .vit import Attention, Block, Encoder, Mlp
 
@@ -10,9 +11,12 @@ __all__ = [
     "Attention",
     "Block",
     "Encoder",
+    "GatedMoEAdapter",
+    "GatedSpecialistAdapter",
     "Mlp",
     "MoSAdapter",
     "PatchEmbed2D",
     "PatchEmbed3D",
+    "SkipRouter",
     "UnifiedPatchEmbed",
 ]
