@@ -5,6 +5,7 @@ place.
 """
 
 from .convert import convert
+from .patch_embed import PatchEmbed3D
 from .vit import Attention, Block
 
-__all__ = ["Attention", "Block", "convert"]
+__all__ = ["Attention", "Block", "PatchEmbed3D", "convert"]
