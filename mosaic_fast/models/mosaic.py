@@ -128,6 +128,30 @@ class MosaicModel(nn.Module):
         check_expert_id(expert_id, tokens)
         return self.encoder(tokens, expert_id)[:, 0]
 
+    def forward_packed(self, batches: Sequence[tuple[torch.Tensor, str | torch.Tensor]]) -> list[torch.Tensor]:
+        """CLS features of several batches at once, e.g. ``[(images_2d, ids_2d), (volumes_3d, "C")]``.
+
+        Equals ``[forward_features(x, e) for x, e in batches]``. The fast model runs attention per batch
+        (the sequence lengths differ) and the MLP + grouped adapter over all tokens packed together.
+        """
+        if not batches:
+            raise ValueError("batches must hold at least one (x, expert_id) pair")
+        if not self.fast:
+            return [self.forward_features(x, e) for x, e in batches]
+        tokens, rows = [], []
+        for x, expert_id in batches:
+            t = self.embed(x)
+            check_expert_id(expert_id, t)
+            if isinstance(expert_id, str):
+                rows.append(torch.full((t.shape[0] * t.shape[1],), EXPERT_NAMES.index(expert_id), device=t.device))
+            else:
+                rows.append(expert_id.long().repeat_interleave(t.shape[1]))
+            tokens.append(t)
+        row_expert = torch.cat(rows)
+        for block in self.encoder.blocks:
+            tokens = block.forward_packed(tokens, row_expert)
+        return [self.encoder.norm(t[:, 0]) for t in tokens]
+
     def forward(
         self,
         x: torch.Tensor,

@@ -25,3 +25,13 @@ class Block(reference.Block):
         x = x + self.attn(self.norm1(x))
         h = self.norm2(x)
         return self.adapter.forward_fused(h, x + self.ffn(h), expert_id)
+
+    def forward_packed(self, xs: list[torch.Tensor], row_expert: torch.Tensor) -> list[torch.Tensor]:
+        """One block over several batches of different sequence lengths (e.g. 2D with 197 tokens and 3D
+        with 513): attention per batch (SDPA), then LayerNorm, MLP and the grouped adapter over the packed
+        token stream in one launch. ``row_expert`` holds the specialist (0/1/2) of every packed row."""
+        xs = [x + self.attn(self.norm1(x)) for x in xs]
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        h = self.norm2(flat)
+        out = self.adapter.forward_fused(h[:, None], (flat + self.ffn(h))[:, None], row_expert)[:, 0]
+        return [o.view_as(x) for o, x in zip(out.split([x.shape[0] * x.shape[1] for x in xs]), xs)]

@@ -1,0 +1,158 @@
+"""Model suite: MosaicModel inference throughput and training-step time, reference vs fast.
+
+CUDA (real shapes): ViT-B/16, batch 64, 224² (and 64³ volumes for the 2D+3D case), bf16.
+CPU (quick): a small ViT (width 192, depth 4) at batch 8 so the suite finishes in minutes.
+Inference runs the models in the benchmark dtype; training keeps fp32 weights under autocast (CUDA) and
+includes the EMA teacher forward and update, as a real MOSAIC step does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from mosaic_fast.bench.core import Case
+from mosaic_fast.models import EMATeacher, MosaicModel
+
+
+def _config(quick: bool) -> dict:
+    if quick:
+        return dict(embed_dim=192, depth=4, num_heads=3, batch=8, batch_3d=2)
+    return dict(embed_dim=768, depth=12, num_heads=12, batch=64, batch_3d=16)
+
+
+def _pair(cfg: dict, device: torch.device) -> tuple[MosaicModel, MosaicModel]:
+    """Reference and fast models with the same random weights (up-projections randomised too)."""
+    kwargs = dict(embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"])
+    ref = MosaicModel(fast=False, **kwargs)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "up_proj" in name:
+                p.normal_(0.0, 0.02)
+    fast = MosaicModel(fast=True, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    return ref.to(device), fast.to(device)
+
+
+def _images(batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(batch, 3, 224, 224, generator=g).to(device, dtype)
+
+
+def _ids(batch: int, device: torch.device, seed: int, mixed: bool) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, 2, (batch,), generator=g) if mixed else torch.zeros(batch, dtype=torch.long)
+    return ids.to(device)
+
+
+def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    cfg = _config(quick)
+    ref, fast = _pair(cfg, device)
+    ref, fast = ref.to(dtype).eval(), fast.to(dtype).eval()
+    b, b3 = cfg["batch"], cfg["batch_3d"]
+
+    def ref_fwd(model):
+        def run(x, ids):
+            with torch.inference_mode():
+                return model.forward_features(x, ids)
+        return run
+
+    cases = []
+    for mixed in (False, True):
+        cases.append(Case(
+            suite="model", name=f"mosaic_infer_{'mixedAB' if mixed else 'single'}_b{b}",
+            params=dict(batch=b, mixed=mixed, **{k: cfg[k] for k in ("embed_dim", "depth")}),
+            make_inputs=lambda i, mixed=mixed: (_images(b, device, dtype, i), _ids(b, device, i, mixed)),
+            impls={"reference": ref_fwd(ref), "fast": ref_fwd(fast)},
+            notes="images/s = batch / time",
+        ))
+
+    def packed(model):
+        def run(x2, ids2, x3):
+            with torch.inference_mode():
+                return model.forward_packed([(x2, ids2), (x3, "C")])
+        return run
+
+    def make_packed(i):
+        g = torch.Generator(device="cpu").manual_seed(100 + i)
+        vol = torch.rand(b3, 1, 64, 64, 64, generator=g).to(device, dtype)
+        return _images(b - b3, device, dtype, i), _ids(b - b3, device, i, True), vol
+
+    cases.append(Case(
+        suite="model", name=f"mosaic_infer_mixed2D3D_b{b}",
+        params=dict(batch=b, batch_3d=b3, mixed=True, **{k: cfg[k] for k in ("embed_dim", "depth")}),
+        make_inputs=make_packed, impls={"reference": packed(ref), "fast": packed(fast)},
+        compile_reference=False,
+        notes="reference runs the 2D and 3D batches one after the other; fast packs MLP + adapter",
+    ))
+    return cases
+
+
+class TrainStep:
+    """One MOSAIC training step: student fwd/bwd (CE + 0.1·MSE to the teacher CLS), AdamW, EMA update."""
+
+    def __init__(self, model: MosaicModel, device: torch.device, dtype: torch.dtype, compile_model: bool = False):
+        self.model = model.train()
+        self.model.freeze_backbone(verbose=False)
+        self.teacher = EMATeacher(model)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+        self.forward = torch.compile(model) if compile_model else model
+        self.autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
+                         else contextlib.nullcontext())
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, experts: tuple[str, ...]) -> None:
+        with self.autocast:
+            feats, logits = self.forward(x, task_id=0, expert_id=ids)
+            with torch.no_grad():
+                feats_t = self.teacher.model(x, task_id=0, return_features=True, expert_id=ids)
+            loss = F.cross_entropy(logits.float(), y) + 0.1 * F.mse_loss(feats.float(), feats_t.float())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.teacher.update(self.model, experts)
+
+
+def _peak_memory(step: TrainStep, inputs: tuple, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    step(*inputs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(*inputs)
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def training_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    cfg = _config(quick)
+    b = cfg["batch"]
+    cases = []
+    for mixed in (False, True):
+        ref, fast = _pair(cfg, device)
+        compiled_ref = _pair(cfg, device)[0]
+        steps = {"reference": TrainStep(ref, device, dtype), "compiled": TrainStep(compiled_ref, device, dtype, True),
+                 "fast": TrainStep(fast, device, dtype)}
+
+        def make(i, mixed=mixed):
+            g = torch.Generator(device="cpu").manual_seed(i)
+            y = torch.randint(0, 9, (b,), generator=g).to(device)
+            experts = ("A", "B") if mixed else ("A",)
+            return _images(b, device, torch.float32, i), _ids(b, device, i, mixed), y, experts
+
+        memory = {k: _peak_memory(s, make(0), device) for k, s in steps.items()}
+        cases.append(Case(
+            suite="model", name=f"mosaic_train_step_{'mixedAB' if mixed else 'single'}_b{b}",
+            params=dict(batch=b, mixed=mixed, **{k: cfg[k] for k in ("embed_dim", "depth")}),
+            make_inputs=make, impls=steps, compile_reference=False,
+            extra={"peak_memory_bytes": memory} if device.type == "cuda" else {},
+            notes="student fwd+bwd + teacher fwd + AdamW + EMA; compiled = torch.compile(reference model)",
+        ))
+    return cases
+
+
+def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """Inference and training-step cases of MosaicModel."""
+    return inference_cases(device, dtype, quick) + training_cases(device, dtype, quick)

@@ -1,0 +1,123 @@
+"""``mosaic-fast bench`` (= ``python benchmarks/run.py``): every fast path against its reference.
+
+Runs, in one process and on the same inputs, the reference (eager), ``torch.compile`` of the reference
+and the fast path; prints one table per suite (median time, ratio to reference, % of the roofline floor
+on CUDA) and optionally writes JSON (``--json``) and PNG charts (``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+#: Case modules of each suite; each exposes ``cases(device, dtype, quick) -> list[Case]``.
+SUITES = {
+    "ops": ("cases_adapter", "cases_moe", "cases_patch_embed"),
+    "model": ("cases_model", "cases_dynamer"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mosaic-fast bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"], help="which suite to run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="activation dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--json", dest="json_path", default=None, help="write every figure to this JSON file")
+    p.add_argument("--plot", dest="plot_path", default=None, help="write speed-up and time-vs-ρ charts (PNG)")
+    p.add_argument("--full", action="store_true", help="real (GPU) shapes even on CPU (slow)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--filter", default=None, help="only cases whose name contains this string")
+    p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds of timing per measurement")
+    return p.parse_args(argv)
+
+
+def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool) -> list:
+    cases = []
+    for suite in suites:
+        for module_name in SUITES[suite]:
+            module = importlib.import_module(f"mosaic_fast.bench.{module_name}")
+            cases += module.cases(device, dtype, quick)
+    return cases
+
+
+def format_table(records: list[dict], device: torch.device) -> str:
+    """A fixed-width table: one row per case, median ms per implementation and ratios to reference."""
+    labels = []
+    for r in records:
+        labels += [k for k in r["times_s"] if k not in labels]
+    head = f"{'case':<44}" + "".join(f"{lab + ' ms':>14}" for lab in labels)
+    head += "".join(f"{'x ' + lab:>11}" for lab in labels if lab != "reference")
+    if device.type == "cuda":
+        head += f"{'fast %floor':>12}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        row = f"{r['name'][:44]:<44}"
+        row += "".join(f"{1e3 * r['times_s'][lab]:>14.3f}" if lab in r["times_s"] else f"{'-':>14}" for lab in labels)
+        row += "".join(f"{r['speedup_vs_reference'].get(lab, float('nan')):>11.2f}" for lab in labels
+                       if lab != "reference")
+        if device.type == "cuda":
+            pct = r.get("pct_of_floor", {}).get("fast")
+            row += f"{pct:>11.1f}%" if pct is not None else f"{'-':>12}"
+        lines.append(row)
+        for label, err in r.get("errors", {}).items():
+            lines.append(f"    ! {label} failed: {err}")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    from mosaic_fast.info import collect
+
+    env = collect()
+    env.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               bench_device=str(device), dtype=str(dtype).replace("torch.", ""))
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("mosaic-fast bench: --device cuda was requested but no CUDA device is available", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    quick = device.type == "cpu" and not args.full
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.2 if quick else 0.5)
+    from mosaic_fast.bench.core import time_case
+
+    results = {"environment": environment(device, dtype), "records": []}
+    for suite in suites:
+        cases = [c for c in collect_cases([suite], device, dtype, quick)
+                 if args.filter is None or args.filter in c.name]
+        records = []
+        for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
+            records.append(time_case(case, device, with_compile=not args.no_compile, min_run_time=min_run_time))
+        print(f"\n== suite {suite} ({device}, {str(dtype).replace('torch.', '')}) ==")
+        print(format_table(records, device))
+        results["records"] += records
+    if args.json_path:
+        Path(os.path.dirname(os.path.abspath(args.json_path))).mkdir(parents=True, exist_ok=True)
+        with open(args.json_path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nwrote {args.json_path}")
+    if args.plot_path:
+        from mosaic_fast.bench.plot import plot_results
+
+        plot_results(results, args.plot_path)
+        print(f"wrote {args.plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
