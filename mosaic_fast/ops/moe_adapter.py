@@ -1,0 +1,240 @@
+"""Gated top-k MoE adapter update over the two DynaMer streams (forward on Triton, backward in torch).
+
+For stream s ∈ {gen, med} and its selected rows ``rows_s`` (T_s,) of the flattened (M, D) streams:
+
+    u_t   = [x_gen[row_t] ; x_med[row_t]]
+    mix_t = Σ_k p_s[t,k] · (W_up[e] relu(W_down[e] u_t + b_down[e]) + b_up[e]),  e = eidx_s[t,k]
+    out_s[row_t] = x_s[row_t] + c_s[t] ⊙ (mix_t − x_s[row_t])          (other rows: out_s = x_s)
+
+``c_s`` (T_s, G) is σ(gate)·σ(skip score) with each of the G values covering D/G channels (the module
+computes routing, probabilities and gates; this op is everything that touches D-wide rows).
+
+Paths: Triton on CUDA (kernels/moe_adapter.py: expert-sorted grouped down GEMM, then per-row-tile up GEMM
++ probability mixing + gate epilogue, in place when asked, no host sync); a torch fallback elsewhere that
+evaluates each (row, expert) pair needed by either stream once. Backward (of the Triton op) is torch:
+dense over the n experts on the r-wide hidden only (T×n×r tensors, never T×n×D), deterministic weight
+gradients, no host sync. ``mosaic_fast::moe_gated_update`` is the differentiable op,
+``mosaic_fast::moe_gated_update_`` the in-place inference op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from .token_skip import _interpret_upcast, expand_coef
+
+
+def _gated(x_sel: Tensor, mix: Tensor, coef: Tensor) -> Tensor:
+    t, d = x_sel.shape
+    g = coef.shape[1]
+    return (x_sel.view(t, g, -1) + coef.unsqueeze(-1) * (mix - x_sel).view(t, g, -1)).view(t, d)
+
+
+def _torch_mixes(
+    x_gen: Tensor, x_med: Tensor, rows: tuple[Tensor, Tensor], eidx: tuple[Tensor, Tensor],
+    probs: tuple[Tensor, Tensor], w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+) -> list[Tensor]:
+    """Expert mixtures (T_s, D) of both streams; each needed (row, expert) pair is evaluated once.
+
+    Differentiable. Uses ``nonzero`` (a host sync on CUDA; this is the fallback, not the CUDA path)."""
+    m, d = x_gen.shape
+    n = w_down.shape[0]
+    need = torch.zeros(m, n, dtype=torch.bool, device=x_gen.device)
+    for r, e in zip(rows, eidx):
+        need[r.unsqueeze(1).expand_as(e), e] = True
+    mixes = [x_gen.new_zeros(r.shape[0], d) for r in rows]
+    position = torch.full((m,), -1, dtype=torch.long, device=x_gen.device)
+    for e in range(n):
+        rows_e = need[:, e].nonzero().squeeze(1)
+        if rows_e.numel() == 0:
+            continue
+        u = torch.cat([x_gen.index_select(0, rows_e), x_med.index_select(0, rows_e)], dim=1)
+        out_e = torch.relu(u @ w_down[e].T + b_down[e]) @ w_up[e].T + b_up[e]
+        position[rows_e] = torch.arange(rows_e.numel(), device=x_gen.device)
+        for s in range(2):
+            hit = eidx[s] == e
+            t_idx = hit.any(1).nonzero().squeeze(1)
+            weight = (probs[s] * hit).sum(1).index_select(0, t_idx).unsqueeze(1)
+            contrib = weight * out_e.index_select(0, position[rows[s].index_select(0, t_idx)])
+            mixes[s] = mixes[s].index_add(0, t_idx, contrib)
+    return mixes
+
+
+def _forward_into(
+    x_gen: Tensor, x_med: Tensor, out_gen: Tensor, out_med: Tensor, rows_gen: Tensor, rows_med: Tensor,
+    eidx_gen: Tensor, p_gen: Tensor, c_gen: Tensor, eidx_med: Tensor, p_med: Tensor, c_med: Tensor,
+    w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, need_saved: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Write both streams' updated rows into out_gen/out_med (which may be x_gen/x_med); both streams'
+    expert inputs are read before anything is written. Returns (hidden, mix_gen, mix_med) for the
+    backward (empty unless ``need_saved``)."""
+    d = x_gen.shape[1]
+    empty = x_gen.new_empty(0, d)
+    if not backend.use_triton(x_gen):
+        with torch.no_grad():
+            mix_g, mix_m = _torch_mixes(x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med),
+                                        (p_gen, p_med), w_down, b_down, w_up, b_up)
+            new_g = _gated(x_gen.index_select(0, rows_gen), mix_g, c_gen)
+            new_m = _gated(x_med.index_select(0, rows_med), mix_m, c_med)
+            out_gen.index_copy_(0, rows_gen, new_g)
+            out_med.index_copy_(0, rows_med, new_m)
+        if not need_saved:
+            return x_gen.new_empty(0, w_down.shape[1]), empty, empty
+        # The torch backward needs the per-assignment hidden: recompute it in the kernels' layout.
+        u = torch.cat([x_gen.index_select(0, torch.cat([rows_gen, rows_med])),
+                       x_med.index_select(0, torch.cat([rows_gen, rows_med]))], dim=1)
+        n, r, _ = w_down.shape
+        dense = torch.relu(u @ w_down.reshape(n * r, -1).T + b_down.reshape(-1)).view(-1, n, r)
+        eidx = torch.cat([eidx_gen, eidx_med])
+        hidden = dense.gather(1, eidx.unsqueeze(-1).expand(-1, -1, r))
+        return hidden.reshape(-1, r), mix_g, mix_m
+    from mosaic_fast.kernels.moe_adapter import moe_combine, moe_down
+
+    if _interpret_upcast(x_gen, w_down):
+        args = [t.float() for t in (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)]
+        xg, xm, pg, cg, pm, cm, wd, bd, wu, bu = args
+        og, om = out_gen.float(), out_med.float()
+        hidden, mix_g, mix_m = _forward_into(xg, xm, og, om, rows_gen, rows_med, eidx_gen, pg, cg, eidx_med,
+                                             pm, cm, wd, bd, wu, bu, need_saved)
+        out_gen.copy_(og)
+        out_med.copy_(om)
+        return hidden.to(x_gen.dtype), mix_g.to(x_gen.dtype), mix_m.to(x_gen.dtype)
+    k = eidx_gen.shape[1]
+    hidden = moe_down(x_gen, x_med, torch.cat([rows_gen, rows_med]), torch.cat([eidx_gen, eidx_med]),
+                      w_down, b_down)
+    t_gen = rows_gen.shape[0]
+    mixes = [x_gen.new_empty(r.shape[0], d) if need_saved else None for r in (rows_gen, rows_med)]
+    moe_combine(x_gen, out_gen, rows_gen, eidx_gen, p_gen, hidden[: t_gen * k], w_up, b_up, c_gen, mixes[0])
+    moe_combine(x_med, out_med, rows_med, eidx_med, p_med, hidden[t_gen * k:], w_up, b_up, c_med, mixes[1])
+    if not need_saved:
+        return hidden, empty, empty
+    return hidden, mixes[0], mixes[1]
+
+
+@torch.library.custom_op("mosaic_fast::moe_gated_update", mutates_args=())
+def _moe_op(
+    x_gen: Tensor, x_med: Tensor, rows_gen: Tensor, rows_med: Tensor, eidx_gen: Tensor, p_gen: Tensor,
+    c_gen: Tensor, eidx_med: Tensor, p_med: Tensor, c_med: Tensor, w_down: Tensor, b_down: Tensor,
+    w_up: Tensor, b_up: Tensor, need_saved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out_gen, out_med = x_gen.clone(), x_med.clone()
+    saved = _forward_into(x_gen, x_med, out_gen, out_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen,
+                          eidx_med, p_med, c_med, w_down, b_down, w_up, b_up, need_saved)
+    return out_gen, out_med, *saved
+
+
+@_moe_op.register_fake
+def _(x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down,
+      w_up, b_up, need_saved):
+    d, r = x_gen.shape[1], w_down.shape[1]
+    a = (rows_gen.shape[0] + rows_med.shape[0]) * eidx_gen.shape[1]
+    mix_g = x_gen.new_empty(rows_gen.shape[0] if need_saved else 0, d)
+    mix_m = x_gen.new_empty(rows_med.shape[0] if need_saved else 0, d)
+    return torch.empty_like(x_gen), torch.empty_like(x_med), x_gen.new_empty(a, r), mix_g, mix_m
+
+
+def _setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:14], output[2], output[3], output[4])
+
+
+def _backward(ctx, g_gen: Tensor, g_med: Tensor, _g_hidden, _g_mix_gen, _g_mix_med):
+    (x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med,
+     w_down, _b_down, w_up, b_up, hidden, mix_gen, mix_med) = ctx.saved_tensors
+    if mix_gen.shape[0] != rows_gen.shape[0] or mix_med.shape[0] != rows_med.shape[0]:
+        raise RuntimeError("moe_gated_update was called with need_saved=False; it cannot be differentiated")
+    n, r, _ = w_down.shape
+    d = x_gen.shape[1]
+    g_x, d_mix, g_c = [], [], []
+    for x, g, rows, c, mix in ((x_gen, g_gen, rows_gen, c_gen, mix_gen), (x_med, g_med, rows_med, c_med, mix_med)):
+        g = g if g is not None else torch.zeros_like(x)
+        g_sel = g.index_select(0, rows)
+        cf = expand_coef(c, d)
+        g_x.append(g.index_copy(0, rows, g_sel * (1 - cf)))
+        g_c.append((g_sel * (mix - x.index_select(0, rows))).view(rows.shape[0], c.shape[1], -1).sum(-1))
+        d_mix.append(g_sel * cf)
+    dmix = torch.cat(d_mix)
+    eidx = torch.cat([eidx_gen, eidx_med])
+    p = torch.cat([p_gen, p_med])
+    rows = torch.cat([rows_gen, rows_med])
+    t, k = eidx.shape
+    h = hidden.view(t, k, r)
+    slot = eidx.unsqueeze(-1).expand(-1, -1, r)
+    g_hidden_all = (dmix @ w_up.permute(1, 0, 2).reshape(d, n * r)).view(t, n, r)  # W_up[e]ᵀ dmix_t
+    g_slot = g_hidden_all.gather(1, slot)
+    d_p = (g_slot * h).sum(-1) + (dmix @ b_up.T).gather(1, eidx)
+    d_pre = p.unsqueeze(-1) * g_slot * (h > 0)
+    d_pre_dense = h.new_zeros(t, n, r).scatter(1, slot, d_pre).view(t, n * r)
+    hw_dense = h.new_zeros(t, n, r).scatter(1, slot, p.unsqueeze(-1) * h).view(t, n * r)
+    u = torch.cat([x_gen.index_select(0, rows), x_med.index_select(0, rows)], dim=1)
+    g_w_down = (d_pre_dense.T @ u).view(n, r, 2 * d)
+    g_b_down = d_pre_dense.sum(0).view(n, r)
+    g_u = d_pre_dense @ w_down.reshape(n * r, 2 * d)
+    g_w_up = (dmix.T @ hw_dense).view(d, n, r).permute(1, 0, 2)
+    g_b_up = h.new_zeros(t, n).scatter(1, eidx, p).T @ dmix
+    g_x_gen = g_x[0].index_add(0, rows, g_u[:, :d])
+    g_x_med = g_x[1].index_add(0, rows, g_u[:, d:])
+    t_gen = rows_gen.shape[0]
+    return (g_x_gen, g_x_med, None, None, None, d_p[:t_gen], g_c[0], None, d_p[t_gen:], g_c[1],
+            g_w_down, g_b_down, g_w_up, g_b_up, None)
+
+
+_moe_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("mosaic_fast::moe_gated_update_", mutates_args=("x_gen", "x_med"))
+def _moe_inplace_op(
+    x_gen: Tensor, x_med: Tensor, rows_gen: Tensor, rows_med: Tensor, eidx_gen: Tensor, p_gen: Tensor,
+    c_gen: Tensor, eidx_med: Tensor, p_med: Tensor, c_med: Tensor, w_down: Tensor, b_down: Tensor,
+    w_up: Tensor, b_up: Tensor,
+) -> None:
+    _forward_into(x_gen, x_med, x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med,
+                  c_med, w_down, b_down, w_up, b_up, False)
+
+
+@_moe_inplace_op.register_fake
+def _(x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down,
+      w_up, b_up) -> None:
+    return None
+
+
+def moe_gated_update(
+    x_gen: Tensor, x_med: Tensor, rows_gen: Tensor, rows_med: Tensor,
+    eidx_gen: Tensor, p_gen: Tensor, c_gen: Tensor, eidx_med: Tensor, p_med: Tensor, c_med: Tensor,
+    w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, inplace: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Both streams updated on their selected rows (see the module docstring); returns (out_gen, out_med).
+
+    x_gen/x_med (M, D); rows_s (T_s,) int64 without repeats; eidx_s (T_s, K) int64 distinct per row;
+    p_s (T_s, K); c_s (T_s, G) with G | D; w_down (n, r, 2D), b_down (n, r), w_up (n, D, r), b_up (n, D).
+    ``inplace=True`` writes into x_gen/x_med (contiguous, no gradient needed: only selected rows are
+    touched) and returns them; with gradients it computes out of place and copies."""
+    tensors = (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"x_gen, x_med, probabilities, gates and expert weights must share one dtype, got "
+                        f"{sorted({str(t.dtype) for t in tensors})}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    idx = (rows_gen, rows_med, eidx_gen, eidx_med)
+    if inplace and not needs_grad and x_gen.is_contiguous() and x_med.is_contiguous():
+        if backend.use_triton(x_gen):
+            torch.ops.mosaic_fast.moe_gated_update_(x_gen, x_med, *idx[:2], idx[2], p_gen, c_gen, idx[3], p_med,
+                                                    c_med, w_down, b_down, w_up, b_up)
+        else:
+            _forward_into(x_gen, x_med, x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med,
+                          p_med, c_med, w_down, b_down, w_up, b_up, False)
+        return x_gen, x_med
+    if backend.use_triton(x_gen):
+        c = [t.contiguous() for t in (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)]
+        out_gen, out_med, *_ = _moe_op(c[0], c[1], rows_gen, rows_med, eidx_gen, c[2], c[3], eidx_med, c[4], c[5],
+                                       c[6], c[7], c[8], c[9], needs_grad)
+    else:
+        mix_g, mix_m = _torch_mixes(x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med), (p_gen, p_med),
+                                    w_down, b_down, w_up, b_up)
+        out_gen = x_gen.index_copy(0, rows_gen, _gated(x_gen.index_select(0, rows_gen), mix_g, c_gen))
+        out_med = x_med.index_copy(0, rows_med, _gated(x_med.index_select(0, rows_med), mix_m, c_med))
+    if inplace:
+        x_gen.copy_(out_gen)
+        x_med.copy_(out_med)
+        return x_gen, x_med
+    return out_gen, out_med

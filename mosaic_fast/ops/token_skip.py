@@ -1,0 +1,118 @@
+"""Top-k token skipping merge: ``x[rows] ← x[rows] + coef ⊙ (update − x[rows])``, unselected rows untouched.
+
+Triton on CUDA (one gather/scatter kernel, in place when asked, cost ∝ number of selected rows); a torch
+fallback (index_select/index_copy) elsewhere. Registered as ``mosaic_fast::skip_merge`` (functional,
+differentiable) and ``mosaic_fast::skip_merge_`` (in place, inference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backend
+
+
+def expand_coef(coef: Tensor, d: int) -> Tensor:
+    """(T, G) per-group coefficients -> (T, D): value g covers channels [g·D/G, (g+1)·D/G)."""
+    return coef.repeat_interleave(d // coef.shape[1], dim=1)
+
+
+def _interpret_upcast(*tensors: Tensor) -> bool:
+    """The interpreter has no bf16 arithmetic (DESIGN.md §5): such inputs run in fp32 there."""
+    return backend.INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors)
+
+
+def _merge_into(x: Tensor, out: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> None:
+    if backend.use_triton(x):
+        from mosaic_fast.kernels.token_skip import skip_merge as kernel
+
+        if _interpret_upcast(x, update):
+            tmp = out.float()
+            kernel(x.float(), tmp, rows, update.float().contiguous(), coef.float().contiguous())
+            out.copy_(tmp)
+            return
+        kernel(x, out, rows, update.contiguous(), coef.contiguous())
+        return
+    sel = x.index_select(0, rows)
+    out.index_copy_(0, rows, sel + expand_coef(coef, x.shape[1]) * (update - sel))
+
+
+@torch.library.custom_op("mosaic_fast::skip_merge", mutates_args=())
+def _skip_merge_op(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> Tensor:
+    out = x.clone()
+    _merge_into(x, out, rows, update, coef)
+    return out
+
+
+@_skip_merge_op.register_fake
+def _(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, rows, update, coef = inputs
+    ctx.save_for_backward(x, rows, update, coef)
+
+
+def _backward(ctx, grad: Tensor):
+    x, rows, update, coef = ctx.saved_tensors
+    t, d = update.shape
+    g_sel = grad.index_select(0, rows)
+    c = expand_coef(coef, d)
+    g_x = grad.index_copy(0, rows, g_sel * (1 - c))
+    g_coef = (g_sel * (update - x.index_select(0, rows))).view(t, coef.shape[1], -1).sum(-1)
+    return g_x, None, g_sel * c, g_coef
+
+
+_skip_merge_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("mosaic_fast::skip_merge_", mutates_args=("x",))
+def _skip_merge_inplace_op(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> None:
+    _merge_into(x, x, rows, update, coef)
+
+
+@_skip_merge_inplace_op.register_fake
+def _(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> None:
+    return None
+
+
+def check_merge_args(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> None:
+    """Clear errors for wrong ranks, widths, dtypes or devices (DESIGN.md §7)."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected (M, D), got {tuple(x.shape)}")
+    if rows.dim() != 1 or rows.dtype != torch.int64:
+        raise TypeError(f"rows: expected an int64 vector, got {rows.dtype} of shape {tuple(rows.shape)}")
+    if update.shape != (rows.shape[0], x.shape[1]):
+        raise ValueError(f"update: expected {(rows.shape[0], x.shape[1])}, got {tuple(update.shape)}")
+    if coef.dim() != 2 or coef.shape[0] != rows.shape[0] or x.shape[1] % coef.shape[1]:
+        raise ValueError(f"coef: expected ({rows.shape[0]}, G) with G dividing {x.shape[1]}, got {tuple(coef.shape)}")
+    if update.dtype != x.dtype:
+        raise TypeError(f"update dtype {update.dtype} differs from x dtype {x.dtype}")
+    if not all(t.device == x.device for t in (rows, update, coef)):
+        raise ValueError(f"x, rows, update and coef must be on one device (x is on {x.device})")
+
+
+def skip_merge(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor, inplace: bool = False) -> Tensor:
+    """``x`` (M, D) with rows ``rows`` (T,) set to ``x + coef ⊙ (update − x)``; ``coef`` (T, G), G | D.
+
+    ``rows`` must not repeat. ``inplace=True`` writes into ``x`` (which must be contiguous and not need
+    a gradient) and returns it: only the selected rows are read and written."""
+    check_merge_args(x, rows, update, coef)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, update, coef))
+    if inplace and not needs_grad and x.is_contiguous():
+        if backend.use_triton(x):
+            torch.ops.mosaic_fast.skip_merge_(x, rows, update, coef)
+        else:
+            _merge_into(x, x, rows, update, coef)
+        return x
+    if backend.use_triton(x):
+        out = _skip_merge_op(x.contiguous(), rows, update.contiguous(), coef.contiguous())
+    else:
+        sel = x.index_select(0, rows)
+        out = x.index_copy(0, rows, sel + expand_coef(coef, x.shape[1]) * (update - sel))
+    if inplace:
+        x.copy_(out)
+        return x
+    return out
