@@ -27,9 +27,10 @@ NO_AUGMENT = -1
 class MedMNISTSplit(Dataset):
     """One split (train/val/test) of one MedMNIST dataset read from ``root``.
 
-    ``file_size`` picks the published file (None: the largest present, see :func:`find_npz`) and
-    ``input_size`` the model's input size the images are resized to. ``self[i]`` returns the clean view
-    and the label row (int64, (L,)); :meth:`views` also gives the student's augmented view.
+    ``file_size`` picks the published file (None: the one of ``input_size`` if present, else the largest
+    present, see :func:`find_npz`) and ``input_size`` is the model's input size images are resized to.
+    ``self[i]`` returns the clean view and the label row (int64, (L,)); :meth:`views` also gives the
+    student's augmented view.
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class MedMNISTSplit(Dataset):
             raise ValueError(f"input_size must be positive, got {input_size}")
         self.split = split
         self.input_size = input_size
-        self.path, self.file_size = find_npz(root, name, file_size, download)
+        self.path, self.file_size = find_npz(root, name, file_size, download, prefer=input_size)
         images, labels = load_split(self.path, split)
         self._check_layout(images, labels)
         self.images = images

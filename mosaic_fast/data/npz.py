@@ -21,17 +21,23 @@ class DatasetFileError(ValueError):
     """A MedMNIST file is missing, unreadable or not in the official layout (the message names it)."""
 
 
-def find_npz(root: str | Path, name: str, size: int | None = None, download: bool = False) -> tuple[Path, int]:
+def find_npz(
+    root: str | Path, name: str, size: int | None = None, download: bool = False, prefer: int | None = None
+) -> tuple[Path, int]:
     """Path and size of dataset ``name``'s file under ``root``.
 
-    ``size`` picks one published size; ``None`` takes the largest file present. With ``download`` a
-    missing file is fetched through medmnist (largest published size when ``size`` is None).
+    ``size`` picks one published size. ``None`` takes ``prefer`` (the model's input size) when that file
+    is present, else the largest file present. With ``download`` a missing file is fetched through
+    medmnist (``size``, else ``prefer`` if published, else the largest published size).
     """
     root = Path(root)
     sizes = available_sizes(name)
     if size is not None and size not in sizes:
         raise ValueError(f"size: {name} is published at sizes {sizes}, got {size}")
-    wanted = [size] if size is not None else sorted(sizes, reverse=True)
+    if size is not None:
+        wanted = [size]
+    else:
+        wanted = ([prefer] if prefer in sizes else []) + [s for s in sorted(sizes, reverse=True) if s != prefer]
     for s in wanted:
         path = root / npz_filename(name, s)
         if path.is_file():

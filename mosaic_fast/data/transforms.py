@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +34,8 @@ def clean_view_2d(image: np.ndarray, size: int) -> torch.Tensor:
 
 def augment_2d(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Student view of a normalised 2D image: HFlip(0.5), then RandomRotation(15)."""
+    from torchvision.transforms.v2 import functional as TF  # imported here: it takes a second to load
+
     if rng.random() < 0.5:
         x = TF.horizontal_flip(x)
     angle = float(rng.uniform(-15.0, 15.0))

@@ -1,0 +1,94 @@
+"""Checkpoints: atomic writes, checked loads, and the random state an exact resume needs.
+
+Layout (a dict, as the seed's ``*.pth``): ``student_state_dict`` and ``teacher_state_dict`` (the seed's
+keys), plus ``optimizer_state_dict``, ``scheduler_state_dict``, ``scaler_state_dict``, ``rng`` (python,
+numpy, torch CPU and CUDA generators), ``progress`` (round, step inside the round, global step, early
+stopping state), ``history`` and ``config`` (the model and data settings ``eval`` rebuilds the model from).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REQUIRED_KEYS = ("student_state_dict", "teacher_state_dict")
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash mid-write leaves the previous checkpoint intact, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint onto the CPU; clear errors for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a torch checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {path} lacks {list(REQUIRED_KEYS)} (found {found})")
+    return ckpt
+
+
+def load_model_state(model: nn.Module, state: dict, what: str) -> None:
+    """``load_state_dict(strict=True)`` with the missing and unexpected keys listed in the error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} does not match the model: missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
+            f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+        )
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if state[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{what} has tensors of the wrong shape (checkpoint vs model): {wrong[:10]}")
+    model.load_state_dict(state, strict=True)
+
+
+def rng_state() -> dict:
+    """The global random generators' states (python, numpy, torch, CUDA)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 (third-party code may draw from it)
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (CUDA only when present on both sides)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

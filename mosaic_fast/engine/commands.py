@@ -1,0 +1,203 @@
+"""``mosaic-fast train`` and ``mosaic-fast eval``: build data, model and trainer from the options.
+
+Both return an exit code: 0 on success, 2 for bad options, files or checkpoints (the message says
+which), 1 when training stopped on a non-finite loss. Run under ``torchrun`` for several GPUs or nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.datasets import MedMNISTSplit, MultiSource
+from ..data.registry import ALL_DATASETS, NUM_CLASSES, dataset_spec, training_order
+from ..models import EMATeacher, MosaicModel, load_vit_npz
+from . import checkpoint as ckpt_io
+from .config import MODEL_KEYS, parse_eval_args, parse_train_args
+from .distributed import DistInfo, barrier, setup, teardown
+from .evaluator import evaluate, format_table, save_table
+from .trainer import NonFiniteLossError, Trainer, TrainSettings, trainable_summary
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--precision`` (None: fp32). Mixed precision needs CUDA."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"--precision {precision} needs a CUDA device (got {device}); use fp32 or auto")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_split(
+    names: Sequence[str], split: str, args, info: DistInfo, img_size_2d: int, img_size_3d: int
+) -> MultiSource:
+    """One :class:`MultiSource` of ``split`` over ``names`` (local rank 0 downloads first if asked)."""
+
+    def make(download: bool) -> MultiSource:
+        sources = []
+        for name in names:
+            is_3d = dataset_spec(name).is_3d
+            sources.append(MedMNISTSplit(
+                name, split, args.data_root,
+                input_size=img_size_3d if is_3d else img_size_2d,
+                file_size=args.size_3d if is_3d else args.size_2d,
+                download=download,
+            ))
+        return MultiSource(sources)
+
+    if args.download and info.enabled:
+        data = make(True) if info.local_rank == 0 else None
+        barrier(info)
+        return data if data is not None else make(False)
+    return make(args.download)
+
+
+def _workers(args, info: DistInfo) -> int:
+    if args.num_workers is not None:
+        if args.num_workers < 0:
+            raise ValueError(f"--num_workers must be ≥ 0, got {args.num_workers}")
+        return args.num_workers
+    return 4 if info.device.type == "cuda" else 0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds the legacy global generator third-party code may use)
+    torch.manual_seed(seed)
+
+
+def _chance_table(train: MultiSource, test: MultiSource) -> str:
+    """Chance levels: ACC of always predicting the training set's majority class; AUC 50%."""
+    lines = ["chance level (majority class of the training labels; AUC 50.00)"]
+    for tr, te in zip(train.sources, test.sources):
+        if tr.spec.task.startswith("multi-label"):
+            acc = float((te.labels == (tr.labels.float().mean(0) > 0.5).long()).float().mean())
+        else:
+            majority = int(torch.bincount(tr.labels[:, 0]).argmax())
+            acc = float((te.labels[:, 0] == majority).float().mean())
+        lines.append(f"{tr.spec.name:<16} {100 * acc:13.2f} {50.0:13.2f}")
+    return "\n".join(lines)
+
+
+def _train(args, info: DistInfo) -> int:
+    _seed_everything(args.seed)
+    dtype = amp_dtype(args.precision, info.device)
+    names = training_order(args.datasets, args.interleaved)
+    sizes = (args.img_size_2d, args.img_size_3d)
+    train = build_split(names, "train", args, info, *sizes)
+    val = build_split(names, "val", args, info, *sizes)
+    test = build_split(names, "test", args, info, *sizes)
+
+    model_cfg = {k: getattr(args, k) for k in MODEL_KEYS}
+    student = MosaicModel(NUM_CLASSES, **model_cfg, fast=not args.reference_model)
+    if args.pretrained:
+        loaded = load_vit_npz(student, args.pretrained)
+        if info.is_main:
+            print(f"loaded {len(loaded)} tensors from {args.pretrained}")
+    if args.freeze_backbone:
+        student.freeze_backbone(freeze_3d_tokenizer=args.freeze_3d_tokenizer, verbose=False)
+    teacher = EMATeacher(student)
+    if info.is_main:
+        print(f"device {info.device} × {info.world_size} process(es), precision "
+              f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')}")
+        print(trainable_summary(student, names))
+        for ds in train.sources:
+            power = "³" if ds.spec.is_3d else "²"
+            print(f"  {ds.spec.name:<16} {ds.path.name} ({ds.file_size}{power} → {ds.input_size}{power}), "
+                  f"train {len(ds)}, expert {ds.spec.expert}")
+
+    config = {"model": model_cfg, "datasets": list(names),
+              "data": {"size_2d": args.size_2d, "size_3d": args.size_3d},
+              "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+    settings = TrainSettings(
+        num_rounds=args.num_rounds, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_rounds=args.warmup_rounds, min_lr=args.min_lr, consist_weight=args.consist_weight,
+        ema_momentum=args.ema_momentum, ema_momentum_3d=args.ema_momentum_3d, max_grad_norm=args.max_grad_norm,
+        early_stopping_patience=args.early_stopping_patience,
+        early_stopping_min_delta=args.early_stopping_min_delta, seed=args.seed,
+        samples_per_round=args.samples_per_round, mixed_batches=args.mixed_batches, metrics=args.metrics,
+        eval_batch_size=args.eval_batch_size, num_workers=_workers(args, info), amp_dtype=dtype,
+        checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, config=config,
+    )
+    out_dir = Path(args.output_dir)
+    trainer = Trainer(student, teacher, train, val, test, settings, info, out_dir)
+    if args.resume:
+        trainer.resume(args.resume)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(config["args"], indent=2))
+    t0 = time.time()
+    results = trainer.fit()
+    if info.is_main and results is not None:
+        if args.demo:
+            print(_chance_table(train, test))
+        print(f"done in {time.time() - t0:.1f} s; outputs in {out_dir}")
+    return 0
+
+
+def train_main(argv: Sequence[str]) -> int:
+    """``mosaic-fast train``: cyclic (or mixed-batch) training with validation, early stopping, test."""
+    args = parse_train_args(list(argv))
+    info = None
+    try:
+        info = setup(args.device)
+        return _train(args, info)
+    except NonFiniteLossError as err:
+        print(f"mosaic-fast train: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mosaic-fast train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if info is not None:
+            teardown()
+
+
+def _eval(args, info: DistInfo) -> int:
+    ckpt = ckpt_io.load(args.checkpoint)
+    config = ckpt.get("config") or {}
+    model_cfg = config.get("model", {})  # a seed checkpoint: the ViT-B/16 defaults
+    names = args.datasets or tuple(config.get("datasets", ALL_DATASETS))
+    names = training_order(names)
+    student = MosaicModel(NUM_CLASSES, **model_cfg)
+    teacher = MosaicModel(NUM_CLASSES, **model_cfg)
+    ckpt_io.load_model_state(student, ckpt["student_state_dict"], f"{args.checkpoint}: student_state_dict")
+    ckpt_io.load_model_state(teacher, ckpt["teacher_state_dict"], f"{args.checkpoint}: teacher_state_dict")
+    student.to(info.device)
+    teacher.to(info.device)
+    img_2d = model_cfg.get("img_size_2d", 224)
+    img_3d = model_cfg.get("img_size_3d", 64)
+    data = build_split(names, args.split, args, info, img_2d, img_3d)
+    kw = dict(batch_size=args.eval_batch_size, info=info, mode=args.metrics,
+              amp_dtype=amp_dtype(args.precision, info.device), num_workers=_workers(args, info))
+    results = {"student": evaluate(student, data, **kw), "teacher": evaluate(teacher, data, **kw)}
+    if info.is_main:
+        print(format_table(results, names, f"{args.split} ({args.metrics} metrics): {args.checkpoint}"))
+        out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
+        save_table(results, names, out_dir, f"eval_{args.split}_{args.metrics}")
+        print(f"table saved to {out_dir / f'eval_{args.split}_{args.metrics}.csv'} (and .json)")
+    return 0
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    """``mosaic-fast eval --checkpoint PATH``: per-dataset ACC/AUC of student and teacher."""
+    args = parse_eval_args(list(argv))
+    info = None
+    try:
+        info = setup(args.device)
+        return _eval(args, info)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mosaic-fast eval: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if info is not None:
+            teardown()

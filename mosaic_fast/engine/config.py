@@ -1,0 +1,173 @@
+"""Options of ``mosaic-fast train`` / ``eval``: the seed's names (dash or underscore form) and ours.
+
+The seed's options keep their names and defaults (``--data_root``, ``--pretrained``, ``--adapter_mode``,
+``--freeze_backbone``, ``--num_rounds``, ``--batch_size``, ``--lr``, ``--adapter_bottleneck_a/b/c``,
+``--ema_momentum``, ``--ema_momentum_3d``, ``--consist_weight``, ``--early_stopping_patience``,
+``--seed``, ...); every option is accepted as ``--num_rounds`` and as ``--num-rounds``.
+``--demo`` changes the defaults to a small model on the packaged demo subset; flags given explicitly
+still win.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from ..data.demo import DEMO_DATASETS, DEMO_ROOT
+from ..data.registry import ALL_DATASETS, resolve_datasets
+from .metrics import METRIC_MODES
+
+#: MosaicModel constructor arguments that a checkpoint records (and ``eval`` rebuilds the model from).
+MODEL_KEYS = (
+    "embed_dim", "depth", "num_heads", "adapter_mode", "adapter_bottleneck_a", "adapter_bottleneck_b",
+    "adapter_bottleneck_c", "adapter_scalar", "img_size_2d", "patch_size_2d", "img_size_3d", "patch_size_3d",
+)
+
+#: ``--demo``: a small model on the packaged subset, a few minutes on 2 CPU cores.
+DEMO_DEFAULTS = {
+    "data_root": str(DEMO_ROOT),
+    "datasets": ",".join(DEMO_DATASETS),
+    "embed_dim": 192, "depth": 4, "num_heads": 3,
+    "img_size_2d": 28, "patch_size_2d": 4, "img_size_3d": 28, "patch_size_3d": 7,
+    "num_rounds": 10, "warmup_rounds": 0, "batch_size": 32, "lr": 5e-4,
+    "samples_per_round": None, "early_stopping_patience": 10, "output_dir": "./output/demo",
+}
+
+
+def _add(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *aliases: str, **kw) -> None:
+    """Add ``--name`` together with its dash form (``--num-rounds``) and any extra aliases."""
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    flags += list(aliases)
+    p.add_argument(*flags, dest=name, **kw)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    _add(p, "data_root", default="./data", help="folder holding the official MedMNIST npz files")
+    _add(p, "datasets", default=None,
+         help="comma-separated subset, names or flags (default: all 18); e.g. breastmnist,adrenalmnist3d")
+    _add(p, "download", action="store_true", help="fetch missing npz files from Zenodo through medmnist")
+    _add(p, "size_2d", type=int, default=None,
+         help="2D file size to read (28/64/128/224); default: the model's input size if present, else the "
+              "largest present. Images are resized to --img_size_2d")
+    _add(p, "size_3d", type=int, default=None, help="3D file size to read (28/64), as --size_2d")
+    _add(p, "device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
+    _add(p, "precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+         help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
+    _add(p, "metrics", default="medmnist", choices=METRIC_MODES,
+         help="medmnist: official getACC/getAUC; mosaic: the seed's variant (ordinal ±1, absent classes skipped)")
+    _add(p, "num_workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
+    _add(p, "eval_batch_size", type=_positive_int, default=128)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """Parser of ``mosaic-fast train``."""
+    p = argparse.ArgumentParser(prog="mosaic-fast train", description="Train MOSAIC on MedMNIST (cyclic rounds).")
+    _add(p, "demo", action="store_true",
+         help="small model on the packaged real MedMNIST subset (no download; a few minutes on a CPU)")
+    _add_common(p)
+    _add(p, "interleaved", "--use_interleaved", "--use-interleaved", action="store_true",
+         help="alternate 2D and 3D datasets in the round (seed order)")
+    _add(p, "mixed_batches", action="store_true",
+         help="each batch mixes datasets and specialists (2D and 3D parts) instead of one dataset at a time")
+    _add(p, "samples_per_round", type=_positive_int, default=None,
+         help="balanced subsampling: this many training samples per round, an equal share per dataset")
+
+    m = p.add_argument_group("model")
+    _add(m, "pretrained", default=None, help="Google ViT-B_16 .npz to load into the backbone")
+    _add(m, "adapter_mode", default="v2_moe", choices=("v2_moe",))
+    _add(m, "adapter_bottleneck_a", type=_positive_int, default=64)
+    _add(m, "adapter_bottleneck_b", type=_positive_int, default=96)
+    _add(m, "adapter_bottleneck_c", type=_positive_int, default=192)
+    _add(m, "adapter_scalar", type=float, default=0.1)
+    _add(m, "freeze_backbone", action="store_true", help="train adapters, heads and the 3D tokenizer only")
+    _add(m, "freeze_3d_tokenizer", action="store_true",
+         help="with --freeze_backbone also freeze the 3D tokenizer and pos_embed_3d (the seed code's choice)")
+    _add(m, "reference_model", action="store_true",
+         help="build the model from the plain reference modules instead of the fast ones (same weights)")
+    _add(m, "embed_dim", type=_positive_int, default=768)
+    _add(m, "depth", type=_positive_int, default=12)
+    _add(m, "num_heads", type=_positive_int, default=12)
+    _add(m, "img_size_2d", type=_positive_int, default=224)
+    _add(m, "patch_size_2d", type=_positive_int, default=16)
+    _add(m, "img_size_3d", type=_positive_int, default=64)
+    _add(m, "patch_size_3d", type=_positive_int, default=8)
+
+    t = p.add_argument_group("training")
+    _add(t, "num_rounds", type=_positive_int, default=50)
+    _add(t, "batch_size", type=_positive_int, default=32, help="per process (global batch = this × world size)")
+    _add(t, "lr", type=float, default=1e-4)
+    _add(t, "weight_decay", type=float, default=0.01)
+    _add(t, "warmup_rounds", type=int, default=5)
+    _add(t, "min_lr", type=float, default=1e-6)
+    _add(t, "consist_weight", type=float, default=0.1)
+    _add(t, "ema_momentum", type=_unit_float, default=0.9, help="EMA momentum of specialists A and B")
+    _add(t, "ema_momentum_3d", type=_unit_float, default=0.95, help="EMA momentum of specialist C")
+    _add(t, "max_grad_norm", type=float, default=1.0)
+    _add(t, "early_stopping_patience", type=_positive_int, default=5)
+    _add(t, "early_stopping_min_delta", type=float, default=1e-3)
+    _add(t, "seed", type=int, default=42)
+    _add(t, "output_dir", default="./output")
+    _add(t, "resume", default=None, help="checkpoint to continue from (e.g. OUTPUT_DIR/last.pt)")
+    _add(t, "checkpoint_every", type=int, default=0,
+         help="also write last.pt every N steps (0: at the end of each round only)")
+    _add(t, "max_steps", type=int, default=None, help="stop (with a checkpoint) after this many steps in all")
+    return p
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    """Parser of ``mosaic-fast eval``."""
+    p = argparse.ArgumentParser(prog="mosaic-fast eval", description="Evaluate a MOSAIC checkpoint on MedMNIST.")
+    _add(p, "checkpoint", required=True, help="a checkpoint written by train (best.pt, last.pt) or by the seed")
+    _add_common(p)
+    _add(p, "split", default="test", choices=("val", "test"))
+    _add(p, "output_dir", default=None, help="where the table goes (default: the checkpoint's folder)")
+    return p
+
+
+def parse_train_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``train`` options (``--demo`` first sets its defaults) and check them together."""
+    p = train_parser()
+    first, _ = p.parse_known_args(argv)
+    if first.demo:
+        p.set_defaults(**DEMO_DEFAULTS)
+    args = p.parse_args(argv)
+    args.datasets = _datasets_or_error(p, args.datasets) or ALL_DATASETS
+    if args.img_size_2d % args.patch_size_2d or args.img_size_3d % args.patch_size_3d:
+        p.error("--img_size_2d / --img_size_3d must be divisible by --patch_size_2d / --patch_size_3d")
+    if args.embed_dim % args.num_heads:
+        p.error(f"--embed_dim ({args.embed_dim}) must be divisible by --num_heads ({args.num_heads})")
+    if not 0 <= args.warmup_rounds < args.num_rounds:
+        p.error(f"--warmup_rounds must be in [0, --num_rounds), got {args.warmup_rounds}")
+    if args.freeze_3d_tokenizer and not args.freeze_backbone:
+        p.error("--freeze_3d_tokenizer only makes sense with --freeze_backbone")
+    return args
+
+
+def parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = eval_parser()
+    args = p.parse_args(argv)
+    args.datasets = _datasets_or_error(p, args.datasets)
+    return args
+
+
+def _datasets_or_error(p: argparse.ArgumentParser, text: str | None) -> tuple[str, ...] | None:
+    try:
+        return resolve_datasets(text) if text else None
+    except ValueError as err:
+        p.error(str(err))

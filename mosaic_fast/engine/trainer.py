@@ -1,0 +1,406 @@
+"""The cyclic MOSAIC trainer (DESIGN.md §3): student + EMA teacher, consistency loss, rounds over datasets.
+
+One step: the student sees the augmented view, the teacher (no gradient) the clean view; loss = task loss
+(CE, or BCE-with-logits for multi-label, averaged over samples) + ``consist_weight`` · MSE(student CLS
+feature, teacher CLS feature); AdamW step with gradient clipping; then the EMA teacher moves towards the
+student for the specialists active in the batch. The learning rate follows a linear warm-up (0.01 → 1)
+and a cosine to ``min_lr``, stepped once per round. After each round both models are validated; early
+stopping watches the student's mean validation ACC, and the best student + teacher are kept.
+
+DDP: the student runs inside :class:`StudentStep` wrapped by ``DistributedDataParallel`` with
+``find_unused_parameters=True``, because a batch only uses its specialists, its heads and one tokenizer.
+Each rank takes its slice of the global batch, so gradients average over the global batch. Only rank 0
+prints, shows progress bars and writes files.
+
+Exact resume: batch plans and augmentations are functions of (seed, round, position), and ``last.pt``
+records the round, the step inside it, optimizer / scheduler / scaler / RNG state and the running
+losses; a resumed run takes the same next batch and ends with the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.datasets import Batch, MultiSource, collate
+from ..data.registry import EXPERT_INDEX, EXPERT_ROUTING
+from ..data.sampling import round_plan, shard_batch
+from . import checkpoint as ckpt_io
+from .distributed import DistInfo, barrier, mean_across_ranks
+from .evaluator import autocast, evaluate, format_table, save_table
+from .history import write_history
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without writing a checkpoint of that state."""
+
+
+class RoundSchedule:
+    """Learning-rate factor per round: the seed's LinearLR(0.01 → 1, ``warmup`` rounds) then cosine to
+    ``min_lr`` over the remaining rounds (closed form, so the scheduler state is just the round)."""
+
+    def __init__(self, num_rounds: int, warmup: int, base_lr: float, min_lr: float) -> None:
+        if not 0 <= warmup < num_rounds:
+            raise ValueError(f"warmup rounds must be in [0, num_rounds={num_rounds}), got {warmup}")
+        self.num_rounds, self.warmup, self.base_lr, self.min_lr = num_rounds, warmup, base_lr, min_lr
+
+    def __call__(self, r: int) -> float:
+        if r < self.warmup:
+            return 0.01 + 0.99 * r / self.warmup
+        t = min(r - self.warmup, self.num_rounds - self.warmup) / max(self.num_rounds - self.warmup, 1)
+        lr = self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return lr / self.base_lr
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of :class:`Trainer` (the CLI fills them from its options)."""
+
+    num_rounds: int = 50
+    batch_size: int = 32  # per process
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_rounds: int = 5
+    min_lr: float = 1e-6
+    consist_weight: float = 0.1
+    ema_momentum: float = 0.9
+    ema_momentum_3d: float = 0.95
+    max_grad_norm: float = 1.0
+    early_stopping_patience: int = 5
+    early_stopping_min_delta: float = 1e-3
+    seed: int = 42
+    samples_per_round: int | None = None
+    mixed_batches: bool = False
+    metrics: str = "medmnist"
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    amp_dtype: torch.dtype | None = None
+    checkpoint_every: int = 0
+    max_steps: int | None = None
+    progress: bool = True
+    config: dict = field(default_factory=dict)  # recorded in checkpoints (model / data settings)
+
+
+class StudentStep(nn.Module):
+    """Student forward + summed task loss of a (possibly mixed) batch, as one module call for DDP.
+
+    ``forward(parts)`` takes per modality ``(x, expert, labels, groups)``: ``expert`` a letter or a
+    (B,) LongTensor, ``groups`` a list of ``(head, multi_label, width, positions)``. Returns the sum of
+    per-sample task losses and the CLS features of each part.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, parts: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        total = None
+        features = []
+        for x, expert, labels, groups in parts:
+            feats = self.model.forward_features(x, expert)
+            features.append(feats)
+            for head, multi_label, width, pos in groups:
+                f, y = (feats, labels) if pos is None else (feats[pos], labels[pos])
+                logits = self.model.heads[head](f).float()
+                if multi_label:
+                    loss = F.binary_cross_entropy_with_logits(logits, y[:, :width].float(), reduction="none")
+                    loss = loss.mean(dim=1).sum()
+                else:
+                    loss = F.cross_entropy(logits, y[:, 0], reduction="sum")
+                total = loss if total is None else total + loss
+        return total, features
+
+
+class Trainer:
+    """Runs rounds of training, validation, early stopping, checkpoints and the final test."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher,
+        train_data: MultiSource,
+        val_data: MultiSource,
+        test_data: MultiSource | None,
+        settings: TrainSettings,
+        info: DistInfo,
+        out_dir: str | Path,
+    ) -> None:
+        self.s = settings
+        self.info = info
+        self.out_dir = Path(out_dir)
+        self.student = student.to(info.device)
+        self.teacher = teacher.to(info.device)
+        self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
+        self.names = [ds.spec.name for ds in train_data.sources]
+        self.heads = train_data.head_ids()
+        self.experts = [EXPERT_ROUTING[n] for n in self.names]
+        self.multi_label = [ds.spec.task.startswith("multi-label") for ds in train_data.sources]
+        self.widths = [ds.spec.num_classes for ds in train_data.sources]
+        self.expert_of_source = torch.tensor([EXPERT_INDEX[e] for e in self.experts], device=info.device)
+
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the student has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, RoundSchedule(settings.num_rounds, settings.warmup_rounds, settings.lr, settings.min_lr)
+        )
+        use_scaler = settings.amp_dtype == torch.float16 and info.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.step_module: nn.Module = StudentStep(self.student)
+        if info.enabled:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=ids, find_unused_parameters=True
+            )
+        self.round = 0
+        self.step_in_round = 0
+        self.global_step = 0
+        self.best_acc = -1.0
+        self.best_round = -1
+        self.no_improve = 0
+        self.round_sums: dict = {}
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------- logging and checkpoints
+    def log(self, msg: str) -> None:
+        if self.info.is_main:
+            tqdm.write(msg)
+
+    def state(self) -> dict:
+        """The full checkpoint dict (see :mod:`.checkpoint`)."""
+        return {
+            "student_state_dict": self.student.state_dict(),
+            "teacher_state_dict": self.teacher.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict(),
+            "rng": ckpt_io.rng_state(),
+            "progress": {
+                "round": self.round, "step_in_round": self.step_in_round, "global_step": self.global_step,
+                "best_acc": self.best_acc, "best_round": self.best_round, "no_improve": self.no_improve,
+                "round_sums": self.round_sums,
+            },
+            "history": self.history,
+            "config": self.s.config,
+        }
+
+    def save(self, name: str, state: dict | None = None) -> None:
+        """Rank 0 writes ``out_dir/name`` atomically."""
+        if self.info.is_main:
+            ckpt_io.save_atomic(self.state() if state is None else state, self.out_dir / name)
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from ``path`` (a ``last.pt``): weights, optimizer, scheduler, RNG and position."""
+        ckpt = ckpt_io.load(path)
+        missing = [k for k in ("optimizer_state_dict", "scheduler_state_dict", "progress") if k not in ckpt]
+        if missing:
+            raise ValueError(f"checkpoint {path} cannot resume training: it lacks {missing} (use last.pt)")
+        saved_model = ckpt.get("config", {}).get("model")
+        if saved_model is not None and saved_model != self.s.config.get("model"):
+            diff = {k: (saved_model.get(k), self.s.config["model"].get(k)) for k in saved_model
+                    if saved_model.get(k) != self.s.config["model"].get(k)}
+            raise ValueError(f"--resume: the checkpoint's model differs from the options (checkpoint, now): {diff}")
+        ckpt_io.load_model_state(self.student, ckpt["student_state_dict"], f"{path}: student_state_dict")
+        ckpt_io.load_model_state(self.teacher.model, ckpt["teacher_state_dict"], f"{path}: teacher_state_dict")
+        self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        self.scaler.load_state_dict(ckpt.get("scaler_state_dict", {}))
+        ckpt_io.set_rng_state(ckpt["rng"])
+        p = ckpt["progress"]
+        self.round, self.step_in_round, self.global_step = p["round"], p["step_in_round"], p["global_step"]
+        self.best_acc, self.best_round, self.no_improve = p["best_acc"], p["best_round"], p["no_improve"]
+        self.round_sums = p["round_sums"]
+        self.history = ckpt.get("history", [])
+        self.log(f"resumed from {path}: round {self.round + 1}, step {self.step_in_round} of the round")
+
+    # ---------------------------------------------------------------- one step
+    def _parts(self, batch: Batch) -> tuple[list, list[tuple[torch.Tensor, str | torch.Tensor]], set[str]]:
+        """Per part: the StudentStep inputs, the teacher inputs, and the set of active specialists."""
+        student_parts, teacher_parts, active = [], [], set()
+        offset = 0
+        dev = self.info.device
+        for part in batch.parts:
+            keys = batch.keys[offset : offset + len(part.source)]
+            offset += len(part.source)
+            sources = [k[0] for k in keys]
+            used = sorted(set(sources))
+            experts = {self.experts[s] for s in used}
+            active |= experts
+            expert = next(iter(experts)) if len(experts) == 1 else self.expert_of_source[part.source]
+            groups = []
+            for s in used:
+                pos = None if len(used) == 1 else torch.tensor(
+                    [i for i, src in enumerate(sources) if src == s], device=dev
+                )
+                groups.append((self.heads[s], self.multi_label[s], self.widths[s], pos))
+            student_parts.append((part.x, expert, part.labels, groups))
+            teacher_parts.append((part.x_clean, expert))
+        return student_parts, teacher_parts, active
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on this rank's share of a global batch; returns the global mean losses."""
+        batch = batch.to(self.info.device, non_blocking=True)
+        student_parts, teacher_parts, active = self._parts(batch)
+        n = len(batch)
+        self.student.train()
+        self.teacher.model.eval()
+        with autocast(self.info.device, self.s.amp_dtype):
+            task_sum, feats = self.step_module(student_parts)
+            with torch.no_grad():
+                t_feats = [self.teacher.model.forward_features(x, e) for x, e in teacher_parts]
+        consist = sum(((fs.float() - ft.float()) ** 2).mean(dim=1).sum() for fs, ft in zip(feats, t_feats))
+        loss_cls = task_sum / n
+        loss_con = consist / n
+        loss = loss_cls + self.s.consist_weight * loss_con
+        values = mean_across_ranks(torch.stack([loss, loss_cls, loss_con]).detach(), self.info).tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLossError(
+                f"non-finite loss ({values[0]}) at round {self.round + 1}, step {self.step_in_round + 1} "
+                f"(global step {self.global_step + 1}, datasets {sorted({self.names[k[0]] for k in batch.keys})}); "
+                f"stopped without writing a checkpoint of this state. The last good one is "
+                f"{self.out_dir / 'last.pt'} (if any). Try a lower --lr, --precision fp32 or --max_grad_norm."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        momentum = {"A": self.s.ema_momentum, "B": self.s.ema_momentum, "C": self.s.ema_momentum_3d}
+        self.teacher.update(self.student, active, momentum)
+        return {"loss": values[0], "loss_cls": values[1], "loss_consist": values[2]}
+
+    # ---------------------------------------------------------------- rounds
+    def _record(self, batch: Batch, losses: dict[str, float]) -> None:
+        names = {self.names[k[0]] for k in batch.keys}
+        key = names.pop() if len(names) == 1 else "mixed"
+        sums = self.round_sums
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        sums["steps"] = sums.get("steps", 0) + 1
+        per = sums.setdefault("per_dataset", {})
+        total, count = per.get(key, (0.0, 0))
+        per[key] = (total + losses["loss"], count + 1)
+
+    def _round_batches(self, r: int) -> list:
+        world = self.info.world_size
+        plan = round_plan(
+            [len(ds) for ds in self.train_data.sources], self.s.batch_size * world, self.s.seed, r,
+            self.s.samples_per_round, self.s.mixed_batches, self.experts, world,
+        )
+        return [shard_batch(b, self.info.rank, world) for b in plan]
+
+    def validate(self, data: MultiSource) -> dict[str, dict]:
+        """Metrics of student and teacher on ``data``."""
+        kw = dict(batch_size=self.s.eval_batch_size, info=self.info, mode=self.s.metrics,
+                  amp_dtype=self.s.amp_dtype, num_workers=self.s.num_workers)
+        return {"student": evaluate(self.student, data, **kw), "teacher": evaluate(self.teacher.model, data, **kw)}
+
+    def _end_round(self, r: int, t0: float) -> bool:
+        """Scheduler step, validation, early stopping, history, checkpoints; True when training stops."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        val = self.validate(self.val_data)
+        sums = self.round_sums
+        steps = max(sums.get("steps", 0), 1)
+        per = {k: t / c for k, (t, c) in sums.get("per_dataset", {}).items()}
+        entry = {
+            "round": r + 1, "lr": lr, "time_s": time.time() - t0,
+            "train_loss": {**per, "mean": sums.get("loss", float("nan")) / steps},
+            "train_loss_cls": sums.get("loss_cls", float("nan")) / steps,
+            "train_loss_consist": sums.get("loss_consist", float("nan")) / steps,
+            "val": val,
+        }
+        self.history.append(entry)
+        self.log(format_table(val, self.names, f"validation, round {r + 1} (lr {lr:.2e}, train loss "
+                                               f"{entry['train_loss']['mean']:.4f})"))
+        cur = val["student"]["mean_acc"]
+        improved = cur > self.best_acc
+        if improved:
+            self.best_acc, self.best_round, self.no_improve = cur, r, 0
+            self.log(f"  new best student mean ACC {100 * cur:.2f}% (round {r + 1}): best.pt")
+        elif cur > self.best_acc - self.s.early_stopping_min_delta:
+            self.no_improve = 0
+        else:
+            self.no_improve += 1
+            self.log(f"  no improvement ({self.no_improve}/{self.s.early_stopping_patience})")
+        self.round, self.step_in_round, self.round_sums = r + 1, 0, {}
+        state = self.state()
+        if improved:
+            self.save("best.pt", {k: state[k] for k in ("student_state_dict", "teacher_state_dict", "config")}
+                      | {"round": r, "best_acc": cur, "val": val})
+        self.save("last.pt", state)
+        if self.info.is_main:
+            write_history(self.history, self.out_dir)
+        if self.no_improve >= self.s.early_stopping_patience:
+            self.log(f"early stopping after round {r + 1}")
+            return True
+        return False
+
+    def fit(self) -> dict | None:
+        """Train from the current position; returns the test results of the best model, or None when
+        stopped early by ``max_steps`` (a checkpoint to resume from is written)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for r in range(self.round, self.s.num_rounds):
+            t0 = time.time()
+            self.round = r
+            batches = self._round_batches(r)
+            todo = batches[self.step_in_round :]
+            loader = DataLoader(
+                self.train_data, batch_sampler=todo, collate_fn=collate, num_workers=self.s.num_workers,
+                pin_memory=self.info.device.type == "cuda",
+            )
+            bar = tqdm(loader, total=len(batches), initial=self.step_in_round, desc=f"round {r + 1}",
+                       disable=not (self.info.is_main and self.s.progress), leave=False, dynamic_ncols=True)
+            for batch in bar:
+                losses = self.train_step(batch)
+                self._record(batch, losses)
+                self.global_step += 1
+                self.step_in_round += 1
+                bar.set_postfix(loss=f"{losses['loss']:.4f}")
+                if self.s.checkpoint_every and self.global_step % self.s.checkpoint_every == 0:
+                    self.save("last.pt")
+                if self.s.max_steps is not None and self.global_step >= self.s.max_steps:
+                    self.save("last.pt")
+                    self.log(f"stopped after {self.global_step} steps (--max_steps); resume with "
+                             f"--resume {self.out_dir / 'last.pt'}")
+                    return None
+            bar.close()
+            if self._end_round(r, t0):
+                break
+        return self.final_test()
+
+    def final_test(self) -> dict | None:
+        """Test metrics of the best student and teacher (printed, saved as test_results.json/csv)."""
+        barrier(self.info)  # rank 0 wrote best.pt
+        best = self.out_dir / "best.pt"
+        if best.is_file():
+            ckpt = ckpt_io.load(best)
+            ckpt_io.load_model_state(self.student, ckpt["student_state_dict"], f"{best}: student_state_dict")
+            ckpt_io.load_model_state(self.teacher.model, ckpt["teacher_state_dict"], f"{best}: teacher_state_dict")
+        if self.test_data is None:
+            return None
+        results = self.validate(self.test_data)
+        title = f"test ({self.s.metrics} metrics), best round {self.best_round + 1}"
+        self.log(format_table(results, self.names, title))
+        if self.info.is_main:
+            save_table(results, self.names, self.out_dir, "test_results")
+        return results
+
+
+def trainable_summary(model: nn.Module, names: Sequence[str]) -> str:
+    """One line: trainable and total parameter counts, and the datasets trained on."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
+            f"datasets ({len(names)}): {', '.join(names)}")
