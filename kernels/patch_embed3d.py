@@ -9,7 +9,7 @@ flattened Conv3d weight order). The LayerNorm that follows runs in torch.
 
 The patch sizes are compile-time constants, so the index arithmetic is divisions by constants.
 Under ``TRITON_INTERPRET=1`` one fixed block config is used (autotuning there would time every config
-on the CPU); on the GPU a small autotuned set keyed on (N, K).
+on the CPU); on the GPU a small autotuned set keyed on the GEMM shape and the patch.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ _AUTOTUNE_CONFIGS = [
     ]
 ]
 
-_patch_embed3d_fwd_autotuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["N", "K", "PD", "PH", "PW"])(
+_patch_embed3d_fwd_autotuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["M", "N", "K", "PD", "PH", "PW"])(
     _patch_embed3d_fwd_kernel
 )
 

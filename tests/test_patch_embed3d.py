@@ -273,6 +273,25 @@ def test_module_is_a_drop_in():
     assert_parity(out, ref_out, TOL_CPU_FWD)
 
 
+def test_module_empty_batch():
+    ref64, fast = _pair(8, 4, 1, 32)
+    x = torch.zeros(0, 1, 8, 8, 8, dtype=torch.uint8)
+    assert fast(x).shape == ref64(x.double()).shape == (0, 8, 32)
+
+
+def test_module_compiles_without_graph_breaks():
+    """The ops are torch.library custom ops: fullgraph=True compiles, forward and backward agree."""
+    ref64, fast = _pair(8, (2, 4, 4), 1, 32)
+    compiled = torch.compile(fast, fullgraph=True)
+    x = torch.randn(2, 1, 8, 8, 8, requires_grad=True)
+    out = compiled(x)
+    assert_parity(out, ref64(x.detach().double()), TOL_CPU_FWD)
+    out.square().sum().backward()
+    x_eager = x.detach().clone().requires_grad_()
+    fast(x_eager).square().sum().backward()
+    assert_parity(x.grad, x_eager.grad, TOL_CPU_GRAD, "grad x")
+
+
 def test_module_bad_inputs():
     fast = fast_nn.PatchEmbed3D(16, 8, 1, 32)
     with pytest.raises(ValueError, match="x: expected"):
