@@ -5,7 +5,16 @@ place.
 """
 
 from .convert import convert
+from .moe import GatedMoEAdapter, GatedSpecialistAdapter, SkipRouter
 from .patch_embed import PatchEmbed3D
 from .vit import Attention, Block
 
-__all__ = ["Attention", "Block", "PatchEmbed3D", "convert"]
+__all__ = [
+    "Attention",
+    "Block",
+    "GatedMoEAdapter",
+    "GatedSpecialistAdapter",
+    "PatchEmbed3D",
+    "SkipRouter",
+    "convert",
+]

@@ -1,0 +1,130 @@
+"""Fast DynaMer / M4oE modules: same parameters and state_dict keys as :mod:`mosaic_fast.reference.moe`.
+
+* :class:`GatedMoEAdapter`: routing, probabilities and gates in torch (tiny GEMMs); everything D-wide in
+  one op (:func:`mosaic_fast.ops.moe_adapter.moe_gated_update`): only the chosen experts run, selected
+  rows only, in place on the residual stream in inference.
+* :class:`SkipRouter`: the merge is one gather/scatter op (:mod:`mosaic_fast.ops.token_skip`).
+* :class:`GatedSpecialistAdapter`: the specialists as one adapter of concatenated bottleneck with their
+  LayerNorm affines folded into the down projection (:mod:`mosaic_fast.ops.gated_specialist`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..ops.gated_specialist import gated_specialist
+from ..ops.moe_adapter import moe_gated_update
+from ..ops.token_skip import skip_merge
+from ..reference.moe import check_pair, check_selection
+
+
+def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, k) token indices -> (B·k,) row indices into the flattened (B·N, D) stream."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * num_tokens
+    return (idx.long() + offsets).reshape(-1)
+
+
+class GatedMoEAdapter(reference.GatedMoEAdapter):
+    """Drop-in fast :class:`mosaic_fast.reference.GatedMoEAdapter` (top-k experts only, fused update)."""
+
+    def _routing(self, x_sel: torch.Tensor, stream: int, skip_gate: torch.Tensor | None = None):
+        index, prob = self.route(x_sel, stream)
+        gate = self.gate_gen if stream == 0 else self.gate_med
+        coef = torch.sigmoid(gate(x_sel))
+        if skip_gate is not None:
+            coef = coef * skip_gate.unsqueeze(1)
+        return index, prob, coef
+
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        return self.down_weight, self.down_bias, self.up_weight, self.up_bias
+
+    def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_pair(x_gen, x_med, self.d_model)
+        xg, xm = x_gen.reshape(-1, self.d_model), x_med.reshape(-1, self.d_model)
+        rows = torch.arange(xg.shape[0], device=xg.device)
+        eg, pg, cg = self._routing(xg, 0)
+        em, pm, cm = self._routing(xm, 1)
+        og, om = moe_gated_update(xg, xm, rows, rows, eg, pg, cg, em, pm, cm, *self._params())
+        return og.view(x_gen.shape), om.view(x_med.shape)
+
+    def forward_skip(
+        self,
+        x_gen: torch.Tensor,
+        x_med: torch.Tensor,
+        idx_gen: torch.Tensor,
+        gate_gen: torch.Tensor,
+        idx_med: torch.Tensor,
+        gate_med: torch.Tensor,
+        inplace: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_pair(x_gen, x_med, self.d_model)
+        check_selection(x_gen, idx_gen, gate_gen, "gen")
+        check_selection(x_med, idx_med, gate_med, "med")
+        n = x_gen.shape[1]
+        direct = inplace and x_gen.is_contiguous() and x_med.is_contiguous()
+        xg, xm = x_gen.reshape(-1, self.d_model), x_med.reshape(-1, self.d_model)
+        rows_g, rows_m = _flat_rows(idx_gen, n), _flat_rows(idx_med, n)
+        eg, pg, cg = self._routing(xg.index_select(0, rows_g), 0, gate_gen.reshape(-1))
+        em, pm, cm = self._routing(xm.index_select(0, rows_m), 1, gate_med.reshape(-1))
+        og, om = moe_gated_update(xg, xm, rows_g, rows_m, eg, pg, cg, em, pm, cm, *self._params(),
+                                  inplace=direct)
+        if direct:
+            return x_gen, x_med
+        if inplace:
+            x_gen.copy_(og.view(x_gen.shape))
+            x_med.copy_(om.view(x_med.shape))
+            return x_gen, x_med
+        return og.view(x_gen.shape), om.view(x_med.shape)
+
+
+class SkipRouter(reference.SkipRouter):
+    """Drop-in fast :class:`mosaic_fast.reference.SkipRouter`: the gated merge is one gather/scatter op."""
+
+    def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        check_selection(x, idx, gate, "x")
+        d = x.shape[-1]
+        if update.shape != (*idx.shape, d):
+            raise ValueError(f"update: expected shape {(*idx.shape, d)}, got {tuple(update.shape)}")
+        out = skip_merge(x.reshape(-1, d), _flat_rows(idx, x.shape[1]), update.reshape(-1, d).to(x.dtype),
+                         gate.reshape(-1, 1).to(x.dtype))
+        return out.view(x.shape)
+
+
+class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
+    """Drop-in fast :class:`mosaic_fast.reference.GatedSpecialistAdapter`: one adapter of bottleneck Σ r_e.
+
+    Falls back to the reference forward when dropout is active (training with p > 0) or the specialists'
+    LayerNorm eps differ."""
+
+    def _unit_expert(self, device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_unit_expert_cache", {})
+        if device not in cache:
+            cache[device] = torch.cat([torch.full((r,), i, dtype=torch.int32) for i, r in
+                                       enumerate(self.bottlenecks)]).to(device)
+        return cache[device]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        experts = self.experts
+        dropout_active = self.training and any(e.dropout.p > 0 for e in experts)
+        if dropout_active or len({e.layer_norm.eps for e in experts}) != 1 or not isinstance(h, torch.Tensor):
+            return super().forward(h)
+        if h.dim() < 2 or h.shape[-1] != self.d_model:
+            raise ValueError(f"h: expected shape (..., {self.d_model}), got {tuple(h.shape)}")
+        h2 = h.reshape(-1, self.d_model)
+        w_fold = torch.cat([e.down_proj.weight * e.layer_norm.weight for e in experts])
+        b_fold = torch.cat([e.down_proj.weight @ e.layer_norm.bias + e.down_proj.bias for e in experts])
+        logits = self.gate(h2)
+        if self.gate_kind == "expert":
+            probs = F.softmax(logits, dim=-1)
+            scale = torch.stack([probs[:, i] * e.scale for i, e in enumerate(experts)], dim=1)
+            channel_weight = None
+        else:
+            scale = torch.cat([h2.new_full((h2.shape[0], 1), e.scale) for e in experts], dim=1)
+            channel_weight = F.softmax(logits, dim=-1)
+        w_up = torch.cat([e.up_proj.weight for e in experts], dim=1)
+        b_up = torch.stack([e.up_proj.bias for e in experts])
+        out = gated_specialist(h2, w_fold, b_fold, self._unit_expert(h.device), scale, w_up, b_up,
+                               channel_weight, experts[0].layer_norm.eps)
+        return out.view(h.shape)

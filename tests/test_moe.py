@@ -1,0 +1,194 @@
+"""Parity of the fast gated top-k MoE adapter (DynaMer) with the reference, forward and backward."""
+
+import copy
+
+import pytest
+import torch
+from parity import TOL_BF16, TOL_CPU_FWD, TOL_CPU_GRAD, TOL_CUDA_TF32, TOL_INTERPRETER, assert_parity, randomize_
+
+import mosaic_fast
+from mosaic_fast import nn as fast_nn
+from mosaic_fast import reference
+from mosaic_fast.ops.moe_adapter import moe_gated_update
+
+D, R = 32, 16
+
+
+def make(num_experts=4, top_k=2, gate_dim=D, seed=0):
+    ref = randomize_(reference.GatedMoEAdapter(D, num_experts, top_k, R, gate_dim), std=0.2, seed=seed)
+    fast = fast_nn.convert(copy.deepcopy(ref))
+    assert type(fast) is fast_nn.GatedMoEAdapter
+    return ref, fast
+
+
+def pair(b=2, n=5, dtype=torch.float32, device="cpu"):
+    return [torch.randn(b, n, D, dtype=dtype, device=device, requires_grad=True) for _ in range(2)]
+
+
+def run(module, call, inputs, grads):
+    """Outputs, input gradients and parameter gradients of ``call(module, *inputs)``."""
+    module.zero_grad(set_to_none=True)
+    inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    outs = call(module, *inputs)
+    torch.autograd.backward(outs, grads)
+    params = [p.grad for p in module.parameters()]
+    return list(outs), [x.grad for x in inputs if x.requires_grad], params
+
+
+def check(ref, fast, call, inputs, tol_fwd, tol_grad):
+    """fast (its dtype) against the float64 reference, poisoning nothing shared."""
+    grads = [torch.randn(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device) for _ in range(2)]
+    ref64 = copy.deepcopy(ref).double().to(inputs[0].device)
+    r_out, r_in, r_par = run(ref64, call, [x.double() for x in inputs], [g.double() for g in grads])
+    f_out, f_in, f_par = run(fast, call, inputs, grads)
+    for i, (f, r) in enumerate(zip(f_out, r_out)):
+        assert_parity(f, r, tol_fwd, f"output {i}")
+    for i, (f, r) in enumerate(zip(f_in, r_in)):
+        assert_parity(f, r, tol_grad, f"input grad {i}")
+    for (name, _), f, r in zip(ref.named_parameters(), f_par, r_par):
+        assert f is not None, f"{name}: no gradient"
+        if not r.any():  # e.g. the router under top_k = 1: softmax over one score is constant
+            assert not f.any(), f"{name}: reference gradient is 0, fast is not"
+            continue
+        assert_parity(f, r, tol_grad, f"grad {name}")
+
+
+def full(m, xg, xm):
+    return m(xg, xm)
+
+
+def skip_call(idx_g, idx_m):
+    def call(m, xg, xm):
+        gate_g = torch.sigmoid(torch.linspace(-1, 1, idx_g.numel(), dtype=xg.dtype, device=xg.device)).view(idx_g.shape)
+        gate_m = torch.sigmoid(torch.linspace(1, -2, idx_m.numel(), dtype=xg.dtype, device=xg.device)).view(idx_m.shape)
+        return m.forward_skip(xg, xm, idx_g.to(xg.device), gate_g, idx_m.to(xg.device), gate_m)
+    return call
+
+
+@pytest.mark.parametrize(("num_experts", "top_k", "gate_dim"), [(4, 2, D), (4, 1, D // 2), (4, 4, D // 4), (3, 2, 1)])
+def test_forward_backward_torch(num_experts, top_k, gate_dim):
+    ref, fast = make(num_experts, top_k, gate_dim)
+    check(ref, fast, full, pair(), TOL_CPU_FWD, TOL_CPU_GRAD)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k", "gate_dim"), [(4, 2, D), (4, 1, 1), (4, 4, D // 4)])
+def test_forward_backward_triton(triton_backend, num_experts, top_k, gate_dim):
+    ref, fast = make(num_experts, top_k, gate_dim)
+    check(ref, fast, full, pair(device=triton_backend), TOL_INTERPRETER, TOL_INTERPRETER)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_skip(request, backend):
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    ref, fast = make()
+    idx_g = torch.tensor([[0, 2, 4], [0, 1, 3]])
+    idx_m = torch.tensor([[0, 3], [0, 4]])
+    tol = TOL_INTERPRETER if backend == "triton" else TOL_CPU_GRAD
+    check(ref, fast, skip_call(idx_g, idx_m), pair(device=device), tol if backend == "triton" else TOL_CPU_FWD, tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_skip_inplace_touches_selected_rows_only(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    ref, fast = make()
+    xg, xm = (torch.randn(1, 6, D) for _ in range(2))
+    idx_g, idx_m = torch.tensor([[0, 5]]), torch.tensor([[0, 1, 2, 3, 4, 5]])
+    gates = (torch.rand(1, 2), torch.rand(1, 6))
+    with torch.no_grad():
+        expect = ref.forward_skip(xg, xm, idx_g, gates[0], idx_m, gates[1])
+        yg, ym = xg.clone(), xm.clone()
+        out = fast.forward_skip(yg, ym, idx_g, gates[0], idx_m, gates[1], inplace=True)
+    assert out[0] is yg and out[1] is ym
+    tol = TOL_INTERPRETER if backend == "triton" else TOL_CPU_FWD
+    assert_parity(yg, expect[0], tol, "gen")
+    assert_parity(ym, expect[1], tol, "med")
+    assert torch.equal(yg[0, 1:5], xg[0, 1:5]), "unselected rows were written"
+
+
+def test_router_ties_and_batch_of_one():
+    """Equal router scores: both paths take torch.topk's choice, so they agree exactly in routing."""
+    ref, fast = make(seed=3)
+    with torch.no_grad():
+        for m in (ref, fast):
+            m.router_gen.weight.zero_()
+            m.router_gen.bias.fill_(0.5)
+    xg, xm = (torch.randn(1, 4, D, requires_grad=True) for _ in range(2))
+    grads = [torch.randn(1, 4, D) for _ in range(2)]
+    r_out, r_in, _ = run(ref, full, [xg, xm], grads)
+    f_out, f_in, _ = run(fast, full, [xg, xm], grads)
+    for f, r in zip(f_out + f_in, r_out + r_in):
+        assert_parity(f, r, TOL_CPU_GRAD)
+
+
+def test_state_dict_and_parameters_unchanged():
+    ref, fast = make()
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in fast.parameters())
+
+
+def test_bad_input():
+    _, fast = make()
+    x = torch.randn(2, 5, D)
+    with pytest.raises(ValueError, match="x_gen"):
+        fast(torch.randn(2, 5, D + 1), x)
+    with pytest.raises(ValueError, match="same shape"):
+        fast(x, torch.randn(2, 4, D))
+    with pytest.raises(TypeError, match="x_med"):
+        fast(x, x.long())
+    with pytest.raises(TypeError, match="idx_gen"):
+        fast.forward_skip(x, x, torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long),
+                          torch.ones(2, 1))
+    with pytest.raises(ValueError, match="gate_med"):
+        fast.forward_skip(x, x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                          torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="top_k"):
+        reference.GatedMoEAdapter(D, 4, 5, R, D)
+    with pytest.raises(ValueError, match="gate_dim"):
+        reference.GatedMoEAdapter(D, 4, 2, R, 5)
+    with pytest.raises(TypeError, match="dtype"):
+        moe_gated_update(*[torch.randn(3, D)] * 2, *[torch.arange(3)] * 2, torch.zeros(3, 1, dtype=torch.long),
+                         torch.ones(3, 1, dtype=torch.float64), torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long),
+                         torch.ones(3, 1), torch.ones(3, 1), *fast._params())
+
+
+def _op_args(device):
+    m, n, r, k = 6, 3, 16, 2
+    xg, xm = torch.randn(m, D, device=device), torch.randn(m, D, device=device)
+    rows_g, rows_m = torch.tensor([0, 2, 5], device=device), torch.tensor([1, 2, 3, 4], device=device)
+    e_g = torch.tensor([[0, 1], [2, 0], [1, 2]], device=device)
+    e_m = torch.tensor([[1, 0], [0, 2], [2, 1], [0, 1]], device=device)
+    p_g, p_m = torch.rand(3, k, device=device), torch.rand(4, k, device=device)
+    c_g, c_m = torch.rand(3, 4, device=device), torch.rand(4, 4, device=device)
+    w = [torch.randn(n, r, 2 * D), torch.randn(n, r), torch.randn(n, D, r), torch.randn(n, D)]
+    w = [t.to(device) * 0.1 for t in w]
+    return xg, xm, rows_g, rows_m, e_g, p_g, c_g, e_m, p_m, c_m, *w
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(request, backend):
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    args = _op_args(device)
+    grad_args = [t.requires_grad_() if t.is_floating_point() else t for t in args]
+    torch.library.opcheck(torch.ops.mosaic_fast.moe_gated_update.default, (*grad_args, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.mosaic_fast.moe_gated_update_.default, _op_args(device),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cuda_fp32_and_bf16(cuda_device):
+    ref, fast = make()
+    fast = fast.to(cuda_device)
+    check(ref, fast, full, pair(b=4, n=33, device=cuda_device), TOL_CUDA_TF32, TOL_CUDA_TF32)
+    mosaic_fast.set_backend("auto")
+    xg, xm = (torch.randn(4, 33, D, device=cuda_device) for _ in range(2))
+    ref32 = copy.deepcopy(ref).to(cuda_device)
+    with torch.no_grad():
+        want = ref32(xg, xm)
+        fast_bf = copy.deepcopy(fast).bfloat16()
+        ref_bf = copy.deepcopy(ref32).bfloat16()
+        got = fast_bf(xg.bfloat16(), xm.bfloat16())
+        base = ref_bf(xg.bfloat16(), xm.bfloat16())
+    for g, b, w in zip(got, base, want):
+        assert_parity(g.float(), w, TOL_BF16)
+        assert (g.float() - w).norm() <= 2 * (b.float() - w).norm() + 1e-6
