@@ -65,7 +65,7 @@ def _check_volume(x: torch.Tensor, patch: tuple[int, int, int], name: str = "x")
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 5:
         raise ValueError(f"{name}: expected a 5-D (B, C, D, H, W) volume, got shape {tuple(x.shape)}")
-    if x.dtype in (torch.bool, torch.complex64, torch.complex128) or x.is_complex():
+    if x.dtype == torch.bool or x.is_complex():
         raise TypeError(f"{name}: expected an integer or floating dtype, got {x.dtype}")
     if any(s % p for s, p in zip(x.shape[2:], patch)):
         raise ValueError(f"{name}: volume {tuple(x.shape[2:])} is not divisible by patch_size {patch}")
@@ -177,7 +177,7 @@ def _patch_embed3d_proj_op(
     scale: float,
     shift: float,
 ) -> torch.Tensor:
-    from mosaic_fast.kernels.patch_embed3d import patch_embed3d_fwd
+    from ..kernels.patch_embed3d import patch_embed3d_fwd
 
     return patch_embed3d_fwd(x, weight, bias, tuple(patch_size), scale, shift)
 
