@@ -1,0 +1,114 @@
+"""M4oE gated specialists: fast (one concatenated adapter, folded LayerNorms) vs reference."""
+
+import copy
+
+import pytest
+import torch
+from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_CUDA_TF32, TOL_INTERPRETER, assert_parity, randomize_
+
+from mosaic_fast import nn as fast_nn
+from mosaic_fast import reference
+
+D = 32
+BOTTLENECKS = (8, 12, 24)
+
+
+def make(gate):
+    ref = randomize_(reference.GatedSpecialistAdapter(D, BOTTLENECKS, gate), std=0.2, seed=2)
+    with torch.no_grad():  # LayerNorm affines far from identity so the folding is exercised
+        for e in ref.experts:
+            e.layer_norm.weight.uniform_(0.5, 1.5)
+            e.layer_norm.bias.normal_(0.0, 0.5)
+    return ref, fast_nn.convert(copy.deepcopy(ref))
+
+
+def run(module, h, grad):
+    module.zero_grad(set_to_none=True)
+    h = h.detach().clone().requires_grad_()
+    out = module(h)
+    out.backward(grad)
+    return [out, h.grad, *(p.grad for p in module.parameters())]
+
+
+def check(ref, fast, h, tol_f, tol_g):
+    grad = torch.randn_like(h)
+    want = run(copy.deepcopy(ref).double().to(h.device), h.double(), grad.double())
+    got = run(fast.to(h.device), h, grad)
+    assert_parity(got[0], want[0], tol_f, "output")
+    names = ["h", *(n for n, _ in ref.named_parameters())]
+    for name, g, w in zip(names, got[1:], want[1:]):
+        assert_parity(g, w, tol_g, f"grad {name}")
+
+
+@pytest.mark.parametrize("gate", ["expert", "channel"])
+def test_parity_torch(gate):
+    ref, fast = make(gate)
+    check(ref, fast, torch.randn(2, 5, D), TOL_CPU_FWD, TOL_CPU_GRAD)
+
+
+@pytest.mark.parametrize("gate", ["expert", "channel"])
+def test_parity_triton(triton_backend, gate):
+    ref, fast = make(gate)
+    check(ref, fast, torch.randn(1, 19, D, device=triton_backend), TOL_INTERPRETER, TOL_INTERPRETER)
+
+
+def test_single_token_and_fp16_interpreter(triton_backend):
+    ref, fast = make("expert")
+    fast.to(triton_backend)
+    h = torch.randn(1, 1, D, device=triton_backend)
+    with torch.no_grad():
+        assert_parity(fast(h), ref.to(triton_backend)(h), TOL_INTERPRETER)
+        got = copy.deepcopy(fast).half()(h.half()).float()
+    assert_parity(got, ref(h), 5e-3, "fp16")
+
+
+def test_load_from_mos_adapter():
+    mos = randomize_(reference.MoSAdapter(D, *BOTTLENECKS), seed=4)
+    gated = reference.GatedSpecialistAdapter.from_mos_adapter(mos)
+    h = torch.randn(3, D)
+    with torch.no_grad():
+        # zero gate -> uniform mixture of the three trained specialists
+        want = sum(mos(h, e) for e in ("A", "B", "C")) / 3
+        assert_parity(gated(h), want, TOL_CPU_FWD)
+        assert_parity(fast_nn.convert(gated)(h), want, TOL_CPU_FWD)
+    assert set(gated.state_dict()) >= {f"expert_{c}.down_proj.weight" for c in "abc"}
+    with pytest.raises(ValueError, match="bottleneck"):
+        reference.GatedSpecialistAdapter(D, (8, 8, 8)).load_specialists(mos)
+    with pytest.raises(TypeError, match="MoSAdapter"):
+        reference.GatedSpecialistAdapter(D).load_specialists(torch.nn.Linear(2, 2))
+
+
+def test_dropout_training_falls_back_to_reference():
+    ref = reference.GatedSpecialistAdapter(D, BOTTLENECKS, dropout=0.5)
+    fast = fast_nn.convert(copy.deepcopy(randomize_(ref, seed=5)))
+    fast.train()
+    torch.manual_seed(0)
+    a = fast(torch.ones(2, D))
+    torch.manual_seed(0)
+    b = ref.train()(torch.ones(2, D))
+    assert torch.equal(a, b)
+
+
+def test_opcheck():
+    ref, fast = make("channel")
+    h = torch.randn(4, D)
+    r = sum(BOTTLENECKS)
+    args = (h.requires_grad_(), torch.randn(r, D, requires_grad=True), torch.randn(r, requires_grad=True),
+            fast._unit_expert(h.device), torch.rand(4, 3, requires_grad=True), torch.randn(D, r, requires_grad=True),
+            torch.randn(3, D, requires_grad=True), torch.rand(4, D, requires_grad=True), 1e-5)
+    torch.library.opcheck(torch.ops.mosaic_fast.gated_specialist.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_bad_input():
+    _, fast = make("expert")
+    with pytest.raises(ValueError, match="h"):
+        fast(torch.randn(2, D + 1))
+    with pytest.raises(ValueError, match="gate"):
+        reference.GatedSpecialistAdapter(D, gate="token")
+
+
+def test_cuda(cuda_device):
+    for gate in ("expert", "channel"):
+        ref, fast = make(gate)
+        check(ref, fast, torch.randn(4, 50, D, device=cuda_device), TOL_CUDA_TF32, TOL_CUDA_TF32)

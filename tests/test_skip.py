@@ -1,0 +1,123 @@
+"""Top-k token skipping: reference semantics, fast merge parity (torch fallback and Triton), op checks."""
+
+import copy
+
+import pytest
+import torch
+from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_parity, randomize_
+
+from mosaic_fast import nn as fast_nn
+from mosaic_fast import reference
+from mosaic_fast.ops.token_skip import skip_merge
+from mosaic_fast.reference.moe import num_kept
+
+D = 32
+
+
+def make(keep_ratio=0.5):
+    ref = randomize_(reference.SkipRouter(D, keep_ratio), std=0.2, seed=1)
+    return ref, fast_nn.convert(copy.deepcopy(ref))
+
+
+def update_fn(x_sel):
+    return torch.tanh(x_sel) * 2.0 + x_sel.mean(dim=1, keepdim=True)
+
+
+def run(module, x, grad):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    out = module(x, update_fn)
+    out.backward(grad)
+    return [out, x.grad, *(p.grad for p in module.parameters())]
+
+
+@pytest.mark.parametrize(("keep_ratio", "n"), [(0.5, 7), (1.0, 5), (0.1, 6), (0.3, 10)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parity(request, backend, keep_ratio, n):
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    ref, fast = make(keep_ratio)
+    fast.to(device)
+    x = torch.randn(2, n, D, device=device)
+    grad = torch.randn_like(x)
+    want = run(copy.deepcopy(ref).double().to(device), x.double(), grad.double())
+    got = run(fast, x, grad)
+    tol_f, tol_g = (TOL_INTERPRETER, TOL_INTERPRETER) if backend == "triton" else (TOL_CPU_FWD, TOL_CPU_GRAD)
+    assert_parity(got[0], want[0], tol_f, "output")
+    for i, (g, w) in enumerate(zip(got[1:], want[1:])):
+        assert_parity(g, w, tol_g, f"grad {i}")
+
+
+def test_selection_semantics():
+    """k = ⌈ρN⌉ with the CLS token always kept, sorted indices, unselected tokens untouched."""
+    ref, _ = make(0.3)
+    x = torch.randn(3, 10, D)
+    with torch.no_grad():
+        ref.fc2.bias.fill_(0.0)
+        idx, gate = ref.select(x)
+        out = ref(x, lambda t: t + 1.0)
+    assert idx.shape == (3, 3) and gate.shape == (3, 3)
+    assert (idx[:, 0] == 0).all() and (idx.diff(dim=1) > 0).all()
+    mask = torch.zeros(3, 10, dtype=torch.bool).scatter(1, idx, True)
+    assert torch.equal(out[~mask], x[~mask])
+    assert torch.allclose(out[mask].view(3, 3, D), x.gather(1, idx[..., None].expand(-1, -1, D)) + gate[..., None])
+    assert [num_kept(r, 10) for r in (0.1, 0.3, 0.5, 1.0, 0.01)] == [1, 3, 5, 10, 1]
+
+
+def test_ties_keep_cls_and_agree():
+    """All scores equal: CLS is still kept and both paths select the same tokens."""
+    ref, fast = make(0.5)
+    with torch.no_grad():
+        for m in (ref, fast):
+            m.fc2.weight.zero_()
+    x = torch.randn(1, 6, D)
+    with torch.no_grad():
+        assert torch.equal(ref.select(x)[0], fast.select(x)[0])
+        assert ref.select(x)[0][0, 0] == 0
+        assert_parity(fast(x, update_fn), ref(x, update_fn), TOL_CPU_FWD)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_merge_inplace_rows_only(request, backend):
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    x = torch.randn(12, D, device=device)
+    rows = torch.tensor([3, 0, 11], device=device)
+    upd, coef = torch.randn(3, D, device=device), torch.rand(3, 4, device=device)
+    want = skip_merge(x, rows, upd, coef)
+    y = x.clone()
+    assert skip_merge(y, rows, upd, coef, inplace=True) is y
+    assert torch.allclose(y, want, atol=1e-6)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[rows.cpu()] = False
+    assert torch.equal(y[untouched.to(device)], x[untouched.to(device)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(request, backend):
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    x = torch.randn(8, D, device=device, requires_grad=True)
+    rows = torch.tensor([1, 4, 7], device=device)
+    upd = torch.randn(3, D, device=device, requires_grad=True)
+    coef = torch.rand(3, 2, device=device, requires_grad=True)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.mosaic_fast.skip_merge.default, (x, rows, upd, coef), test_utils=utils)
+    torch.library.opcheck(torch.ops.mosaic_fast.skip_merge_.default,
+                          (x.detach().clone(), rows, upd.detach(), coef.detach()), test_utils=utils[::2])
+
+
+def test_bad_input():
+    ref, fast = make()
+    x = torch.randn(2, 5, D)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        reference.SkipRouter(D, 0.0)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        fast.keep_ratio = 1.5
+    with pytest.raises(ValueError, match="x"):
+        fast(torch.randn(2, 5, D + 1), update_fn)
+    with pytest.raises(TypeError, match="fn"):
+        fast(x, "not callable")
+    with pytest.raises(ValueError, match="update"):
+        fast(x, lambda t: t[:, :1])
+    with pytest.raises(TypeError, match="rows"):
+        skip_merge(x.view(-1, D), torch.tensor([0.0]), torch.randn(1, D), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="coef"):
+        skip_merge(x.view(-1, D), torch.tensor([0]), torch.randn(1, D), torch.ones(1, 3))
