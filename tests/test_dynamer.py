@@ -1,0 +1,127 @@
+"""DynaMerModel: fast vs reference parity (both skip modes), skipping semantics, weight loading, errors."""
+
+import numpy as np
+import pytest
+import torch
+from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_parity, randomize_
+
+from mosaic_fast import nn as fast_nn
+from mosaic_fast.models import DynaMerModel
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+
+
+def pair(skip_mode, keep_ratio=0.5, **kw):
+    ref = randomize_(DynaMerModel(5, keep_ratio=keep_ratio, skip_mode=skip_mode, fast=False, **SMALL, **kw),
+                     std=0.1, seed=0)
+    fast = DynaMerModel(5, keep_ratio=keep_ratio, skip_mode=skip_mode, fast=True, **SMALL, **kw)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("skip_mode", ["adapter", "block"])
+@pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
+def test_parity_torch(skip_mode, keep_ratio):
+    ref, fast = pair(skip_mode, keep_ratio)
+    assert isinstance(fast.adapters[0], fast_nn.GatedMoEAdapter)
+    assert isinstance(fast.backbone_gen.blocks[0].attn, fast_nn.Attention)
+    x = torch.randn(2, 3, 32, 32)
+    want_out, want = grads(ref.double(), x.double())
+    got_out, got = grads(fast, x)
+    assert_parity(got_out, want_out, TOL_CPU_FWD, "logits")
+    assert set(got) == set(want) and not any(n.startswith("backbone") for n in got)
+    for name in want:
+        assert_parity(got[name], want[name], TOL_CPU_GRAD, name)
+    with torch.no_grad():  # inference path: in place on the residual streams
+        assert_parity(fast(x), ref(x.double()), TOL_CPU_FWD, "no-grad logits")
+
+
+@pytest.mark.parametrize("skip_mode", ["adapter", "block"])
+def test_parity_triton_inference(triton_backend, skip_mode):
+    ref, fast = pair(skip_mode, 0.3)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_parity(fast.to(triton_backend)(x.to(triton_backend)), ref.to(triton_backend)(x.to(triton_backend)),
+                      TOL_INTERPRETER)
+
+
+def test_block_mode_skips_the_block_for_unselected_tokens():
+    """At the smallest ρ only the CLS token runs the blocks: the patch tokens of the last layer's input
+    equal the embedding wherever no layer selected them."""
+    model = DynaMerModel(3, keep_ratio=0.01, skip_mode="block", fast=False, **SMALL)
+    x = torch.randn(1, 3, 32, 32)
+    seen = []
+    model.backbone_gen.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        model(x)
+    assert seen == [1]
+    model.keep_ratio = 1.0
+    assert all(r.keep_ratio == 1.0 for r in (*model.skip_gen, *model.skip_med))
+
+
+def test_different_backbone_configs_and_trainable_set():
+    model = DynaMerModel(4, med_num_heads=2, med_mlp_ratio=2.0, **SMALL)
+    assert model.backbone_med.blocks[0].attn.num_heads == 2
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"adapters", "skip_gen", "skip_med", "head"}
+
+
+def _fake_npz(path, d=64, depth=2, p=8, grid=4):
+    rng = np.random.default_rng(0)
+    w = {"embedding/kernel": rng.normal(size=(p, p, 3, d)), "embedding/bias": rng.normal(size=d),
+         "cls": rng.normal(size=(1, 1, d)),
+         "Transformer/posembed_input/pos_embedding": rng.normal(size=(1, grid * grid + 1, d)),
+         "Transformer/encoder_norm/scale": rng.normal(size=d), "Transformer/encoder_norm/bias": rng.normal(size=d)}
+    for i in range(depth):
+        b = f"Transformer/encoderblock_{i}"
+        a = f"{b}/MultiHeadDotProductAttention_1"
+        for ln in ("LayerNorm_0", "LayerNorm_2"):
+            w[f"{b}/{ln}/scale"], w[f"{b}/{ln}/bias"] = rng.normal(size=d), rng.normal(size=d)
+        for n in ("query", "key", "value"):
+            w[f"{a}/{n}/kernel"], w[f"{a}/{n}/bias"] = rng.normal(size=(d, 4, d // 4)), rng.normal(size=(4, d // 4))
+        w[f"{a}/out/kernel"], w[f"{a}/out/bias"] = rng.normal(size=(4, d // 4, d)), rng.normal(size=d)
+        for j, (i_, o_) in enumerate(((d, 4 * d), (4 * d, d))):
+            w[f"{b}/MlpBlock_3/Dense_{j}/kernel"], w[f"{b}/MlpBlock_3/Dense_{j}/bias"] = (
+                rng.normal(size=(i_, o_)), rng.normal(size=o_))
+    np.savez(path, **{k: v.astype(np.float32) for k, v in w.items()})
+    return w
+
+
+def test_load_npz_and_state_dict(tmp_path):
+    model = DynaMerModel(3, **SMALL)
+    w = _fake_npz(tmp_path / "vit.npz")
+    loaded = model.load_backbone("gen", tmp_path / "vit.npz")
+    assert "backbone_gen.blocks.1.attn.qkv.weight" in loaded
+    assert torch.allclose(model.backbone_gen.cls_token.flatten(), torch.from_numpy(w["cls"]).float().flatten())
+    state = {k.replace(".ffn.", ".mlp."): v for k, v in model.backbone_gen.state_dict().items()}  # timm names
+    state["head.weight"] = torch.zeros(1)
+    model.load_backbone("med", state)
+    for (_, a), (_, b) in zip(model.backbone_gen.state_dict().items(), model.backbone_med.state_dict().items()):
+        assert torch.equal(a, b)
+    del state["norm.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['norm.bias'\].*unexpected keys \['extra.weight'\]"):
+        model.load_backbone("med", state)
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        model.load_backbone("gen", tmp_path / "nope.npz")
+    with pytest.raises(ValueError, match="stream"):
+        model.load_backbone("x", state)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="skip_mode"):
+        DynaMerModel(3, skip_mode="token", **SMALL)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        DynaMerModel(3, keep_ratio=0.0, **SMALL)
+    with pytest.raises(ValueError, match="gate_dim"):
+        DynaMerModel(3, gate_dim=7, **SMALL)
+    with pytest.raises(ValueError, match="x"):
+        DynaMerModel(3, **SMALL)(torch.randn(1, 3, 16, 16))
