@@ -29,8 +29,8 @@ DEMO_DEFAULTS = {
     "datasets": ",".join(DEMO_DATASETS),
     "embed_dim": 192, "depth": 4, "num_heads": 3,
     "img_size_2d": 28, "patch_size_2d": 4, "img_size_3d": 28, "patch_size_3d": 7,
-    "num_rounds": 10, "warmup_rounds": 0, "batch_size": 32, "lr": 5e-4,
-    "samples_per_round": None, "early_stopping_patience": 10, "output_dir": "./output/demo",
+    "num_rounds": 6, "warmup_rounds": 0, "batch_size": 32, "lr": 5e-4,
+    "samples_per_round": 600, "early_stopping_patience": 6, "output_dir": "./output/demo",
 }
 
 

@@ -14,9 +14,12 @@ NaN rather than a made-up number; mean AUCs are taken over the defined values.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from medmnist.evaluator import getACC, getAUC
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import roc_auc_score
 
 METRIC_MODES = ("medmnist", "mosaic")
@@ -50,9 +53,12 @@ def scores_from_logits(logits: np.ndarray, task: str) -> np.ndarray:
 
 
 def _auc_or_nan(fn) -> float:
+    """``fn()``, or NaN where one class only is present (sklearn raises or warns, by version)."""
     try:
-        return float(fn())
-    except ValueError:  # one class only: AUC is undefined
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            return float(fn())
+    except ValueError:
         return float("nan")
 
 
@@ -76,7 +82,7 @@ def _mosaic_auc(labels: np.ndarray, scores: np.ndarray, task: str) -> float:
     present = [i for i in range(scores.shape[1]) if len(np.unique(truth[:, i])) > 1]
     if not present:
         return float("nan")
-    return float(np.mean([roc_auc_score(truth[:, i], scores[:, i]) for i in present]))
+    return float(np.mean([_auc_or_nan(lambda i=i: roc_auc_score(truth[:, i], scores[:, i])) for i in present]))
 
 
 def compute_metrics(labels: np.ndarray, logits: np.ndarray, task: str, mode: str = "medmnist") -> dict[str, float]:
