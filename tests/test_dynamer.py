@@ -110,7 +110,7 @@ def test_load_npz_and_state_dict(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys \['norm.bias'\].*unexpected keys \['extra.weight'\]"):
         model.load_backbone("med", state)
-    with pytest.raises(FileNotFoundError, match="nope.npz"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.npz"):
         model.load_backbone("gen", tmp_path / "nope.npz")
     with pytest.raises(ValueError, match="stream"):
         model.load_backbone("x", state)

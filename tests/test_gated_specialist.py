@@ -90,7 +90,7 @@ def test_dropout_training_falls_back_to_reference():
 
 
 def test_opcheck():
-    ref, fast = make("channel")
+    _, fast = make("channel")
     h = torch.randn(4, D)
     r = sum(BOTTLENECKS)
     args = (h.requires_grad_(), torch.randn(r, D, requires_grad=True), torch.randn(r, requires_grad=True),

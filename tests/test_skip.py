@@ -105,7 +105,7 @@ def test_opcheck(request, backend):
 
 
 def test_bad_input():
-    ref, fast = make()
+    _, fast = make()
     x = torch.randn(2, 5, D)
     with pytest.raises(ValueError, match="keep_ratio"):
         reference.SkipRouter(D, 0.0)

@@ -93,7 +93,9 @@ class ViTBackbone(nn.Module):
                 raise FileNotFoundError(f"backbone weights not found: {source}")
             source = torch.load(source, map_location="cpu", weights_only=True)
         if not isinstance(source, Mapping):
-            raise TypeError(f"source must be an .npz path, a state_dict or a torch file path, got {type(source).__name__}")
+            raise TypeError(
+                f"source must be an .npz path, a state_dict or a torch file path, got {type(source).__name__}"
+            )
         state = {k.replace(".mlp.", ".ffn."): v for k, v in source.items() if not k.startswith("head.")}
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
