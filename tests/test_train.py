@@ -1,0 +1,157 @@
+"""Trainer: the loss falls, resume is exact, non-finite losses stop cleanly, checkpoints are atomic."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_fast.data import MedMNISTSplit, MultiSource, head_index
+from mosaic_fast.data.registry import NUM_CLASSES
+from mosaic_fast.data.synthetic import write_synthetic_npz
+from mosaic_fast.engine import checkpoint as ckpt_io
+from mosaic_fast.engine.distributed import DistInfo
+from mosaic_fast.engine.trainer import NonFiniteLossError, RoundSchedule, Trainer, TrainSettings
+from mosaic_fast.models import EMATeacher, MosaicModel
+
+NAMES = ("BreastMNIST", "RetinaMNIST", "AdrenalMNIST3D")
+TINY = dict(embed_dim=32, depth=1, num_heads=2, img_size_2d=28, patch_size_2d=7, img_size_3d=28, patch_size_3d=14,
+            adapter_bottleneck_a=8, adapter_bottleneck_b=8, adapter_bottleneck_c=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on shared CPUs threads wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    for i, name in enumerate(NAMES):
+        write_synthetic_npz(root, name, 28, (48, 16, 16), seed=i)
+    return root
+
+
+def _data(root: Path, split: str) -> MultiSource:
+    return MultiSource([MedMNISTSplit(n, split, root, 28) for n in NAMES])
+
+
+def _trainer(root: Path, out: Path, seed: int = 0, **overrides) -> Trainer:
+    torch.manual_seed(seed)
+    student = MosaicModel(NUM_CLASSES, **TINY, fast=False)
+    settings = TrainSettings(**{
+        "num_rounds": 2, "batch_size": 16, "lr": 3e-3, "warmup_rounds": 1, "progress": False,
+        "eval_batch_size": 32, "config": {"model": TINY}, **overrides,
+    })
+    return Trainer(student, EMATeacher(student), _data(root, "train"), _data(root, "val"), _data(root, "test"),
+                   settings, DistInfo(), out)
+
+
+def _task_loss(model, data: MultiSource) -> float:
+    """Mean clean-view task loss over the training sets."""
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for ds in data.sources:
+            x = torch.stack([ds.clean(i) for i in range(len(ds))])
+            _, logits = model(x, task_id=head_index(ds.spec.name), expert_id=ds.spec.expert)
+            losses.append(F.cross_entropy(logits, ds.labels[:, 0]).item())
+    return sum(losses) / len(losses)
+
+
+def test_training_lowers_the_loss_and_writes_outputs(root, tmp_path):
+    trainer = _trainer(root, tmp_path, num_rounds=4, warmup_rounds=0)
+    before = _task_loss(trainer.student, trainer.train_data)
+    results = trainer.fit()
+    after = _task_loss(trainer.student, trainer.train_data)
+    assert after < 0.8 * before
+    for name in ("best.pt", "last.pt", "history.json", "history.csv", "curves.png", "test_results.csv"):
+        assert (tmp_path / name).is_file(), name
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["round"] for e in history] == [1, 2, 3, 4]
+    assert set(results) == {"student", "teacher"} and set(NAMES) <= set(results["student"])
+    ckpt = ckpt_io.load(tmp_path / "last.pt")
+    assert {"student_state_dict", "teacher_state_dict", "optimizer_state_dict", "scheduler_state_dict",
+            "rng", "progress", "config"} <= set(ckpt)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["cyclic", "mixed"])
+def test_resume_after_interruption_matches_uninterrupted_run(root, tmp_path, mixed):
+    _trainer(root, tmp_path / "full", mixed_batches=mixed).fit()
+    steps_per_round = len(_trainer(root, tmp_path / "probe", mixed_batches=mixed)._round_batches(0))
+    stop = steps_per_round + 2  # in the middle of the second round
+    assert _trainer(root, tmp_path / "cut", mixed_batches=mixed, max_steps=stop).fit() is None
+    resumed = _trainer(root, tmp_path / "cut", seed=123, mixed_batches=mixed)  # other init: resume must load
+    resumed.resume(tmp_path / "cut" / "last.pt")
+    assert (resumed.round, resumed.step_in_round, resumed.global_step) == (1, 2, stop)
+    resumed.fit()
+    full = ckpt_io.load(tmp_path / "full" / "last.pt")
+    cut = ckpt_io.load(tmp_path / "cut" / "last.pt")
+    for key in ("student_state_dict", "teacher_state_dict"):
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, cut[key][name]), f"{key}: {name}"
+    opt_full, opt_cut = full["optimizer_state_dict"]["state"], cut["optimizer_state_dict"]["state"]
+    for p_full, p_cut in zip(opt_full.values(), opt_cut.values()):
+        assert torch.equal(p_full["exp_avg"], p_cut["exp_avg"])
+    assert full["scheduler_state_dict"]["last_epoch"] == cut["scheduler_state_dict"]["last_epoch"] == 2
+    strip = lambda h: [{k: v for k, v in e.items() if k != "time_s"} for e in h]
+    assert json.dumps(strip(full["history"])) == json.dumps(strip(cut["history"]))
+
+
+def test_resume_refuses_another_model(root, tmp_path):
+    _trainer(root, tmp_path, max_steps=1).fit()
+    other = _trainer(root, tmp_path / "x", config={"model": {**TINY, "depth": 2}})
+    with pytest.raises(ValueError, match="depth"):
+        other.resume(tmp_path / "last.pt")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(root, tmp_path):
+    trainer = _trainer(root, tmp_path)
+    with torch.no_grad():
+        trainer.student.heads[head_index("BreastMNIST")].weight.fill_(math.inf)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* round 1, step 1 .*BreastMNIST"):
+        trainer.fit()
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_schedule_is_the_seeds_warmup_then_cosine():
+    s = RoundSchedule(num_rounds=10, warmup=5, base_lr=1e-4, min_lr=1e-6)
+    assert s(0) == pytest.approx(0.01) and s(5) == pytest.approx(1.0)
+    assert s(2) == pytest.approx(0.01 + 0.99 * 2 / 5)
+    assert 1e-4 * s(10) == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="warmup"):
+        RoundSchedule(num_rounds=3, warmup=3, base_lr=1.0, min_lr=0.0)
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    ckpt_io.save_atomic({"student_state_dict": {}, "teacher_state_dict": {}, "v": 1}, path)
+    with pytest.raises(Exception):  # noqa: B017 (any pickling error)
+        ckpt_io.save_atomic({"student_state_dict": {}, "teacher_state_dict": {}, "v": lambda: 0}, path)
+    assert ckpt_io.load(path)["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
+        ckpt_io.load(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"bad\.pt.*corrupt"):
+        ckpt_io.load(bad)
+    torch.save({"model": {}}, bad)
+    with pytest.raises(ValueError, match="student_state_dict"):
+        ckpt_io.load(bad)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"missing keys \['bias'\], unexpected keys \['extra'\]"):
+        ckpt_io.load_model_state(model, {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}, "ckpt")
+    with pytest.raises(ValueError, match="wrong shape"):
+        ckpt_io.load_model_state(model, {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)}, "ckpt")
