@@ -168,8 +168,8 @@ def _eval(args, info: DistInfo) -> int:
     model_cfg = config.get("model", {})  # a seed checkpoint: the ViT-B/16 defaults
     names = args.datasets or tuple(config.get("datasets", ALL_DATASETS))
     names = training_order(names)
-    student = MosaicModel(NUM_CLASSES, **model_cfg)
-    teacher = MosaicModel(NUM_CLASSES, **model_cfg)
+    student = MosaicModel(NUM_CLASSES, **model_cfg, fast=not args.reference_model)
+    teacher = MosaicModel(NUM_CLASSES, **model_cfg, fast=not args.reference_model)
     ckpt_io.load_model_state(student, ckpt["student_state_dict"], f"{args.checkpoint}: student_state_dict")
     ckpt_io.load_model_state(teacher, ckpt["teacher_state_dict"], f"{args.checkpoint}: teacher_state_dict")
     student.to(info.device)

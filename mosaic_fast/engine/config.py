@@ -73,6 +73,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
          help="medmnist: official getACC/getAUC; mosaic: the seed's variant (ordinal ±1, absent classes skipped)")
     _add(p, "num_workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
     _add(p, "eval_batch_size", type=_positive_int, default=128)
+    _add(p, "reference_model", action="store_true",
+         help="build the model from the plain reference modules instead of the fast ones (same weights)")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -98,8 +100,6 @@ def train_parser() -> argparse.ArgumentParser:
     _add(m, "freeze_backbone", action="store_true", help="train adapters, heads and the 3D tokenizer only")
     _add(m, "freeze_3d_tokenizer", action="store_true",
          help="with --freeze_backbone also freeze the 3D tokenizer and pos_embed_3d (the seed code's choice)")
-    _add(m, "reference_model", action="store_true",
-         help="build the model from the plain reference modules instead of the fast ones (same weights)")
     _add(m, "embed_dim", type=_positive_int, default=768)
     _add(m, "depth", type=_positive_int, default=12)
     _add(m, "num_heads", type=_positive_int, default=12)
@@ -113,7 +113,8 @@ def train_parser() -> argparse.ArgumentParser:
     _add(t, "batch_size", type=_positive_int, default=32, help="per process (global batch = this × world size)")
     _add(t, "lr", type=float, default=1e-4)
     _add(t, "weight_decay", type=float, default=0.01)
-    _add(t, "warmup_rounds", type=int, default=5)
+    _add(t, "warmup_rounds", type=int, default=None,
+         help="linear warm-up rounds (default: 5 as the seed, at most --num_rounds - 1)")
     _add(t, "min_lr", type=float, default=1e-6)
     _add(t, "consist_weight", type=float, default=0.1)
     _add(t, "ema_momentum", type=_unit_float, default=0.9, help="EMA momentum of specialists A and B")
@@ -152,6 +153,8 @@ def parse_train_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--img_size_2d / --img_size_3d must be divisible by --patch_size_2d / --patch_size_3d")
     if args.embed_dim % args.num_heads:
         p.error(f"--embed_dim ({args.embed_dim}) must be divisible by --num_heads ({args.num_heads})")
+    if args.warmup_rounds is None:
+        args.warmup_rounds = min(5, args.num_rounds - 1)
     if not 0 <= args.warmup_rounds < args.num_rounds:
         p.error(f"--warmup_rounds must be in [0, --num_rounds), got {args.warmup_rounds}")
     if args.freeze_3d_tokenizer and not args.freeze_backbone:

@@ -224,9 +224,9 @@ class Trainer:
         self.log(f"resumed from {path}: round {self.round + 1}, step {self.step_in_round} of the round")
 
     # ---------------------------------------------------------------- one step
-    def _parts(self, batch: Batch) -> tuple[list, list[tuple[torch.Tensor, str | torch.Tensor]], set[str]]:
-        """Per part: the StudentStep inputs, the teacher inputs, and the set of active specialists."""
-        student_parts, teacher_parts, active = [], [], set()
+    def _parts(self, batch: Batch) -> tuple[list, list[tuple[torch.Tensor, str | torch.Tensor]]]:
+        """Per part: the StudentStep inputs and the teacher inputs."""
+        student_parts, teacher_parts = [], []
         offset = 0
         dev = self.info.device
         for part in batch.parts:
@@ -235,7 +235,6 @@ class Trainer:
             sources = [k[0] for k in keys]
             used = sorted(set(sources))
             experts = {self.experts[s] for s in used}
-            active |= experts
             expert = next(iter(experts)) if len(experts) == 1 else self.expert_of_source[part.source]
             groups = []
             for s in used:
@@ -245,12 +244,16 @@ class Trainer:
                 groups.append((self.heads[s], self.multi_label[s], self.widths[s], pos))
             student_parts.append((part.x, expert, part.labels, groups))
             teacher_parts.append((part.x_clean, expert))
-        return student_parts, teacher_parts, active
+        return student_parts, teacher_parts
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimizer step on this rank's share of a global batch; returns the global mean losses."""
+    def train_step(self, batch: Batch, active: set[str], names: list[str]) -> dict[str, float]:
+        """One optimizer step on this rank's share of a global batch; returns the global mean losses.
+
+        ``active``: the specialists of the whole global batch (the EMA update must be the same on every
+        rank); ``names``: its datasets (for messages).
+        """
         batch = batch.to(self.info.device, non_blocking=True)
-        student_parts, teacher_parts, active = self._parts(batch)
+        student_parts, teacher_parts = self._parts(batch)
         n = len(batch)
         self.student.train()
         self.teacher.model.eval()
@@ -266,7 +269,7 @@ class Trainer:
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLossError(
                 f"non-finite loss ({values[0]}) at round {self.round + 1}, step {self.step_in_round + 1} "
-                f"(global step {self.global_step + 1}, datasets {sorted({self.names[k[0]] for k in batch.keys})}); "
+                f"(global step {self.global_step + 1}, datasets {names}); "
                 f"stopped without writing a checkpoint of this state. The last good one is "
                 f"{self.out_dir / 'last.pt'} (if any). Try a lower --lr, --precision fp32 or --max_grad_norm."
             )
@@ -281,9 +284,8 @@ class Trainer:
         return {"loss": values[0], "loss_cls": values[1], "loss_consist": values[2]}
 
     # ---------------------------------------------------------------- rounds
-    def _record(self, batch: Batch, losses: dict[str, float]) -> None:
-        names = {self.names[k[0]] for k in batch.keys}
-        key = names.pop() if len(names) == 1 else "mixed"
+    def _record(self, names: list[str], losses: dict[str, float]) -> None:
+        key = names[0] if len(names) == 1 else "mixed"
         sums = self.round_sums
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -292,13 +294,13 @@ class Trainer:
         total, count = per.get(key, (0.0, 0))
         per[key] = (total + losses["loss"], count + 1)
 
-    def _round_batches(self, r: int) -> list:
+    def _round_batches(self, r: int) -> list[list[tuple[int, int, int]]]:
+        """The global batches of round ``r`` (see :func:`round_plan`)."""
         world = self.info.world_size
-        plan = round_plan(
+        return round_plan(
             [len(ds) for ds in self.train_data.sources], self.s.batch_size * world, self.s.seed, r,
             self.s.samples_per_round, self.s.mixed_batches, self.experts, world,
         )
-        return [shard_batch(b, self.info.rank, world) for b in plan]
 
     def validate(self, data: MultiSource) -> dict[str, dict]:
         """Metrics of student and teacher on ``data``."""
@@ -356,15 +358,18 @@ class Trainer:
             self.round = r
             batches = self._round_batches(r)
             todo = batches[self.step_in_round :]
+            shards = [shard_batch(b, self.info.rank, self.info.world_size) for b in todo]
             loader = DataLoader(
-                self.train_data, batch_sampler=todo, collate_fn=collate, num_workers=self.s.num_workers,
+                self.train_data, batch_sampler=shards, collate_fn=collate, num_workers=self.s.num_workers,
                 pin_memory=self.info.device.type == "cuda",
             )
             bar = tqdm(loader, total=len(batches), initial=self.step_in_round, desc=f"round {r + 1}",
                        disable=not (self.info.is_main and self.s.progress), leave=False, dynamic_ncols=True)
-            for batch in bar:
-                losses = self.train_step(batch)
-                self._record(batch, losses)
+            for global_batch, batch in zip(todo, bar):
+                sources = sorted({k[0] for k in global_batch})
+                names = [self.names[i] for i in sources]
+                losses = self.train_step(batch, {self.experts[i] for i in sources}, names)
+                self._record(names, losses)
                 self.global_step += 1
                 self.step_in_round += 1
                 bar.set_postfix(loss=f"{losses['loss']:.4f}")
