@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from parity import TOL_CPU_FWD, TOL_CPU_GRAD, assert_parity, randomize_
 
 from mosaic_fast import models
-from parity import TOL_CPU_FWD, TOL_CPU_GRAD, assert_parity, randomize_
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=4, img_size_2d=32, patch_size_2d=8, img_size_3d=16,
              patch_size_3d=8, adapter_bottleneck_a=16, adapter_bottleneck_b=32, adapter_bottleneck_c=48)
