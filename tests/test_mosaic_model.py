@@ -130,10 +130,9 @@ def test_load_vit_npz_puts_every_tensor_in_place(tmp_path):
     w = write_google_npz(tmp_path / "vit.npz")
     model = models.MosaicModel([3, 2], fast=False, task_experts=["A", "C"], **SMALL)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loaded = model.__class__  # keep flake quiet about unused
     loaded = models.load_vit_npz(model, tmp_path / "vit.npz")
     sd = model.state_dict()
-    t = lambda k: torch.from_numpy(w[k])  # noqa: E731
+    t = lambda k: torch.from_numpy(w[k])
     torch.testing.assert_close(sd["patch_embed.patch_embed_2d.proj.weight"], t("embedding/kernel").permute(3, 2, 0, 1))
     torch.testing.assert_close(sd["cls_token"], t("cls"))
     torch.testing.assert_close(sd["pos_embed_2d"], t("Transformer/posembed_input/pos_embedding"))
@@ -155,14 +154,15 @@ def test_load_vit_npz_puts_every_tensor_in_place(tmp_path):
         torch.testing.assert_close(ours, flax_out, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(sd[b + "ffn.fc1.weight"], t(p + "MlpBlock_3/Dense_0/kernel").T)
         torch.testing.assert_close(sd[b + "ffn.fc2.bias"], t(p + "MlpBlock_3/Dense_1/bias"))
-    untouched = [k for k in sd if "adapter" in k or k.startswith(("heads.", "patch_embed.patch_embed_3d", "pos_embed_3d"))]
+    new_parts = ("heads.", "patch_embed.patch_embed_3d", "pos_embed_3d")
+    untouched = [k for k in sd if "adapter" in k or k.startswith(new_parts)]
     assert untouched and all(torch.equal(sd[k], before[k]) for k in untouched)
     assert "encoder.blocks.1.attn.qkv.weight" in loaded and "pos_embed_2d" in loaded
 
 
 def test_load_vit_npz_errors(tmp_path):
     model = models.MosaicModel([3], fast=False, task_experts=["A"], **SMALL)
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
         models.load_vit_npz(model, tmp_path / "missing.npz")
     write_google_npz(tmp_path / "deep.npz", depth=3)
     with pytest.raises(ValueError, match="3 encoder blocks but the model has 2"):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from parity import TOL_CPU_FWD, assert_parity, randomize_
 
 from mosaic_fast import reference
-from parity import TOL_CPU_FWD, assert_parity, randomize_
 
 
 def adapter_formula(ad: reference.Adapter, h: torch.Tensor) -> torch.Tensor:
