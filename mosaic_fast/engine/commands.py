@@ -178,7 +178,7 @@ def _eval(args, info: DistInfo) -> int:
     img_3d = model_cfg.get("img_size_3d", 64)
     data = build_split(names, args.split, args, info, img_2d, img_3d)
     kw = dict(batch_size=args.eval_batch_size, info=info, mode=args.metrics,
-              amp_dtype=amp_dtype(args.precision, info.device), num_workers=_workers(args, info))
+              amp_dtype=amp_dtype(args.precision, info.device), num_workers=_workers(args, info), progress=True)
     results = {"student": evaluate(student, data, **kw), "teacher": evaluate(teacher, data, **kw)}
     if info.is_main:
         print(format_table(results, names, f"{args.split} ({args.metrics} metrics): {args.checkpoint}"))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..data.datasets import MultiSource, collate
 from ..data.registry import EXPERT_ROUTING
@@ -41,6 +42,7 @@ def predict(
     info: DistInfo,
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> np.ndarray:
     """Logits (N, C) of ``model`` on every sample of ``data.sources[source]``, in file order."""
     ds = data.sources[source]
@@ -52,7 +54,8 @@ def predict(
     was_training = model.training
     model.eval()
     indices, outputs = [], []
-    for batch in loader:
+    bar = tqdm(loader, desc=f"eval {ds.spec.name}", leave=False, disable=not (progress and info.is_main))
+    for batch in bar:
         (part,) = batch.to(info.device).parts
         with autocast(info.device, amp_dtype):
             _, logits = model(part.x, task_id=head, expert_id=expert)
@@ -75,11 +78,12 @@ def evaluate(
     mode: str = "medmnist",
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    progress: bool = False,
 ) -> dict:
     """``{dataset: {"acc", "auc"}, "mean_acc", "mean_auc", "mean_acc_2d"?, "mean_acc_3d"?}``."""
     per_dataset = {}
     for source, ds in enumerate(data.sources):
-        logits = predict(model, data, source, batch_size, info, amp_dtype, num_workers)
+        logits = predict(model, data, source, batch_size, info, amp_dtype, num_workers, progress)
         per_dataset[ds.spec.name] = compute_metrics(ds.labels.numpy(), logits, ds.spec.task, mode)
     is_3d = {ds.spec.name: ds.spec.is_3d for ds in data.sources}
     return {**per_dataset, **summarize(per_dataset, is_3d)}

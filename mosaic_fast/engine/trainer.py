@@ -305,7 +305,7 @@ class Trainer:
     def validate(self, data: MultiSource) -> dict[str, dict]:
         """Metrics of student and teacher on ``data``."""
         kw = dict(batch_size=self.s.eval_batch_size, info=self.info, mode=self.s.metrics,
-                  amp_dtype=self.s.amp_dtype, num_workers=self.s.num_workers)
+                  amp_dtype=self.s.amp_dtype, num_workers=self.s.num_workers, progress=self.s.progress)
         return {"student": evaluate(self.student, data, **kw), "teacher": evaluate(self.teacher.model, data, **kw)}
 
     def _end_round(self, r: int, t0: float) -> bool:
