@@ -57,9 +57,11 @@ def test_train_then_eval_end_to_end(data_root, tmp_path, capsys):
 
 def test_resume_through_the_cli(data_root, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_train_args(data_root, out, "--max_steps", "3", "--interleaved")) == 0
-    assert "--resume" in capsys.readouterr().out
-    assert main(_train_args(data_root, out, "--interleaved", "--resume", str(out / "last.pt"))) == 0
+    frozen = ("--interleaved", "--freeze_backbone")
+    assert main(_train_args(data_root, out, "--max_steps", "3", *frozen)) == 0
+    printed = capsys.readouterr().out
+    assert "--resume" in printed and "100.00%" not in printed  # part of the model is frozen
+    assert main(_train_args(data_root, out, *frozen, "--resume", str(out / "last.pt"))) == 0
     printed = capsys.readouterr().out
     assert "resumed from" in printed and "test (medmnist metrics)" in printed
     assert torch.load(out / "last.pt", weights_only=False)["progress"]["round"] == 2
