@@ -77,7 +77,7 @@ def test_both_spellings_and_seed_aliases():
 
 def test_demo_defaults_and_overrides():
     a = parse_train_args(["--demo"])
-    assert Path(a.data_root) == DEMO_ROOT and a.datasets == DEMO_DATASETS and a.embed_dim == 192
+    assert Path(a.data_root) == DEMO_ROOT and a.datasets == DEMO_DATASETS and a.embed_dim == 128
     b = parse_train_args(["--demo", "--num_rounds", "1", "--datasets", "breastmnist"])
     assert b.num_rounds == 1 and b.datasets == ("BreastMNIST",)
 

@@ -23,14 +23,16 @@ MODEL_KEYS = (
     "adapter_bottleneck_c", "adapter_scalar", "img_size_2d", "patch_size_2d", "img_size_3d", "patch_size_3d",
 )
 
-#: ``--demo``: a small model on the packaged subset, a few minutes on 2 CPU cores.
+#: ``--demo``: a small model on the packaged subset, a few minutes on 2 CPU cores. Width 128 with 4 heads
+#: (rather than 192/3) trains stably at lr 5e-4 from scratch and costs half as much per step; every round
+#: takes the whole Breast/Retina training subsets and 636 AdrenalMNIST3D volumes (an equal share of 1908).
 DEMO_DEFAULTS = {
     "data_root": str(DEMO_ROOT),
     "datasets": ",".join(DEMO_DATASETS),
-    "embed_dim": 192, "depth": 4, "num_heads": 3,
+    "embed_dim": 128, "depth": 4, "num_heads": 4,
     "img_size_2d": 28, "patch_size_2d": 4, "img_size_3d": 28, "patch_size_3d": 7,
-    "num_rounds": 6, "warmup_rounds": 0, "batch_size": 32, "lr": 5e-4,
-    "samples_per_round": 600, "early_stopping_patience": 6, "output_dir": "./output/demo",
+    "num_rounds": 16, "warmup_rounds": 0, "batch_size": 16, "lr": 5e-4,
+    "samples_per_round": 1908, "early_stopping_patience": 16, "output_dir": "./output/demo",
 }
 
 
