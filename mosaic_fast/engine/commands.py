@@ -63,8 +63,6 @@ def build_split(
 
 def _workers(args, info: DistInfo) -> int:
     if args.num_workers is not None:
-        if args.num_workers < 0:
-            raise ValueError(f"--num_workers must be ≥ 0, got {args.num_workers}")
         return args.num_workers
     return 4 if info.device.type == "cuda" else 0
 

@@ -52,6 +52,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
 def _unit_float(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -73,7 +80,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
          help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
     _add(p, "metrics", default="medmnist", choices=METRIC_MODES,
          help="medmnist: official getACC/getAUC; mosaic: the seed's variant (ordinal ±1, absent classes skipped)")
-    _add(p, "num_workers", type=int, default=None, help="data loader workers (default: 4 on CUDA, 0 on CPU)")
+    _add(p, "num_workers", type=_nonnegative_int, default=None,
+         help="data loader workers (default: 4 on CUDA, 0 on CPU)")
     _add(p, "eval_batch_size", type=_positive_int, default=128)
     _add(p, "reference_model", action="store_true",
          help="build the model from the plain reference modules instead of the fast ones (same weights)")
@@ -115,7 +123,7 @@ def train_parser() -> argparse.ArgumentParser:
     _add(t, "batch_size", type=_positive_int, default=32, help="per process (global batch = this × world size)")
     _add(t, "lr", type=float, default=1e-4)
     _add(t, "weight_decay", type=float, default=0.01)
-    _add(t, "warmup_rounds", type=int, default=None,
+    _add(t, "warmup_rounds", type=_nonnegative_int, default=None,
          help="linear warm-up rounds (default: 5 as the seed, at most --num_rounds - 1)")
     _add(t, "min_lr", type=float, default=1e-6)
     _add(t, "consist_weight", type=float, default=0.1)
@@ -127,9 +135,9 @@ def train_parser() -> argparse.ArgumentParser:
     _add(t, "seed", type=int, default=42)
     _add(t, "output_dir", default="./output")
     _add(t, "resume", default=None, help="checkpoint to continue from (e.g. OUTPUT_DIR/last.pt)")
-    _add(t, "checkpoint_every", type=int, default=0,
+    _add(t, "checkpoint_every", type=_nonnegative_int, default=0,
          help="also write last.pt every N steps (0: at the end of each round only)")
-    _add(t, "max_steps", type=int, default=None, help="stop (with a checkpoint) after this many steps in all")
+    _add(t, "max_steps", type=_positive_int, default=None, help="stop (with a checkpoint) after this many steps in all")
     return p
 
 
