@@ -53,7 +53,7 @@ def _data(root: Path, split: str) -> MultiSource:
     return MultiSource([MedMNISTSplit(n, split, root, 28) for n in NAMES])
 
 
-def _trainer(root: Path, out: Path, seed: int = 0, **overrides) -> Trainer:
+def _trainer(root: Path, out: Path, seed: int = 0, info: DistInfo | None = None, **overrides) -> Trainer:
     torch.manual_seed(seed)
     student = MosaicModel(NUM_CLASSES, **TINY, fast=False)
     settings = TrainSettings(**{
@@ -61,7 +61,7 @@ def _trainer(root: Path, out: Path, seed: int = 0, **overrides) -> Trainer:
         "eval_batch_size": 32, "config": {"model": TINY}, **overrides,
     })
     return Trainer(student, EMATeacher(student), _data(root, "train"), _data(root, "val"), _data(root, "test"),
-                   settings, DistInfo(), out)
+                   settings, info or DistInfo(), out)
 
 
 def _task_loss(model, data: MultiSource, n: int = 96) -> float:
@@ -164,3 +164,13 @@ def test_checkpoint_errors_are_clear(tmp_path):
         ckpt_io.load_model_state(model, {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}, "ckpt")
     with pytest.raises(ValueError, match="wrong shape"):
         ckpt_io.load_model_state(model, {"weight": torch.zeros(3, 2), "bias": torch.zeros(2)}, "ckpt")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_precision_on_cuda(root, tmp_path, cuda_device, dtype):
+    trainer = _trainer(root, tmp_path, info=DistInfo(device=cuda_device), num_rounds=2, warmup_rounds=0,
+                       amp_dtype=dtype, mixed_batches=True)
+    results = trainer.fit()
+    assert all(math.isfinite(results["student"][n]["acc"]) for n in NAMES)
+    assert trainer.scaler.is_enabled() == (dtype == torch.float16)
