@@ -120,6 +120,11 @@ def test_resume_refuses_another_model(root, tmp_path):
     other = _trainer(root, tmp_path / "x", config={"model": {**TINY, "depth": 2}})
     with pytest.raises(ValueError, match="depth"):
         other.resume(tmp_path / "last.pt")
+    ckpt = ckpt_io.load(tmp_path / "last.pt")
+    ckpt["config"]["datasets"] = ["BreastMNIST"]
+    ckpt_io.save_atomic(ckpt, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="trained on"):
+        _trainer(root, tmp_path / "y").resume(tmp_path / "other.pt")
 
 
 def test_non_finite_loss_stops_with_a_clear_message(root, tmp_path):

@@ -210,6 +210,9 @@ class Trainer:
             diff = {k: (saved_model.get(k), self.s.config["model"].get(k)) for k in saved_model
                     if saved_model.get(k) != self.s.config["model"].get(k)}
             raise ValueError(f"--resume: the checkpoint's model differs from the options (checkpoint, now): {diff}")
+        saved_names = ckpt.get("config", {}).get("datasets")
+        if saved_names is not None and list(saved_names) != self.names:
+            raise ValueError(f"--resume: the checkpoint trained on {list(saved_names)}, now {self.names}")
         ckpt_io.load_model_state(self.student, ckpt["student_state_dict"], f"{path}: student_state_dict")
         ckpt_io.load_model_state(self.teacher.model, ckpt["teacher_state_dict"], f"{path}: teacher_state_dict")
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
