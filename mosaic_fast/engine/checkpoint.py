@@ -41,7 +41,11 @@ def save_atomic(obj: dict, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict:
-    """Load a checkpoint onto the CPU; clear errors for a missing, corrupt or foreign file."""
+    """Load a checkpoint onto the CPU; clear errors for a missing, corrupt or foreign file.
+
+    The file is unpickled in full (``weights_only=False``: it holds RNG states and history), so load
+    only checkpoints you trust, as with any pickle.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
