@@ -53,7 +53,8 @@ def _extensions() -> list:
     ]
 
 
-packages = [*find_packages(include=["mosaic_fast", "mosaic_fast.*"]), "mosaic_fast.kernels"]
+# mosaic_fast/kernels is a symlink to kernels/ so the source tree imports too; the wheel gets real files.
+packages = sorted({*find_packages(include=["mosaic_fast", "mosaic_fast.*"]), "mosaic_fast.kernels"})
 
 setup(
     packages=packages,
