@@ -16,7 +16,7 @@ from mosaic_fast.engine.config import parse_train_args
 NAMES = ("BreastMNIST", "ChestMNIST", "RetinaMNIST", "AdrenalMNIST3D")
 TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d", "28", "--patch_size_2d", "7",
         "--img_size_3d", "28", "--patch_size_3d", "14", "--adapter_bottleneck_a", "8", "--adapter_bottleneck_b", "8",
-        "--adapter_bottleneck_c", "16", "--reference_model", "--batch_size", "8", "--eval_batch_size", "16"]
+        "--adapter_bottleneck_c", "16", "--batch_size", "8", "--eval_batch_size", "16"]
 
 
 @pytest.fixture(autouse=True)
