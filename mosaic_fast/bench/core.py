@@ -9,6 +9,7 @@ on them. :func:`time_case` times every implementation on the same rotating input
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +47,7 @@ def _rotating(fn: Callable[..., Any], input_sets: list[Sequence[Any]]) -> Callab
 
 
 def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float = 0.5) -> float:
-    """Median seconds of one call of ``fn`` (warm-up first)."""
-    fn()
+    """Median seconds of one call of ``fn`` (the caller warms it up first)."""
     if device.type == "cuda":
         import triton.testing
 
@@ -70,7 +70,12 @@ def floor_seconds(case: Case) -> float | None:
 
 
 def time_case(
-    case: Case, device: torch.device, rotate: int = 3, with_compile: bool = True, min_run_time: float = 0.5
+    case: Case,
+    device: torch.device,
+    rotate: int = 3,
+    with_compile: bool = True,
+    min_run_time: float = 0.5,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Time every implementation of ``case``; returns a JSON-ready record with ratios to "reference"."""
     input_sets = [case.make_inputs(i) for i in range(rotate)]
@@ -78,11 +83,21 @@ def time_case(
     if with_compile and case.compile_reference and "reference" in impls:
         impls["compiled"] = torch.compile(impls["reference"])
     record: dict[str, Any] = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {}}
+    runners = {}
     for label, fn in impls.items():
+        runner = _rotating(fn, input_sets)
         try:
-            record["times_s"][label] = measure(_rotating(fn, input_sets), device, min_run_time)
+            for _ in range(2):  # warm-up: compilation, autotuning, allocator
+                runner()
+            runners[label] = runner
         except Exception as exc:  # torch.compile may fail on some setups: record, don't hide
             record.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:300]
+    # Round-robin repeats, median per implementation: drifting machine load hits all of them alike.
+    samples: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(repeats):
+        for label, runner in runners.items():
+            samples[label].append(measure(runner, device, min_run_time))
+    record["times_s"] = {label: statistics.median(v) for label, v in samples.items()}
     ref = record["times_s"].get("reference")
     record["speedup_vs_reference"] = {k: ref / v for k, v in record["times_s"].items() if ref and v}
     floor = floor_seconds(case) if device.type == "cuda" else None
