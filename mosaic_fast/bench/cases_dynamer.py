@@ -1,9 +1,10 @@
 """Model suite, DynaMer part (the paper's Table 7 format): inference time per batch against ρ.
 
 CUDA: two ViT-B/16 backbones, batch 32 at 224², ρ ∈ {1, .5, .3, .1}, ``skip_mode`` "adapter" and
-"block", reference (``fast=False``) vs fast (``fast=True``). CPU (quick): embed 64, depth 2, 32² images,
-patch 8, batch 4. Models are built on first use (four ViT-B backbones per mode are large) and shared
-by the ρ cases of a mode; ``rho`` and ``skip_mode`` are in ``params`` so the runner can plot time vs ρ.
+"block", reference (``fast=False``) vs fast (``fast=True``). CPU (quick): embed 192, depth 4, 224² images,
+patch 16, batch 4 (smaller models are all per-op overhead and say nothing about skipping). Models are
+built on first use (four ViT-B backbones per mode are large) and shared by the ρ cases of a mode;
+``rho`` and ``skip_mode`` are in ``params`` so the runner can plot time vs ρ.
 Targets (GPU, bf16): block mode at ρ = .5 ≤ 0.6× its ρ = 1 time; fast ≥ 2× reference at ρ = 1.
 """
 
@@ -20,7 +21,7 @@ SKIP_MODES = ("adapter", "block")
 
 def _config(quick: bool) -> dict:
     if quick:
-        return dict(model=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4), batch=4)
+        return dict(model=dict(img_size=224, patch_size=16, embed_dim=192, depth=4, num_heads=3), batch=4)
     return dict(model=dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12), batch=32)
 
 
