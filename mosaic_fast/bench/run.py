@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="activation dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--json", dest="json_path", default=None, help="write every figure to this JSON file")
     p.add_argument("--plot", dest="plot_path", default=None, help="write speed-up and time-vs-ρ charts (PNG)")
+    p.add_argument("--markdown", dest="markdown_path", default=None, help="write the tables as Markdown (README)")
     p.add_argument("--full", action="store_true", help="real (GPU) shapes even on CPU (slow)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--filter", default=None, help="only cases whose name contains this string")
@@ -75,6 +76,31 @@ def format_table(records: list[dict], device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table (with the environment line) for README.md."""
+    env = results["environment"]
+    records = results["records"]
+    labels = [lab for lab in ("reference", "compiled", "fast") if any(lab in r["times_s"] for r in records)]
+    cuda = any("pct_of_floor" in r for r in records)
+    lines = [
+        f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
+        "",
+        "| case | " + " | ".join(f"{lab} ms" for lab in labels) + " | fast × ref | compiled × ref |"
+        + (" fast % of floor |" if cuda else ""),
+        "|---|" + "---:|" * (len(labels) + 2 + cuda),
+    ]
+    for r in records:
+        times = [f"{1e3 * r['times_s'][lab]:.3f}" if lab in r["times_s"] else "–" for lab in labels]
+        ratios = [f"{r['speedup_vs_reference'][lab]:.2f}" if lab in r["speedup_vs_reference"] else "–"
+                  for lab in ("fast", "compiled")]
+        row = f"| {r['name']} | " + " | ".join(times + ratios) + " |"
+        if cuda:
+            pct = r.get("pct_of_floor", {}).get("fast")
+            row += f" {pct:.0f}% |" if pct is not None else " – |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     from mosaic_fast.info import collect
 
@@ -111,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_path, "w") as f:
             json.dump(results, f, indent=2)
         print(f"\nwrote {args.json_path}")
+    if args.markdown_path:
+        with open(args.markdown_path, "w") as f:
+            f.write(markdown_table(results))
+        print(f"wrote {args.markdown_path}")
     if args.plot_path:
         from mosaic_fast.bench.plot import plot_results
 
