@@ -4,16 +4,19 @@ Each class subclasses its reference twin (adding no parameters), so :func:`conve
 place.
 """
 
+from .adapter import Adapter, MoSAdapter
 from .convert import convert
 from .moe import GatedMoEAdapter, GatedSpecialistAdapter, SkipRouter
 from .patch_embed import PatchEmbed3D
 from .vit import Attention, Block
 
 __all__ = [
+    "Adapter",
     "Attention",
     "Block",
     "GatedMoEAdapter",
     "GatedSpecialistAdapter",
+    "MoSAdapter",
     "PatchEmbed3D",
     "SkipRouter",
     "convert",

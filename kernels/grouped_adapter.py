@@ -1,0 +1,752 @@
+"""Grouped specialist-adapter kernels: A/B/C adapters with different bottlenecks in ONE launch.
+
+For a packed token matrix ``h`` (T, D) whose rows belong to groups (specialists) g = 0..G-1 with
+bottlenecks r_g (any size up to 256; 64/96/192 in MOSAIC) every row gets
+
+    out = base + s * (relu(LN_g(h) @ Wd_g^T + bd_g) @ Wu_g^T + bu_g)
+
+Forward: one program per (group, tile of BM rows). The LayerNorm is the GEMM prologue (statistics in
+one pass over D with Chan's combination, normalised on the fly per K chunk), the hidden activation
+(BM, r_g) stays in registers, and the epilogue adds the bias, scales, adds ``base`` and stores.
+
+Backward (deterministic, no float atomics):
+  * ``_bwd_dh_kernel`` (same tiles as the forward): dz = (s * dout) @ Wu_g, da = dz * (a > 0) (written to
+    a (T, R_MAX) buffer), dy = da @ Wd_g, then the LayerNorm backward for dh; it also writes one row of
+    per-tile partial sums of the LN weight/bias gradients (sum over the tile of dy * xhat and dy).
+  * ``_bwd_w_kernel``: one program per (group, r-block, D-block, row split): dWd, dWu, dbd, dbu by
+    looping over the group's rows in a fixed order, and the LN gradients by summing the per-tile
+    partials of its group in a fixed order. With SPLIT > 1 the splits go to a (SPLIT, ...) buffer that
+    is summed afterwards (torch's sum over a dim is deterministic).
+
+Routing (no host synchronisation anywhere):
+  * MODE_SINGLE: one group, row p of the group is row p of h.
+  * MODE_SEG: ``ids`` (S,) gives the group of each segment of L consecutive rows (a sample of N tokens,
+    so T = S * L). Every program loads the S ids, counts the rows of each group, finds its own group and
+    tile from the cumulative tile counts, and maps the positions of its tile to rows through the rank of
+    each segment inside its group (an inclusive cumsum of the membership mask). Used while S <= SEG_MAX.
+  * MODE_PERM: for many segments (e.g. per-row routing), the segments sorted by group (stable argsort on
+    the device) and per-group segment counts are precomputed with torch ops (no sync); the kernel reads
+    them.
+  Segment ids outside [0, G) form a pseudo-group G whose rows are written as NaN (an error cannot be
+  raised from the device without a sync; on CPU the ops layer raises ValueError before launching).
+
+The grid is ``cdiv(T, BM) + G + 1`` programs, an upper bound of the number of tiles over all groups
+(including the pseudo-group); surplus programs see no valid rows and store nothing.
+
+Weights are packed per tensor kind (DESIGN.md, kernel notes): ln_w, ln_b, bu (G, D); wd (R_total, D) with
+the rows of group g at [off_g, off_g + r_g); bd (R_total,); wu (D, R_total) with the columns of group g
+at [off_g, off_g + r_g). A tiny int32 table ``meta`` (G, 2) holds (off_g, r_g).
+
+Dtypes: h/base/out may differ from the weight dtype (autocast: fp32 activations, bf16 weights); the
+LayerNorm and every accumulation run in fp32, the dot operands are in the weight dtype. fp32 dots use
+TF32 on the GPU. Under TRITON_INTERPRET=1 bf16 is upcast to fp32 by the launchers (the interpreter's bf16
+dot is silently wrong).
+
+Nothing here imports from ``mosaic_fast``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MODE_SINGLE = 0
+MODE_SEG = 1
+MODE_PERM = 2
+
+#: Largest number of segments routed in-kernel (MODE_SEG); more use MODE_PERM (a device argsort first).
+SEG_MAX = 1024
+#: Largest bottleneck the kernels hold on chip.
+MAX_BOTTLENECK = 256
+#: Save the pre-activation in the forward (True) or recompute it in the backward (False).
+SAVE_PREACT = True
+#: Row splits of the weight-gradient kernel; None picks from the SM count.
+WGRAD_SPLIT: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device-side routing helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _members(ids_ptr, offs, S, g, G):
+    """Whether segments ``offs`` belong to group g (g == G: the pseudo-group of out-of-range ids)."""
+    inb = offs < S
+    ids = tl.load(ids_ptr + offs, mask=inb, other=0)
+    return tl.where(g < G, inb & (ids == g), inb & ((ids < 0) | (ids >= G)))
+
+
+@triton.jit
+def _seg_count(ids_ptr, S, g, G, SC: tl.constexpr):
+    """Number of segments in group g (chunks of SC ids, so registers do not grow with S)."""
+    n = g * 0
+    for s0 in range(0, S, SC):
+        n += tl.sum(_members(ids_ptr, s0 + tl.arange(0, SC), S, g, G).to(tl.int32), axis=0)
+    return n
+
+
+@triton.jit
+def _seg_sample(k, ids_ptr, S, g, G, SC: tl.constexpr):
+    """Index of the k-th segment of group g, for each k: the number of segments whose inclusive
+    group-g count is <= k (the k-th member is the first whose inclusive count is k + 1)."""
+    sample = k * 0
+    carry = g * 0
+    for s0 in range(0, S, SC):
+        offs = s0 + tl.arange(0, SC)
+        member = _members(ids_ptr, offs, S, g, G).to(tl.int32)
+        incl = tl.cumsum(member, axis=0) + carry
+        hit = (incl[None, :] <= k[:, None]) & (offs < S)[None, :]
+        sample += tl.sum(hit.to(tl.int32), axis=1)
+        carry += tl.sum(member, axis=0)
+    return sample
+
+
+@triton.jit
+def _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE: tl.constexpr, SC: tl.constexpr, BM: tl.constexpr):
+    """Find the tile of program ``pid``: (group or -1, tile index in group, rows of group, first segment)."""
+    if MODE == 0:
+        g = pid * 0
+        j = pid
+        n = pid * 0 + S * L
+        seg_off = pid * 0
+    else:
+        g = pid * 0 - 1
+        j = pid * 0
+        n = pid * 0
+        seg_off = pid * 0
+        tile_start = pid * 0
+        seg_start = pid * 0
+        for gg in range(0, G + 1):
+            if MODE == 1:
+                nseg = _seg_count(ids_ptr, S, pid * 0 + gg, G, SC)
+            else:
+                nseg = tl.load(cnt_ptr + gg).to(tl.int32)
+            ntiles = tl.cdiv(nseg * L, BM)
+            sel = (pid >= tile_start) & (pid < tile_start + ntiles)
+            g = tl.where(sel, gg, g)
+            j = tl.where(sel, pid - tile_start, j)
+            n = tl.where(sel, nseg * L, n)
+            seg_off = tl.where(sel, seg_start, seg_off)
+            tile_start += ntiles
+            seg_start += nseg
+    return g, j, n, seg_off
+
+
+@triton.jit
+def _group_info(g, ids_ptr, cnt_ptr, S, L, G, MODE: tl.constexpr, SC: tl.constexpr, BM: tl.constexpr):
+    """For group g: (rows, first segment in sorted order, first tile, tiles) with tiles of BM rows."""
+    if MODE == 0:
+        n = g * 0 + S * L
+        seg_off = g * 0
+        tile_start = g * 0
+    else:
+        n = g * 0
+        seg_off = g * 0
+        tile_start = g * 0
+        for gg in range(0, G + 1):
+            if MODE == 1:
+                nseg = _seg_count(ids_ptr, S, g * 0 + gg, G, SC)
+            else:
+                nseg = tl.load(cnt_ptr + gg).to(tl.int32)
+            before = gg < g
+            tile_start += tl.where(before, tl.cdiv(nseg * L, BM), 0)
+            seg_off += tl.where(before, nseg, 0)
+            n = tl.where(gg == g, nseg * L, n)
+    return n, seg_off, tile_start, tl.cdiv(n, BM)
+
+
+@triton.jit
+def _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE: tl.constexpr, SC: tl.constexpr):
+    """Row of h (int64) of each position ``pos`` in the sorted rows of group g."""
+    if MODE == 0:
+        rows = pos.to(tl.int64)
+    else:
+        k = pos // L
+        o = pos - k * L
+        if MODE == 1:
+            sample = _seg_sample(k, ids_ptr, S, g, G, SC)
+        else:
+            sample = tl.load(perm_ptr + seg_off + k, mask=valid, other=0).to(tl.int32)
+        rows = sample.to(tl.int64) * L + o
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr, base_ptr, out_ptr, a_ptr, mean_ptr, rstd_ptr,
+    lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, meta_ptr,
+    ids_ptr, perm_ptr, cnt_ptr,
+    D, S, L, G,
+    stride_h, stride_base, stride_out, stride_a,
+    stride_lnw, stride_lnb, stride_wd, stride_wu, stride_bu,
+    scale, eps,
+    MODE: tl.constexpr, S_BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, SAVE: tl.constexpr, SAVE_A: tl.constexpr,
+    R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
+    pos = j * BM + tl.arange(0, BM)
+    valid = pos < n
+    rows = _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE, S_BLOCK)
+    ok = (g >= 0) & (g < G)
+    gc = tl.minimum(tl.maximum(g, 0), G - 1)
+    roff = tl.load(meta_ptr + 2 * gc)
+    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
+    offr = tl.arange(0, R_BLOCK)
+    rmask = offr < r
+    offk = tl.arange(0, BK)
+    h_rows = h_ptr + rows[:, None] * stride_h
+    x_ptrs = h_rows + offk[None, :]
+
+    # LayerNorm statistics in one pass (Chan et al. combination of per-chunk mean and M2).
+    mean = tl.zeros((BM,), dtype=tl.float32)
+    m2 = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        km = (k0 + offk) < D
+        if EVEN_D:
+            x = tl.load(x_ptrs + k0, mask=valid[:, None], other=0.0).to(tl.float32)
+            cmean = tl.sum(x, axis=1) / BK
+            dx = x - cmean[:, None]
+            nk = BK * 1.0
+        else:
+            x = tl.load(x_ptrs + k0, mask=valid[:, None] & km[None, :], other=0.0).to(tl.float32)
+            nk = tl.minimum(D - k0, BK) * 1.0
+            cmean = tl.sum(x, axis=1) / nk
+            dx = tl.where(km[None, :], x - cmean[:, None], 0.0)
+        seen = k0 * 1.0
+        cm2 = tl.sum(dx * dx, axis=1)
+        tot = seen + nk
+        delta = cmean - mean
+        mean = mean + delta * (nk / tot)
+        m2 = m2 + cm2 + delta * delta * (seen * nk / tot)
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+
+    # down projection with the LayerNorm in the prologue
+    acc = tl.zeros((BM, R_BLOCK), dtype=tl.float32)
+    wd_ptrs = wd_ptr + (roff + offr)[None, :] * stride_wd + offk[:, None]
+    lnw_ptrs = lnw_ptr + gc * stride_lnw + offk
+    lnb_ptrs = lnb_ptr + gc * stride_lnb + offk
+    for k0 in range(0, D, BK):
+        if EVEN_D:
+            x = tl.load(x_ptrs + k0, mask=valid[:, None], other=0.0).to(tl.float32)
+            w = tl.load(lnw_ptrs + k0).to(tl.float32)
+            b = tl.load(lnb_ptrs + k0).to(tl.float32)
+            wdt = tl.load(wd_ptrs + k0, mask=rmask[None, :], other=0.0)
+        else:
+            km = (k0 + offk) < D
+            x = tl.load(x_ptrs + k0, mask=valid[:, None] & km[None, :], other=0.0).to(tl.float32)
+            w = tl.load(lnw_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+            b = tl.load(lnb_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+            wdt = tl.load(wd_ptrs + k0, mask=rmask[None, :] & km[:, None], other=0.0)
+        y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        acc = tl.dot(y.to(wdt.dtype), wdt, acc)
+    bdv = tl.load(bd_ptr + roff + offr, mask=rmask, other=0.0).to(tl.float32)
+    a = acc + bdv[None, :]
+    if SAVE_A:
+        # the padded columns (r <= col < R_MAX) hold zeros: the output is fully defined
+        tl.store(a_ptr + rows[:, None] * stride_a + offr[None, :], a, mask=valid[:, None] & (offr < stride_a)[None, :])
+    if SAVE:
+        tl.store(mean_ptr + rows, mean, mask=valid)
+        tl.store(rstd_ptr + rows, rstd, mask=valid)
+    z = tl.maximum(a, 0.0).to(wd_ptr.dtype.element_ty)
+
+    # up projection, bias, scale and residual in the epilogue
+    offn = tl.arange(0, BN)
+    wu_ptrs = wu_ptr + offn[None, :] * stride_wu + (roff + offr)[:, None]
+    bu_ptrs = bu_ptr + gc * stride_bu + offn
+    o_ptrs = out_ptr + rows[:, None] * stride_out + offn[None, :]
+    b_ptrs = base_ptr + rows[:, None] * stride_base + offn[None, :]
+    for n0 in range(0, D, BN):
+        if EVEN_D:
+            m = valid[:, None]
+            wut = tl.load(wu_ptrs + n0 * stride_wu, mask=rmask[:, None], other=0.0)
+            buv = tl.load(bu_ptrs + n0).to(tl.float32)
+        else:
+            nm = (n0 + offn) < D
+            m = valid[:, None] & nm[None, :]
+            wut = tl.load(wu_ptrs + n0 * stride_wu, mask=rmask[:, None] & nm[None, :], other=0.0)
+            buv = tl.load(bu_ptrs + n0, mask=nm, other=0.0).to(tl.float32)
+        o = tl.dot(z, wut)
+        res = (o + buv[None, :]) * scale
+        if HAS_BASE:
+            res += tl.load(b_ptrs + n0, mask=m, other=0.0).to(tl.float32)
+        res = tl.where(ok, res, float("nan"))
+        tl.store(o_ptrs + n0, res, mask=m)
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    dout_ptr, h_ptr, dh_ptr, da_ptr, a_ptr, mean_ptr, rstd_ptr, wsw_ptr, wsb_ptr, srows_ptr,
+    lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, meta_ptr,
+    ids_ptr, perm_ptr, cnt_ptr,
+    D, S, L, G,
+    stride_do, stride_h, stride_dh, stride_a, stride_ws,
+    stride_lnw, stride_lnb, stride_wd, stride_wu,
+    scale,
+    MODE: tl.constexpr, S_BLOCK: tl.constexpr, RECOMPUTE: tl.constexpr, NEED_DH: tl.constexpr,
+    R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
+    pos = j * BM + tl.arange(0, BM)
+    valid = pos < n
+    rows = _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE, S_BLOCK)
+    if MODE != 0:
+        # rows in sorted order, for the weight-gradient kernel
+        tl.store(srows_ptr + seg_off * L + pos, rows.to(tl.int32), mask=valid)
+    ok = (g >= 0) & (g < G)
+    gc = tl.minimum(tl.maximum(g, 0), G - 1)
+    roff = tl.load(meta_ptr + 2 * gc)
+    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
+    offr = tl.arange(0, R_BLOCK)
+    rmask = offr < r
+    offk = tl.arange(0, BK)
+    ct = wd_ptr.dtype.element_ty
+    mean = tl.load(mean_ptr + rows, mask=valid, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=valid, other=0.0)
+    h_rows = h_ptr + rows[:, None] * stride_h
+    a_tile = rows[:, None] * stride_a + offr[None, :]
+    amask = valid[:, None] & rmask[None, :]
+
+    # dz = (s * dout) @ Wu_g (and the pre-activation again when it was not saved)
+    dz = tl.zeros((BM, R_BLOCK), dtype=tl.float32)
+    acc = tl.zeros((BM, R_BLOCK), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + offk
+        km = kk < D
+        m = valid[:, None] & km[None, :]
+        do = tl.load(dout_ptr + rows[:, None] * stride_do + kk[None, :], mask=m, other=0.0).to(tl.float32)
+        wuc = tl.load(
+            wu_ptr + kk[:, None] * stride_wu + (roff + offr)[None, :],
+            mask=km[:, None] & rmask[None, :],
+            other=0.0,
+        )
+        dz = tl.dot((do * scale).to(ct), wuc, dz)
+        if RECOMPUTE:
+            x = tl.load(h_rows + kk[None, :], mask=m, other=0.0).to(tl.float32)
+            w = tl.load(lnw_ptr + gc * stride_lnw + kk, mask=km, other=0.0).to(tl.float32)
+            b = tl.load(lnb_ptr + gc * stride_lnb + kk, mask=km, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+            wdt = tl.load(
+                wd_ptr + (roff + offr)[None, :] * stride_wd + kk[:, None],
+                mask=rmask[None, :] & km[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(y.to(ct), wdt, acc)
+    if RECOMPUTE:
+        bdv = tl.load(bd_ptr + roff + offr, mask=rmask, other=0.0).to(tl.float32)
+        a = acc + bdv[None, :]
+        tl.store(a_ptr + a_tile, a, mask=amask)
+    else:
+        a = tl.load(a_ptr + a_tile, mask=amask, other=0.0).to(tl.float32)
+    da = tl.where(a > 0.0, dz, 0.0)
+    tl.store(da_ptr + a_tile, da, mask=amask)
+    dac = da.to(ct)
+
+    # dy = da @ Wd_g; LN weight/bias partials of this tile; row sums for the LN backward
+    s1 = tl.zeros((BM,), dtype=tl.float32)
+    s2 = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + offk
+        km = kk < D
+        wdc = tl.load(
+            wd_ptr + (roff + offr)[:, None] * stride_wd + kk[None, :],
+            mask=rmask[:, None] & km[None, :],
+            other=0.0,
+        )
+        dy = tl.dot(dac, wdc)
+        x = tl.load(h_rows + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0).to(tl.float32)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        w = tl.load(lnw_ptr + gc * stride_lnw + kk, mask=km, other=0.0).to(tl.float32)
+        dxh = dy * w[None, :]
+        s1 += tl.sum(dxh, axis=1)
+        s2 += tl.sum(dxh * xhat, axis=1)
+        tl.store(wsw_ptr + pid * stride_ws + kk, tl.sum(dy * xhat, axis=0), mask=km)
+        tl.store(wsb_ptr + pid * stride_ws + kk, tl.sum(dy, axis=0), mask=km)
+
+    if NEED_DH:
+        c1 = s1 / D
+        c2 = s2 / D
+        for k0 in range(0, D, BK):
+            kk = k0 + offk
+            km = kk < D
+            wdc = tl.load(
+                wd_ptr + (roff + offr)[:, None] * stride_wd + kk[None, :],
+                mask=rmask[:, None] & km[None, :],
+                other=0.0,
+            )
+            dy = tl.dot(dac, wdc)
+            m = valid[:, None] & km[None, :]
+            x = tl.load(h_rows + kk[None, :], mask=m, other=0.0).to(tl.float32)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            w = tl.load(lnw_ptr + gc * stride_lnw + kk, mask=km, other=0.0).to(tl.float32)
+            dxh = dy * w[None, :]
+            dh = rstd[:, None] * (dxh - c1[:, None] - xhat * c2[:, None])
+            dh = tl.where(ok, dh, float("nan"))
+            tl.store(dh_ptr + rows[:, None] * stride_dh + kk[None, :], dh, mask=m)
+
+
+@triton.jit
+def _bwd_w_kernel(
+    dout_ptr, h_ptr, da_ptr, a_ptr, mean_ptr, rstd_ptr, wsw_ptr, wsb_ptr, srows_ptr,
+    lnw_ptr, lnb_ptr, meta_ptr, ids_ptr, perm_ptr, cnt_ptr,
+    dlnw_ptr, dlnb_ptr, dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr,
+    D, S, L, G, R_MAX, SPLIT,
+    stride_do, stride_h, stride_a, stride_ws,
+    stride_lnw, stride_lnb,
+    sp_g, sp_wd, sp_bd, sp_wu,
+    stride_pg, stride_pwd, stride_pwu,
+    scale,
+    MODE: tl.constexpr, S_BLOCK: tl.constexpr, BM1: tl.constexpr,
+    BR: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    nrb = tl.cdiv(R_MAX, BR)
+    ndb = tl.cdiv(D, BN)
+    g = pid // (nrb * ndb)
+    rem = pid - g * (nrb * ndb)
+    rb = rem // ndb
+    db = rem - rb * ndb
+    roff = tl.load(meta_ptr + 2 * g)
+    r = tl.load(meta_ptr + 2 * g + 1)
+    r0 = rb * BR
+    active = r0 < r
+    ct = da_ptr.dtype.element_ty
+
+    n, seg_off, tile_start, ntiles = _group_info(g, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM1)
+    chunk = tl.cdiv(tl.cdiv(n, SPLIT), BM) * BM
+    p_start = split * chunk
+    p_end = tl.minimum(p_start + chunk, n)
+    p_end = tl.where(active, p_end, p_start)
+
+    offn = db * BN + tl.arange(0, BN)
+    nm = offn < D
+    offr = r0 + tl.arange(0, BR)
+    rm = offr < r
+    offm = tl.arange(0, BM)
+    w = tl.load(lnw_ptr + g * stride_lnw + offn, mask=nm, other=0.0).to(tl.float32)
+    b = tl.load(lnb_ptr + g * stride_lnb + offn, mask=nm, other=0.0).to(tl.float32)
+
+    acc_wd = tl.zeros((BR, BN), dtype=tl.float32)
+    acc_wu = tl.zeros((BN, BR), dtype=tl.float32)
+    acc_bu = tl.zeros((BN,), dtype=tl.float32)
+    acc_bd = tl.zeros((BR,), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BM):
+        pos = p0 + offm
+        valid = pos < p_end
+        if MODE == 0:
+            rows = pos.to(tl.int64)
+        else:
+            rows = tl.load(srows_ptr + seg_off * L + pos, mask=valid, other=0).to(tl.int64)
+        mean = tl.load(mean_ptr + rows, mask=valid, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=valid, other=0.0)
+        mx = valid[:, None] & nm[None, :]
+        x = tl.load(h_ptr + rows[:, None] * stride_h + offn[None, :], mask=mx, other=0.0).to(tl.float32)
+        y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        y = tl.where(mx, y, 0.0)
+        do = tl.load(dout_ptr + rows[:, None] * stride_do + offn[None, :], mask=mx, other=0.0).to(tl.float32)
+        do = do * scale
+        mr = valid[:, None] & rm[None, :]
+        a_tile = rows[:, None] * stride_a + offr[None, :]
+        da = tl.load(da_ptr + a_tile, mask=mr, other=0.0)
+        z = tl.maximum(tl.load(a_ptr + a_tile, mask=mr, other=0.0), 0.0)
+        acc_wd = tl.dot(tl.trans(da.to(ct)), y.to(ct), acc_wd)
+        acc_wu = tl.dot(tl.trans(do.to(ct)), z.to(ct), acc_wu)
+        acc_bu += tl.sum(do, axis=0)
+        acc_bd += tl.sum(da.to(tl.float32), axis=0)
+
+    # LayerNorm gradients: the per-tile partials of this group, summed in a fixed order
+    acc_lw = tl.zeros((BN,), dtype=tl.float32)
+    acc_lb = tl.zeros((BN,), dtype=tl.float32)
+    nt = tl.where(rb == 0, ntiles, 0)
+    for t in range(split, nt, SPLIT):
+        acc_lw += tl.load(wsw_ptr + (tile_start + t) * stride_ws + offn, mask=nm, other=0.0)
+        acc_lb += tl.load(wsb_ptr + (tile_start + t) * stride_ws + offn, mask=nm, other=0.0)
+
+    m_wd = rm[:, None] & nm[None, :]
+    tl.store(dwd_ptr + split * sp_wd + (roff + offr)[:, None] * stride_pwd + offn[None, :], acc_wd, mask=m_wd)
+    m_wu = nm[:, None] & rm[None, :]
+    tl.store(dwu_ptr + split * sp_wu + offn[:, None] * stride_pwu + (roff + offr)[None, :], acc_wu, mask=m_wu)
+    tl.store(dbd_ptr + split * sp_bd + roff + offr, acc_bd, mask=rm & (db == 0))
+    first = nm & (rb == 0)
+    tl.store(dbu_ptr + split * sp_g + g * stride_pg + offn, acc_bu, mask=first)
+    tl.store(dlnw_ptr + split * sp_g + g * stride_pg + offn, acc_lw, mask=first)
+    tl.store(dlnb_ptr + split * sp_g + g * stride_pg + offn, acc_lb, mask=first)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BK": 16, "BN": 16}, num_warps=4, num_stages=1)]
+    # Chosen from an offline sm_90 compile sweep (ptxas -v): no spills, <= ~170 registers per thread for
+    # the R_BLOCK each is allowed (see _prune_fwd); BN is the up-projection chunk, kept small because
+    # the (R_BLOCK, BN) weight tile and the (BM, R_BLOCK) hidden tile share the register file.
+    return [
+        triton.Config({"BM": bm, "BK": bk, "BN": bn}, num_warps=w, num_stages=s)
+        for bm, bk, bn, w, s in [
+            (64, 64, 32, 8, 3),
+            (64, 64, 64, 8, 3),
+            (128, 64, 32, 8, 3),
+            (128, 64, 64, 8, 3),
+            (32, 64, 32, 8, 3),
+            (64, 128, 32, 8, 2),
+            (64, 32, 32, 8, 3),
+        ]
+    ]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Keep the (BM, R_BLOCK) fp32 accumulator and the (R_BLOCK, BN) weight tile within the register file."""
+    r_block = kwargs.get("R_BLOCK", named_args.get("R_BLOCK", 64))
+    kept = [c for c in configs if c.kwargs["BM"] * r_block <= 16384 and c.kwargs["BN"] * r_block <= 8192]
+    return kept or configs[:1]
+
+
+_fwd = triton.autotune(
+    configs=_fwd_configs(),
+    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A"],
+    prune_configs_by={"early_config_prune": _prune_fwd} if not INTERPRET else None,
+)(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(_fwd_kernel))
+
+
+def _dh_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BK": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BK": bk}, num_warps=w, num_stages=s)
+        for bk, w, s in [(64, 8, 3), (32, 8, 3), (32, 4, 3), (128, 8, 2)]
+    ]
+
+
+_bwd_dh = triton.autotune(configs=_dh_configs(), key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM"])(
+    _bwd_dh_kernel
+)
+
+
+def _w_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BR": 16, "BN": 16, "BM": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BR": br, "BN": bn, "BM": bm}, num_warps=w, num_stages=s)
+        for br, bn, bm, w, s in [
+            (64, 64, 64, 8, 2),
+            (64, 128, 64, 8, 2),
+            (64, 64, 128, 8, 2),
+            (64, 64, 32, 8, 3),
+            (32, 64, 32, 8, 3),
+        ]
+    ]
+
+
+_bwd_w = triton.autotune(configs=_w_configs(), key=["D", "R_MAX", "MODE", "SPLIT", "BM1"])(_bwd_w_kernel)
+
+
+def _dh_block_m(r_block: int) -> int:
+    """Rows per tile of the dh kernel (fixed, not tuned: the weight kernel re-derives its tiles)."""
+    if INTERPRET:
+        return 16
+    return 64 if r_block <= 128 else 32
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+_META_CACHE: dict[tuple, torch.Tensor] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def group_offsets(bottlenecks) -> list[int]:
+    """Start of each group in the packed R dimension."""
+    offs, acc = [], 0
+    for r in bottlenecks:
+        offs.append(acc)
+        acc += int(r)
+    return offs
+
+
+def _meta(bottlenecks, device: torch.device) -> torch.Tensor:
+    key = (tuple(int(r) for r in bottlenecks), device)
+    t = _META_CACHE.get(key)
+    if t is None:
+        rows = [[o, int(r)] for o, r in zip(group_offsets(bottlenecks), bottlenecks)]
+        t = torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1)
+        _META_CACHE[key] = t
+    return t
+
+
+def _routing(ids: torch.Tensor | None, T: int, seg_len: int, G: int, device: torch.device):
+    """(MODE, S, L, S_BLOCK, ids, perm, counts) for the kernels; no host synchronisation."""
+    if ids is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        return MODE_SINGLE, 1, T, 16, dummy, dummy, dummy
+    S = ids.shape[0]
+    if S <= SEG_MAX:
+        return MODE_SEG, S, seg_len, min(64, _pow2(S)), ids, ids, ids
+    ids_c = torch.where((ids < 0) | (ids >= G), torch.full_like(ids, G), ids)
+    perm = torch.argsort(ids_c, stable=True).to(torch.int32)
+    groups = torch.arange(G + 1, device=device, dtype=ids_c.dtype)
+    counts = (ids_c[None, :] == groups[:, None]).sum(dim=1).to(torch.int32)
+    return MODE_PERM, S, seg_len, 16, ids, perm, counts
+
+
+def _interp_upcast(*tensors):
+    """Under the interpreter, bf16 dots are silently wrong: run bf16 tensors in fp32."""
+    if not INTERPRET:
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in tensors)
+
+
+def _check(h: torch.Tensor, bottlenecks) -> None:
+    if max(bottlenecks) > MAX_BOTTLENECK:
+        raise ValueError(f"grouped adapter kernels support bottlenecks up to {MAX_BOTTLENECK}, got {bottlenecks}")
+    if h.dim() != 2 or h.stride(-1) != 1:
+        raise ValueError(f"h must be a 2-D tensor with a contiguous last dim, got {tuple(h.shape)}")
+
+
+def forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scale, eps, save):
+    """out (T, D) in h's dtype, and when ``save``: mean, rstd (T,) fp32 and the pre-activation (T, R_MAX)
+    in the weight dtype (empty tensors otherwise; a is also empty when SAVE_PREACT is False)."""
+    _check(h, bottlenecks)
+    T, D = h.shape
+    G = len(bottlenecks)
+    r_max = max(bottlenecks)
+    out_dtype, w_dtype = h.dtype, wd.dtype
+    h, base, ln_w, ln_b, wd, bd, wu, bu = _interp_upcast(h, base, ln_w, ln_b, wd, bd, wu, bu)
+    ln_w, ln_b, wd, bd, wu, bu = (t.contiguous() for t in (ln_w, ln_b, wd, bd, wu, bu))
+    dev = h.device
+    out = torch.empty((T, D), device=dev, dtype=h.dtype)
+    save_a = save and SAVE_PREACT
+    mean = torch.empty(T if save else 0, device=dev, dtype=torch.float32)
+    rstd = torch.empty(T if save else 0, device=dev, dtype=torch.float32)
+    a = torch.empty((T if save_a else 0, r_max), device=dev, dtype=wd.dtype)
+    if T > 0:
+        mode, S, L, s_block, ids_t, perm, counts = _routing(ids, T, seg_len, G, dev)
+        grid = lambda meta: (triton.cdiv(T, meta["BM"]) + G + 1,)
+        _fwd[grid](
+            h, base if base is not None else h, out, a, mean, rstd,
+            ln_w, ln_b, wd, bd, wu, bu, _meta(bottlenecks, dev),
+            ids_t, perm, counts,
+            D, S, L, G,
+            h.stride(0), base.stride(0) if base is not None else 0, out.stride(0), r_max,
+            ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
+            float(scale), float(eps),
+            MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, SAVE=bool(save), SAVE_A=save_a,
+            R_BLOCK=_pow2(r_max),
+        )
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    if a.dtype != w_dtype:
+        a = a.to(w_dtype)
+    return out, mean, rstd, a
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _wgrad_split(T: int, D: int, G: int, r_max: int, device: torch.device) -> int:
+    if WGRAD_SPLIT is not None:
+        return max(1, int(WGRAD_SPLIT))
+    programs = G * triton.cdiv(r_max, 64) * triton.cdiv(D, 64)
+    want = triton.cdiv(2 * _num_sms(device), programs)
+    return int(max(1, min(want, 16, T // (64 * 4 * G) if G else 1)))
+
+
+def backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mean, rstd, a, scale, eps,
+             need_dh, need_w):
+    """(dh, dln_w, dln_b, dwd, dbd, dwu, dbu); dh is empty unless need_dh, the weight grads are empty
+    unless need_w. ``a`` empty means: recompute the pre-activation."""
+    _check(h, bottlenecks)
+    T, D = h.shape
+    G = len(bottlenecks)
+    r_max = max(bottlenecks)
+    h_dtype, w_dtype = h.dtype, wd.dtype
+    dout, h, ln_w, ln_b, wd, bd, wu, bu, a = _interp_upcast(dout, h, ln_w, ln_b, wd, bd, wu, bu, a)
+    ln_w, ln_b, wd, bd, wu, bu = (t.contiguous() for t in (ln_w, ln_b, wd, bd, wu, bu))
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dev = h.device
+    ct = wd.dtype
+    recompute = a.shape[0] != T or T == 0
+    if recompute:
+        a = torch.empty((T, r_max), device=dev, dtype=ct)
+    da = torch.empty((T, r_max), device=dev, dtype=ct)
+    dh = torch.empty((T if need_dh else 0, D), device=dev, dtype=h.dtype)
+    grads = [torch.zeros(0, device=dev, dtype=w_dtype) for _ in range(6)]
+    if T == 0:
+        if need_w:
+            grads = [torch.zeros_like(t, dtype=w_dtype) for t in (ln_w, ln_b, wd, bd, wu, bu)]
+        return (dh.to(h_dtype), *grads)
+
+    mode, S, L, s_block, ids_t, perm, counts = _routing(ids, T, seg_len, G, dev)
+    meta = _meta(bottlenecks, dev)
+    r_block = _pow2(r_max)
+    bm1 = _dh_block_m(r_block)
+    n_tiles = triton.cdiv(T, bm1) + G + 1
+    ws_w = torch.empty((n_tiles, D), device=dev, dtype=torch.float32)
+    ws_b = torch.empty((n_tiles, D), device=dev, dtype=torch.float32)
+    srows = torch.empty(T if mode != MODE_SINGLE else 1, device=dev, dtype=torch.int32)
+    _bwd_dh[(n_tiles,)](
+        dout, h, dh if need_dh else h, da, a, mean, rstd, ws_w, ws_b, srows,
+        ln_w, ln_b, wd, bd, wu, meta,
+        ids_t, perm, counts,
+        D, S, L, G,
+        dout.stride(0), h.stride(0), D, r_max, D,
+        ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0),
+        float(scale),
+        MODE=mode, S_BLOCK=s_block, RECOMPUTE=recompute, NEED_DH=bool(need_dh), R_BLOCK=r_block, BM=bm1,
+    )
+    if need_w:
+        split = _wgrad_split(T, D, G, r_max, dev)
+        pdt = w_dtype if (split == 1 and w_dtype == ct) else torch.float32
+        r_tot = wd.shape[0]
+        p_lnw = torch.empty((split, G, D), device=dev, dtype=pdt)
+        p_lnb = torch.empty((split, G, D), device=dev, dtype=pdt)
+        p_bu = torch.empty((split, G, D), device=dev, dtype=pdt)
+        p_wd = torch.empty((split, r_tot, D), device=dev, dtype=pdt)
+        p_bd = torch.empty((split, r_tot), device=dev, dtype=pdt)
+        p_wu = torch.empty((split, D, r_tot), device=dev, dtype=pdt)
+        grid = lambda m: (G * triton.cdiv(r_max, m["BR"]) * triton.cdiv(D, m["BN"]), split)
+        _bwd_w[grid](
+            dout, h, da, a, mean, rstd, ws_w, ws_b, srows,
+            ln_w, ln_b, meta, ids_t, perm, counts,
+            p_lnw, p_lnb, p_wd, p_bd, p_wu, p_bu,
+            D, S, L, G, r_max, split,
+            dout.stride(0), h.stride(0), r_max, D,
+            ln_w.stride(0), ln_b.stride(0),
+            G * D, r_tot * D, r_tot, D * r_tot,
+            D, D, r_tot,
+            float(scale),
+            MODE=mode, S_BLOCK=s_block, BM1=bm1,
+        )
+        parts = (p_lnw, p_lnb, p_wd, p_bd, p_wu, p_bu)
+        grads = [(p[0] if split == 1 else p.sum(dim=0)).to(w_dtype) for p in parts]
+    if need_dh and dh.dtype != h_dtype:
+        dh = dh.to(h_dtype)
+    return (dh, *grads)

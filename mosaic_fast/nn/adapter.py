@@ -1,0 +1,140 @@
+"""Fast drop-in ``Adapter`` and ``MoSAdapter``: the grouped specialist-adapter op behind the reference API.
+
+Same class names, constructor arguments, parameters and state_dict keys as :mod:`mosaic_fast.reference`
+(each class subclasses its reference twin and adds no parameters or buffers).
+
+* ``forward(h)`` / ``forward(h, expert_id)``: the adapter output ``s * up(relu(down(LN(h))))``, as the
+  reference returns it. ``expert_id`` is 'A'/'B'/'C' (whole batch: one group, no packing) or an integer
+  tensor (B,) of 0/1/2 (mixed batch: all three specialists in one kernel launch).
+* ``forward_fused(h, base[, expert_id])`` = ``base + adapter(h)`` with the residual add fused into the
+  kernel epilogue (the model passes ``base = x + mlp(h)``).
+
+When the fast path is not exact, these modules run the reference computation instead:
+  * dropout p > 0 in training mode (the fused kernels do not implement dropout);
+  * a bottleneck above 256 (the largest the kernels keep on chip);
+  * specialists with different ``scale`` or LayerNorm ``eps`` (the op takes one of each).
+
+The three specialists' weights are packed per call with ``torch.cat`` (differentiable: gradients reach
+each specialist's own parameters). When no gradient is needed (inference, ``torch.no_grad``) the packed
+copy — and under autocast the copy cast to the autocast dtype — is cached per module and rebuilt when a
+parameter changes (data pointer or in-place version counter), so inference runs a single launch.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .. import reference
+from ..ops._common import autocast_dtype
+from ..ops.grouped_adapter import pack_adapters, run_packed
+from ..reference.adapter import check_expert_id
+
+#: Largest bottleneck the fast path runs (the Triton kernels keep the hidden tile on chip).
+MAX_FAST_BOTTLENECK = 256
+
+_PACK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _params(adapters) -> list[torch.Tensor]:
+    return [
+        t
+        for a in adapters
+        for t in (
+            a.layer_norm.weight,
+            a.layer_norm.bias,
+            a.down_proj.weight,
+            a.down_proj.bias,
+            a.up_proj.weight,
+            a.up_proj.bias,
+        )
+    ]
+
+
+def _packed_weights(owner: torch.nn.Module, adapters, h: torch.Tensor):
+    """Packed (weights, bottlenecks) of ``adapters``; cached on ``owner`` when no gradient is needed."""
+    cast = autocast_dtype(h.device.type)
+    if len(adapters) == 1 and (cast is None or cast == adapters[0].down_proj.weight.dtype):
+        return pack_adapters(adapters)  # views of the parameters: nothing to pack or cache
+    if torch.compiler.is_compiling():
+        return pack_adapters(adapters)
+    params = _params(adapters)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return pack_adapters(adapters)  # differentiable cat, every call
+    key = (
+        tuple(id(a) for a in adapters),
+        cast,
+        tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
+    )
+    per_owner = _PACK_CACHE.setdefault(owner, {})
+    hit = per_owner.get(key[0])
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        tensors, bottlenecks = pack_adapters(adapters)
+        if cast is not None:
+            tensors = tuple(t.to(cast) for t in tensors)
+        tensors = tuple(t.contiguous() for t in tensors)
+    per_owner[key[0]] = (key, (tensors, bottlenecks))
+    return tensors, bottlenecks
+
+
+def _exact(adapters) -> bool:
+    """Whether the fused op computes exactly what the reference modules compute."""
+    for a in adapters:
+        if a.training and a.dropout.p > 0:
+            return False
+        if a.bottleneck > MAX_FAST_BOTTLENECK:
+            return False
+    first = adapters[0]
+    return all(a.scale == first.scale and a.layer_norm.eps == first.layer_norm.eps for a in adapters)
+
+
+def _run(owner, adapters, h, base, expert_id):
+    tensors, bottlenecks = _packed_weights(owner, adapters, h)
+    first = adapters[0]
+    return run_packed(h, tensors, bottlenecks, base=base, expert_id=expert_id, scale=first.scale,
+                      eps=first.layer_norm.eps)
+
+
+class Adapter(reference.Adapter):
+    """Fast AdaptFormer adapter (same API and parameters as :class:`mosaic_fast.reference.Adapter`)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not _exact([self]):
+            return super().forward(h)
+        return _run(self, [self], h, None, None)
+
+    def forward_fused(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``base + adapter(h)`` with the add fused into the kernel epilogue."""
+        if not _exact([self]):
+            return base + super().forward(h)
+        return _run(self, [self], h, base, None)
+
+
+class MoSAdapter(reference.MoSAdapter):
+    """Fast MOSAIC three-specialist adapter (same API and parameters as the reference)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for expert in self.experts:
+            expert.__class__ = Adapter
+
+    def forward(self, h: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
+        return self._run(h, None, expert_id)
+
+    def forward_fused(self, h: torch.Tensor, base: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
+        """``base + self(h, expert_id)`` for the whole (possibly mixed) batch in one kernel launch."""
+        return self._run(h, base, expert_id)
+
+    def _run(self, h: torch.Tensor, base: torch.Tensor | None, expert_id: str | torch.Tensor) -> torch.Tensor:
+        if isinstance(expert_id, str):
+            check_expert_id(expert_id, h)
+            adapters, ids = [self.get_expert(expert_id)], None
+        else:
+            adapters, ids = list(self.experts), expert_id
+        if not _exact(adapters):
+            out = reference.MoSAdapter.forward(self, h, expert_id)
+            return out if base is None else base + out
+        return _run(self, adapters, h, base, ids)

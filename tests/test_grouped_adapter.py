@@ -1,0 +1,446 @@
+"""Grouped specialist-adapter op (mosaic_fast.ops.grouped_adapter): parity, routing edge cases, bad input.
+
+Parity follows DESIGN.md §5: fresh random inputs and parameters (no zero up-projections), outputs
+poisoned before the call (torch.empty inside the op; the Triton path writes every row), relative error
+against a float64 reference. CPU fallback: 1e-5 forward / 1e-4 grads; Triton interpreter: 1e-4; CUDA:
+TF32 3e-3, bf16 2e-2, fp16 5e-3 plus the 2x-of-same-dtype-reference rule.
+"""
+
+import pytest
+import torch
+from parity import (
+    TOL_BF16,
+    TOL_CPU_FWD,
+    TOL_CPU_GRAD,
+    TOL_CUDA_TF32,
+    TOL_FP16,
+    TOL_INTERPRETER,
+    assert_parity,
+    rel_err,
+)
+
+import mosaic_fast
+from mosaic_fast.backend import INTERPRET, triton_available
+from mosaic_fast.ops import grouped_adapter as ga
+
+NAMES = ("ln_w", "ln_b", "down_w", "down_b", "up_w", "up_b")
+
+
+def make_weights(D, bottlenecks, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G, R = len(bottlenecks), sum(bottlenecks)
+
+    def rnd(*shape, std=0.3, mean=0.0):
+        return (torch.randn(*shape, generator=gen) * std + mean).to(device=device, dtype=dtype)
+
+    return [rnd(G, D, mean=1.0), rnd(G, D), rnd(R, D), rnd(R), rnd(D, R), rnd(G, D)]
+
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(*shape, generator=gen) + 0.5).to(device=device, dtype=dtype)
+    base = torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    return h, base
+
+
+def reference(h, weights, bottlenecks, expert_id=None, base=None, scale=0.1, eps=1e-5):
+    """Per-row float64 (or given dtype) reference built from plain torch ops; differentiable."""
+    ln_w, ln_b, wd, bd, wu, bu = weights
+    D = h.shape[-1]
+    offs = ga.group_offsets(bottlenecks)
+    x = h.reshape(-1, D)
+    if expert_id is None:
+        row_group = torch.zeros(x.shape[0], dtype=torch.long, device=h.device)
+    else:
+        row_group = expert_id.long().repeat_interleave(x.shape[0] // max(1, expert_id.shape[0]))
+    out = torch.zeros_like(x)
+    for g, r in enumerate(bottlenecks):
+        mask = row_group == g
+        if not bool(mask.any()):
+            continue
+        o = offs[g]
+        y = torch.nn.functional.layer_norm(x[mask], (D,), ln_w[g], ln_b[g], eps)
+        a = torch.relu(y @ wd[o : o + r].t() + bd[o : o + r])
+        out = out.index_put((mask,), (a @ wu[:, o : o + r].t() + bu[g]) * scale)
+    out = out.reshape(h.shape)
+    return out if base is None else base + out
+
+
+def run_parity(device, dtype, shape, bottlenecks, expert_id, with_base, tol_fwd, tol_grad, seed=0):
+    D = shape[-1]
+    weights = make_weights(D, bottlenecks, dtype=dtype, device=device, seed=seed)
+    h, base = make_inputs(shape, dtype=dtype, device=device, seed=seed + 1)
+    ids = None if expert_id is None else expert_id.to(device)
+    leaves = [t.clone().requires_grad_() for t in (h, base, *weights)]
+    out = ga.grouped_adapter(
+        leaves[0], *leaves[2:], bottlenecks, base=leaves[1] if with_base else None, expert_id=ids
+    )
+    assert out.dtype == dtype and out.shape == h.shape
+    ref_leaves = [t.detach().double().requires_grad_() for t in (h, base, *weights)]
+    ref = reference(ref_leaves[0], ref_leaves[2:], bottlenecks, None if ids is None else ids,
+                    base=ref_leaves[1] if with_base else None)
+    assert_parity(out, ref, tol_fwd, "output")
+    gout = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 7)).to(device=device, dtype=dtype)
+    out.backward(gout)
+    ref.backward(gout.double())
+    names = ("h", "base", *NAMES)
+    for name, fast_leaf, ref_leaf in zip(names, leaves, ref_leaves):
+        if name == "base" and not with_base:
+            assert fast_leaf.grad is None
+            continue
+        if ref_leaf.grad is None or float(ref_leaf.grad.norm()) == 0.0:
+            assert fast_leaf.grad is None or float(fast_leaf.grad.abs().max()) == 0.0, name
+            continue
+        assert_parity(fast_leaf.grad, ref_leaf.grad, tol_grad, f"grad {name}")
+    return out
+
+
+MIXED = torch.tensor([2, 0, 1, 2, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU torch fallback
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize(
+    "routing", ["single", "mixed", "one_group_only", "empty_group", "per_row"]
+)
+def test_cpu_fallback_parity(routing, with_base):
+    mosaic_fast.set_backend("torch")
+    rs = [16, 24, 48]
+    if routing == "single":
+        rs, ids, shape = [24], None, (3, 7, 32)
+    elif routing == "mixed":
+        ids, shape = MIXED, (5, 7, 32)
+    elif routing == "one_group_only":
+        ids, shape = torch.tensor([1, 1, 1]), (3, 7, 32)
+    elif routing == "empty_group":
+        ids, shape = torch.tensor([0, 2, 2, 0]), (4, 6, 32)
+    else:
+        ids, shape = torch.tensor([0, 2, 1, 1, 2, 0, 2, 1, 0, 0]), (10, 32)
+    run_parity("cpu", torch.float32, shape, rs, ids, with_base, TOL_CPU_FWD, TOL_CPU_GRAD)
+
+
+def test_cpu_fallback_int32_ids_and_single_token():
+    mosaic_fast.set_backend("torch")
+    run_parity("cpu", torch.float32, (1, 1, 32), [16, 32], torch.tensor([1], dtype=torch.int32), True,
+               TOL_CPU_FWD, TOL_CPU_GRAD)
+
+
+def test_cpu_fallback_non_contiguous_inputs():
+    mosaic_fast.set_backend("torch")
+    rs = [16, 32, 16]
+    weights = make_weights(32, rs)
+    h_full, base_full = make_inputs((7, 4, 64))
+    h = h_full[..., ::2].transpose(0, 1)  # (4, 7, 32), non-contiguous
+    base = base_full[..., 1::2].transpose(0, 1)
+    ids = torch.tensor([2, 0, 1, 1])
+    assert not h.is_contiguous()
+    out = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
+    ref = reference(h.double(), [w.double() for w in weights], rs, ids, base=base.double())
+    assert_parity(out, ref, TOL_CPU_FWD)
+
+
+def test_empty_batch():
+    for backend in ("torch",):
+        mosaic_fast.set_backend(backend)
+        weights = [w.requires_grad_() for w in make_weights(32, [16, 32])]
+        h = torch.randn(0, 5, 32, requires_grad=True)
+        out = ga.grouped_adapter(h, *weights, [16, 32], base=torch.randn(0, 5, 32),
+                                 expert_id=torch.zeros(0, dtype=torch.long))
+        assert out.shape == (0, 5, 32)
+        out.sum().backward()
+        assert h.grad.shape == h.shape
+        assert all(float(w.grad.abs().sum()) == 0.0 for w in weights)
+
+
+def test_no_grad_skips_saving():
+    mosaic_fast.set_backend("torch")
+    weights = make_weights(32, [16])
+    h, base = make_inputs((4, 32))
+    out = torch.ops.mosaic_fast.grouped_adapter_fwd(h, base, None, 4, *weights, [16], 0.1, 1e-5, False)
+    assert out[1].numel() == 0 and out[3].numel() == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels: interpreter on CPU (CI), compiled on CUDA
+# ----------------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    from mosaic_fast.kernels import grouped_adapter as k
+
+    return k
+
+
+def _tol(device):
+    return (TOL_INTERPRETER, TOL_INTERPRETER) if device == "cpu" else (TOL_CUDA_TF32, TOL_CUDA_TF32)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["mixed_seg", "mixed_perm", "single", "empty_group", "odd_width", "recompute_split", "per_row", "no_base"],
+)
+def test_triton_parity(triton_backend, monkeypatch, case):
+    device = triton_backend
+    k = _kernels()
+    rs, shape, ids, with_base = [16, 32, 48], (5, 6, 32), MIXED, True
+    if case == "mixed_perm":
+        monkeypatch.setattr(k, "SEG_MAX", 0)  # sorted-segment routing (argsort on the device)
+    elif case == "single":
+        rs, ids = [48], None
+    elif case == "empty_group":
+        ids = torch.tensor([0, 2, 0, 2, 2])
+    elif case == "odd_width":
+        shape, rs = (5, 3, 40), [16, 24, 40]  # D and bottlenecks not multiples of the tiles
+    elif case == "recompute_split":
+        monkeypatch.setattr(k, "SAVE_PREACT", False)
+        monkeypatch.setattr(k, "WGRAD_SPLIT", 3)
+        shape = (5, 9, 32)
+    elif case == "per_row":
+        shape, ids = (20, 32), torch.arange(20) % 3
+    elif case == "no_base":
+        with_base = False
+    tol_fwd, tol_grad = _tol(device)
+    run_parity(device, torch.float32, shape, rs, ids, with_base, tol_fwd, tol_grad)
+
+
+def test_triton_many_segments_chunked(triton_backend):
+    """More segments than one routing chunk (16 ids per chunk under the interpreter)."""
+    device = triton_backend
+    ids = torch.tensor([(7 * i) % 3 for i in range(37)])
+    tol_fwd, tol_grad = _tol(device)
+    run_parity(device, torch.float32, (37, 2, 32), [16, 32, 16], ids, True, tol_fwd, tol_grad)
+
+
+def test_triton_fp16(triton_backend):
+    device = triton_backend
+    rs, shape = [16, 32, 48], (5, 4, 32)
+    weights = make_weights(32, rs, dtype=torch.float16, device=device)
+    h, base = make_inputs(shape, dtype=torch.float16, device=device)
+    ids = MIXED.to(device)
+    out = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
+    assert out.dtype == torch.float16
+    ref = reference(h.double(), [w.double() for w in weights], rs, ids, base=base.double())
+    assert_parity(out, ref, TOL_FP16)
+
+
+def test_triton_bf16_is_never_garbage(triton_backend):
+    """bf16 runs (upcast to fp32 under the interpreter, whose bf16 dot is silently wrong)."""
+    device = triton_backend
+    rs, shape = [16, 32, 48], (5, 4, 32)
+    weights = make_weights(32, rs, dtype=torch.bfloat16, device=device)
+    h, base = make_inputs(shape, dtype=torch.bfloat16, device=device)
+    ids = MIXED.to(device)
+    out = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
+    assert out.dtype == torch.bfloat16
+    ref = reference(h.double(), [w.double() for w in weights], rs, ids, base=base.double())
+    assert_parity(out, ref, TOL_BF16)
+
+
+def test_triton_invalid_ids_give_nan_rows(triton_backend):
+    """The kernels cannot raise without a host sync: rows of out-of-range ids are NaN, others exact."""
+    device = triton_backend
+    k = _kernels()
+    rs = [16, 32]
+    weights = make_weights(32, rs, device=device)
+    h, base = make_inputs((4, 3, 32), device=device)
+    ids = torch.tensor([1, 5, 0, -1], device=device)
+    out, *_ = k.forward(h.view(-1, 32), base.view(-1, 32), ids, 3, *weights, rs, 0.1, 1e-5, False)
+    out = out.view(4, 3, 32)
+    assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()
+    ok = torch.tensor([0, 2])
+    ref = reference(h[ok].double(), [w.double() for w in weights], rs, ids[ok], base=base[ok].double())
+    assert_parity(out[ok], ref, _tol(device)[0])
+
+
+def test_triton_deterministic_backward(triton_backend, monkeypatch):
+    device = triton_backend
+    monkeypatch.setattr(_kernels(), "WGRAD_SPLIT", 2)
+    rs = [16, 32, 16]
+    weights = [w.requires_grad_() for w in make_weights(32, rs, device=device)]
+    h, base = make_inputs((5, 4, 32), device=device)
+    grads = []
+    for _ in range(2):
+        hh = h.clone().requires_grad_()
+        out = ga.grouped_adapter(hh, *weights, rs, base=base, expert_id=MIXED.to(device))
+        gs = torch.autograd.grad(out, [hh, *weights], torch.ones_like(out))
+        grads.append(gs)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("routing", ["single", "mixed"])
+def test_custom_op_autograd_matches_reference(backend, routing):
+    """The registered autograd formula of the custom op (what torch.compile uses), called eagerly."""
+    if backend == "triton" and not (triton_available() and INTERPRET):
+        pytest.skip("needs the Triton interpreter")
+    mosaic_fast.set_backend(backend)
+    rs = [16] if routing == "single" else [16, 32, 24]
+    ids = None if routing == "single" else torch.tensor([2, 0, 1, 2])
+    weights = [w.requires_grad_() for w in make_weights(32, rs)]
+    h, base = make_inputs((4, 3, 32))
+    h.requires_grad_()
+    base.requires_grad_()
+    out = torch.ops.mosaic_fast.grouped_adapter_fwd(h.view(12, 32), base.view(12, 32), ids, 3, *weights, rs, 0.1,
+                                                    1e-5, True)[0]
+    leaves = [t.detach().double().requires_grad_() for t in (h, base, *weights)]
+    ref = reference(leaves[0], leaves[2:], rs, ids, base=leaves[1]).view(12, 32)
+    tol = TOL_INTERPRETER if backend == "triton" else TOL_CPU_FWD
+    assert_parity(out, ref, tol)
+    gout = torch.randn(12, 32)
+    out.backward(gout)
+    ref.backward(gout.double())
+    for name, a, b in zip(("h", "base", *NAMES), (h, base, *weights), leaves):
+        assert_parity(a.grad, b.grad, max(tol, TOL_CPU_GRAD), f"grad {name}")
+
+
+def test_opcheck_torch_fallback():
+    mosaic_fast.set_backend("torch")
+    rs = [16, 16, 32]
+    weights = [w.requires_grad_() for w in make_weights(32, rs)]
+    h, base = make_inputs((12, 32))
+    h.requires_grad_()
+    base.requires_grad_()
+    ids = torch.tensor([2, 0, 1, 2])
+    torch.library.opcheck(torch.ops.mosaic_fast.grouped_adapter_fwd.default,
+                          (h, base, ids, 3, *weights, rs, 0.1, 1e-5, True))
+    single = [weights[0][:1], weights[1][:1], weights[2][:16], weights[3][:16], weights[4][:, :16].contiguous(),
+              weights[5][:1]]
+    torch.library.opcheck(torch.ops.mosaic_fast.grouped_adapter_fwd.default,
+                          (h, None, None, 12, *single, [16], 0.1, 1e-5, True))
+    out, mean, rstd, a = torch.ops.mosaic_fast.grouped_adapter_fwd(h, base, ids, 3, *weights, rs, 0.1, 1e-5, True)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.mosaic_fast.grouped_adapter_bwd.default,
+        (dout, h.detach(), ids, 3, *[w.detach() for w in weights], mean, rstd, a, rs, 0.1, 1e-5, True, True),
+    )
+
+
+def test_opcheck_triton(triton_backend):
+    device = triton_backend
+    rs = [16, 32]
+    weights = [w.requires_grad_() for w in make_weights(32, rs, device=device)]
+    h, base = make_inputs((8, 32), device=device)
+    h.requires_grad_()
+    ids = torch.tensor([1, 0, 1, 1], device=device)
+    torch.library.opcheck(torch.ops.mosaic_fast.grouped_adapter_fwd.default,
+                          (h, base, ids, 2, *weights, rs, 0.1, 1e-5, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------
+
+
+def _call(h=None, weights=None, rs=(16, 32), **kw):
+    weights = make_weights(32, list(rs)) if weights is None else weights
+    h = torch.randn(4, 3, 32) if h is None else h
+    return ga.grouped_adapter(h, *weights, list(rs), **kw)
+
+
+def test_bad_width():
+    with pytest.raises(ValueError, match="last dim 32"):
+        _call(h=torch.randn(4, 3, 31), expert_id=torch.tensor([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_ids_out_of_range(backend):
+    if backend == "triton" and not (triton_available() and INTERPRET):
+        pytest.skip("needs the Triton interpreter")
+    mosaic_fast.set_backend(backend)
+    with pytest.raises(ValueError, match="out-of-range"):
+        _call(expert_id=torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="out-of-range"):
+        _call(expert_id=torch.tensor([0, -1, 1, 0]))
+
+
+def test_bad_ids_dtype_length_type():
+    with pytest.raises(TypeError, match="int64"):
+        _call(expert_id=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        _call(expert_id=torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        _call(expert_id=torch.tensor([[0, 1, 0, 1]]))
+    with pytest.raises(TypeError, match="str or an integer tensor"):
+        _call(expert_id=[0, 1, 0, 1])
+    with pytest.raises(ValueError, match="expert_id is required"):
+        _call()
+
+
+def test_bad_dtype_and_device_mismatch():
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        _call(h=torch.randn(4, 3, 32, dtype=torch.float64), expert_id=torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(TypeError, match="base dtype"):
+        _call(base=torch.randn(4, 3, 32, dtype=torch.float64), expert_id=torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="base must have h's shape"):
+        _call(base=torch.randn(4, 3, 16), expert_id=torch.tensor([0, 1, 0, 1]))
+    meta_weights = make_weights(32, [16, 32], device="meta")
+    with pytest.raises(ValueError, match="is on meta but h is on cpu"):
+        _call(weights=meta_weights, expert_id=torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="is on meta but h is on cpu"):
+        _call(expert_id=torch.tensor([0, 1, 0, 1], device="meta"))
+
+
+def test_bad_weight_shapes():
+    weights = make_weights(32, [16, 32])
+    with pytest.raises(ValueError, match="down_w must have shape"):
+        _call(weights=weights, rs=(16, 16), expert_id=torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="bottlenecks"):
+        ga.grouped_adapter(torch.randn(2, 32), *weights, [], expert_id=None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA (compiled kernels, real shapes)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("routing", ["mixed", "single"])
+def test_cuda_parity_real_shapes(cuda_device, dtype, routing):
+    mosaic_fast.set_backend("auto")
+    rs = [64, 96, 192] if routing == "mixed" else [192]
+    ids = (torch.arange(32) % 3)[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
+    ids = ids if routing == "mixed" else None
+    tol = {torch.float32: TOL_CUDA_TF32, torch.bfloat16: TOL_BF16, torch.float16: TOL_FP16}[dtype]
+    run_parity(cuda_device, dtype, (32, 197, 768), rs, ids, True, tol, tol)
+    if dtype != torch.float32:
+        # flash-attention's rule: fast error vs fp32 <= 2x the same-dtype reference's error vs fp32
+        weights = make_weights(768, rs, device=cuda_device)
+        h, base = make_inputs((32, 197, 768), device=cuda_device, seed=1)
+        dev_ids = None if ids is None else ids.to(cuda_device)
+        ref32 = reference(h, weights, rs, dev_ids, base=base)
+        ref_lp = reference(h.to(dtype), [w.to(dtype) for w in weights], rs, dev_ids, base=base.to(dtype))
+        fast = ga.grouped_adapter(h.to(dtype), *[w.to(dtype) for w in weights], rs, base=base.to(dtype),
+                                  expert_id=dev_ids)
+        assert rel_err(fast, ref32) <= 2 * rel_err(ref_lp, ref32) + 1e-6
+
+
+@pytest.mark.cuda
+def test_cuda_forward_has_no_host_sync(cuda_device):
+    rs = [64, 96, 192]
+    weights = make_weights(768, rs, dtype=torch.bfloat16, device=cuda_device)
+    h, base = make_inputs((8, 197, 768), dtype=torch.bfloat16, device=cuda_device)
+    ids = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2], device=cuda_device)
+    with torch.no_grad():
+        ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)  # autotune (syncs) first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_invalid_ids_nan_rows(cuda_device):
+    rs = [64, 96]
+    weights = make_weights(128, rs, device=cuda_device)
+    h, base = make_inputs((3, 5, 128), device=cuda_device)
+    out = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=torch.tensor([0, 7, 1], device=cuda_device))
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()

@@ -1,0 +1,218 @@
+"""Drop-in nn.Adapter / nn.MoSAdapter: API and state_dict twins of reference/, parity, fallbacks, compile."""
+
+import copy
+
+import pytest
+import torch
+from parity import TOL_BF16, TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_parity, randomize_
+
+import mosaic_fast
+from mosaic_fast import nn as fast_nn
+from mosaic_fast import reference
+
+D = 32
+RS = dict(bottleneck_a=16, bottleneck_b=24, bottleneck_c=48)
+
+
+def make_pair(seed=0, **kw):
+    ref = randomize_(reference.MoSAdapter(d_model=D, **{**RS, **kw}), seed=seed)
+    fast = fast_nn.MoSAdapter(d_model=D, **{**RS, **kw})
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_same_parameters_and_state_dict_keys():
+    ref, fast = make_pair()
+    assert isinstance(fast, reference.MoSAdapter)
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    assert [n for n, _ in ref.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    assert all(type(e) is fast_nn.Adapter for e in fast.experts)
+    a_ref = reference.Adapter(D, 16)
+    a_fast = fast_nn.Adapter(D, 16)
+    assert list(a_ref.state_dict()) == list(a_fast.state_dict())
+    fast.load_state_dict(ref.state_dict(), strict=True)
+
+
+def test_default_init_outputs_zero_like_reference():
+    fast = fast_nn.MoSAdapter(d_model=D, **RS)
+    with torch.no_grad():
+        out = fast(torch.randn(2, 3, D), torch.tensor([0, 2]))
+    assert float(out.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("expert_id", ["A", "B", "C", "mixed"])
+def test_parity_cpu_forward_and_backward(expert_id):
+    ref, fast = make_pair()
+    ref = ref.double()
+    B, N = 5, 6
+    ids = torch.tensor([2, 0, 1, 2, 0]) if expert_id == "mixed" else expert_id
+    h = torch.randn(B, N, D) + 0.3
+    base = torch.randn(B, N, D)
+    hf, bf = h.clone().requires_grad_(), base.clone().requires_grad_()
+    hr, br = h.double().requires_grad_(), base.double().requires_grad_()
+    out_f = fast.forward_fused(hf, bf, ids)
+    out_r = br + ref(hr, ids)
+    assert_parity(out_f, out_r, TOL_CPU_FWD)
+    assert_parity(fast(h, ids), ref(h.double(), ids), TOL_CPU_FWD, "forward")
+    gout = torch.randn_like(out_f)
+    out_f.backward(gout)
+    out_r.backward(gout.double())
+    assert_parity(hf.grad, hr.grad, TOL_CPU_GRAD, "grad h")
+    assert_parity(bf.grad, br.grad, TOL_CPU_GRAD, "grad base")
+    for (name, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+        if pr.grad is None:
+            assert pf.grad is None, f"{name} got a gradient but its specialist was not routed"
+        else:
+            assert_parity(pf.grad, pr.grad, TOL_CPU_GRAD, f"grad {name}")
+
+
+def test_every_specialist_gets_its_gradient_in_a_mixed_batch():
+    _, fast = make_pair()
+    out = fast(torch.randn(3, 4, D), torch.tensor([0, 1, 2]))
+    out.square().sum().backward()
+    for name, p in fast.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def test_adapter_forward_and_fused():
+    ref = randomize_(reference.Adapter(D, 16), seed=3)
+    fast = fast_nn.Adapter(D, 16)
+    fast.load_state_dict(ref.state_dict())
+    h, base = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    assert_parity(fast(h), ref(h), TOL_CPU_FWD)
+    assert_parity(fast.forward_fused(h, base), base + ref(h), TOL_CPU_FWD)
+
+
+def test_triton_interpreter_module_parity(triton_backend):
+    device = triton_backend
+    ref, fast = make_pair(seed=4)
+    ref, fast = ref.to(device), fast.to(device)
+    h = torch.randn(4, 3, D, device=device)
+    base = torch.randn(4, 3, D, device=device)
+    ids = torch.tensor([1, 0, 2, 1], device=device)
+    tol = TOL_INTERPRETER if device == "cpu" else 3e-3
+    assert_parity(fast.forward_fused(h, base, ids), base + ref(h, ids), tol)
+    assert_parity(fast(h, "B"), ref(h, "B"), tol)
+
+
+def test_convert_swaps_in_place_and_keeps_outputs():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mos = reference.MoSAdapter(d_model=D, **RS)
+            self.single = reference.Adapter(D, 16)
+
+        def forward(self, h, ids):
+            return self.mos(h, ids) + self.single(h)
+
+    model = randomize_(torch.nn.Sequential(Block()), seed=5)
+    h, ids = torch.randn(3, 4, D), torch.tensor([2, 2, 0])
+    before = model[0](h, ids)
+    keys = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    assert fast_nn.convert(model) is model
+    assert type(model[0].mos) is fast_nn.MoSAdapter
+    assert type(model[0].mos.expert_a) is fast_nn.Adapter
+    assert type(model[0].single) is fast_nn.Adapter
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    assert_parity(model[0](h, ids), before, TOL_CPU_FWD)
+
+
+def test_dropout_in_training_falls_back_to_reference():
+    ref, fast = make_pair(dropout=0.5)
+    ref.train()
+    fast.train()
+    h, ids = torch.randn(3, 4, D), torch.tensor([0, 1, 2])
+    torch.manual_seed(0)
+    out_r = ref(h, ids)
+    torch.manual_seed(0)
+    out_f = fast(h, ids)
+    assert torch.equal(out_r, out_f)
+    base = torch.randn(3, 4, D)
+    torch.manual_seed(1)
+    out_r = base + ref(h, "C")
+    torch.manual_seed(1)
+    assert torch.equal(fast.forward_fused(h, base, "C"), out_r)
+    ref.eval()
+    fast.eval()  # dropout is the identity in eval: the fused path runs
+    assert_parity(fast(h, ids), ref(h, ids), TOL_CPU_FWD)
+
+
+def test_large_bottleneck_falls_back():
+    ref = randomize_(reference.Adapter(D, 300), seed=1)
+    fast = fast_nn.Adapter(D, 300)
+    fast.load_state_dict(ref.state_dict())
+    h = torch.randn(2, D)
+    assert torch.equal(fast(h), ref(h))
+
+
+def test_inference_cache_follows_parameter_updates():
+    ref, fast = make_pair()
+    h, base, ids = torch.randn(3, 4, D), torch.randn(3, 4, D), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        first = fast.forward_fused(h, base, ids)
+        assert torch.equal(first, fast.forward_fused(h, base, ids))
+        for p in (ref.expert_b.up_proj.weight, fast.expert_b.up_proj.weight):
+            p.add_(0.1)
+        assert_parity(fast.forward_fused(h, base, ids), base + ref(h, ids), TOL_CPU_FWD)
+        fast.load_state_dict(make_pair(seed=9)[0].state_dict())
+        ref.load_state_dict(fast.state_dict())
+        assert_parity(fast.forward_fused(h, base, ids), base + ref(h, ids), TOL_CPU_FWD)
+
+
+def test_autocast_cpu_bf16():
+    ref, fast = make_pair()
+    h, base, ids = torch.randn(3, 4, D), torch.randn(3, 4, D), torch.tensor([2, 0, 1])
+    ref64 = base.double() + copy.deepcopy(ref).double()(h.double(), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast.forward_fused(h, base, ids)
+        adapter_only = fast(h, "C")
+        ref_only = ref(h, "C")  # (the reference's mixed path cannot run under autocast: index_put dtypes)
+        mixed_only = fast(h, ids)
+        with torch.no_grad():
+            cached = fast.forward_fused(h, base, ids)
+    assert out.dtype == torch.float32
+    assert adapter_only.dtype == ref_only.dtype == mixed_only.dtype == torch.bfloat16
+    assert_parity(adapter_only, ref_only, TOL_BF16)
+    assert_parity(out, ref64, TOL_BF16)
+    assert_parity(cached, ref64, TOL_BF16)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+
+
+def test_bad_inputs():
+    _, fast = make_pair()
+    h = torch.randn(3, 4, D)
+    with pytest.raises(ValueError, match=f"last dim {D}"):
+        fast(torch.randn(3, 4, D + 1), "A")
+    with pytest.raises(ValueError, match="expert_id must be one of"):
+        fast(h, "D")
+    with pytest.raises(TypeError, match="int64"):
+        fast(h, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        fast(h, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="out-of-range"):
+        fast(h, torch.tensor([0, 1, 3]))
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        fast(h.double(), "A")
+    with pytest.raises(TypeError, match="base dtype"):
+        fast.forward_fused(h, h.double(), "A")
+
+
+def test_torch_compile_fullgraph_forward_fused():
+    ref, fast = make_pair(seed=2)
+    compiled = torch.compile(fast.forward_fused, fullgraph=True)
+    h = torch.randn(4, 3, D, requires_grad=True)
+    base = torch.randn(4, 3, D)
+    ids = torch.tensor([2, 0, 1, 0])
+    out = compiled(h, base, ids)
+    assert_parity(out, base + ref(h, ids), TOL_CPU_FWD)
+    out.sum().backward()
+    assert h.grad is not None and fast.expert_c.down_proj.weight.grad is not None
+    assert_parity(compiled(h, base, "A"), base + ref(h, "A"), TOL_CPU_FWD)
+
+
+def test_backend_torch_on_cpu_is_default():
+    assert mosaic_fast.get_backend() == "auto"
+    from mosaic_fast.backend import use_triton
+
+    assert not use_triton(torch.empty(1))
