@@ -187,7 +187,7 @@ def _fwd_kernel(
     h_ptr, base_ptr, out_ptr, a_ptr, mean_ptr, rstd_ptr,
     lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, meta_ptr,
     ids_ptr, perm_ptr, cnt_ptr,
-    D, S, L, G,
+    D, S, L, G, T_BUCKET,
     stride_h, stride_base, stride_out, stride_a,
     stride_lnw, stride_lnb, stride_wd, stride_wu, stride_bu,
     scale, eps,
@@ -290,7 +290,7 @@ def _bwd_dh_kernel(
     dout_ptr, h_ptr, dh_ptr, da_ptr, a_ptr, mean_ptr, rstd_ptr, wsw_ptr, wsb_ptr, srows_ptr,
     lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, meta_ptr,
     ids_ptr, perm_ptr, cnt_ptr,
-    D, S, L, G,
+    D, S, L, G, T_BUCKET,
     stride_do, stride_h, stride_dh, stride_a, stride_ws,
     stride_lnw, stride_lnb, stride_wd, stride_wu,
     scale,
@@ -402,7 +402,7 @@ def _bwd_w_kernel(
     dout_ptr, h_ptr, da_ptr, a_ptr, mean_ptr, rstd_ptr, wsw_ptr, wsb_ptr, srows_ptr,
     lnw_ptr, lnb_ptr, meta_ptr, ids_ptr, perm_ptr, cnt_ptr,
     dlnw_ptr, dlnb_ptr, dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr,
-    D, S, L, G, R_MAX, SPLIT,
+    D, S, L, G, R_MAX, SPLIT, T_BUCKET,
     stride_do, stride_h, stride_a, stride_ws,
     stride_lnw, stride_lnb,
     sp_g, sp_wd, sp_bd, sp_wu,
@@ -524,7 +524,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _fwd = triton.autotune(
     configs=_fwd_configs(),
-    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A"],
+    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "T_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_fwd} if not INTERPRET else None,
 )(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(_fwd_kernel))
 
@@ -538,7 +538,7 @@ def _dh_configs() -> list[triton.Config]:
     ]
 
 
-_bwd_dh = triton.autotune(configs=_dh_configs(), key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM"])(
+_bwd_dh = triton.autotune(configs=_dh_configs(), key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM", "T_BUCKET"])(
     _bwd_dh_kernel
 )
 
@@ -558,7 +558,7 @@ def _w_configs() -> list[triton.Config]:
     ]
 
 
-_bwd_w = triton.autotune(configs=_w_configs(), key=["D", "R_MAX", "MODE", "SPLIT", "BM1"])(_bwd_w_kernel)
+_bwd_w = triton.autotune(configs=_w_configs(), key=["D", "R_MAX", "MODE", "SPLIT", "BM1", "T_BUCKET"])(_bwd_w_kernel)
 
 
 def _dh_block_m(r_block: int) -> int:
@@ -583,6 +583,11 @@ def group_offsets(bottlenecks) -> list[int]:
         offs.append(acc)
         acc += int(r)
     return offs
+
+
+def _t_bucket(T: int) -> int:
+    """Autotuning key for the number of rows (unused by the kernels): powers of two from 1024."""
+    return max(1024, triton.next_power_of_2(max(1, T)))
 
 
 def _meta(bottlenecks, device: torch.device) -> torch.Tensor:
@@ -647,7 +652,7 @@ def forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scal
             h, base if base is not None else h, out, a, mean, rstd,
             ln_w, ln_b, wd, bd, wu, bu, _meta(bottlenecks, dev),
             ids_t, perm, counts,
-            D, S, L, G,
+            D, S, L, G, _t_bucket(T),
             h.stride(0), base.stride(0) if base is not None else 0, out.stride(0), r_max,
             ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
             float(scale), float(eps),
@@ -716,7 +721,7 @@ def backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mea
         dout, h, dh if need_dh else h, da, a, mean, rstd, ws_w, ws_b, srows,
         ln_w, ln_b, wd, bd, wu, meta,
         ids_t, perm, counts,
-        D, S, L, G,
+        D, S, L, G, _t_bucket(T),
         dout.stride(0), h.stride(0), D, r_max, D,
         ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0),
         float(scale),
@@ -737,7 +742,7 @@ def backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mea
             dout, h, da, a, mean, rstd, ws_w, ws_b, srows,
             ln_w, ln_b, meta, ids_t, perm, counts,
             p_lnw, p_lnb, p_wd, p_bd, p_wu, p_bu,
-            D, S, L, G, r_max, split,
+            D, S, L, G, r_max, split, _t_bucket(T),
             dout.stride(0), h.stride(0), r_max, D,
             ln_w.stride(0), ln_b.stride(0),
             G * D, r_tot * D, r_tot, D * r_tot,

@@ -123,10 +123,14 @@ class MoSAdapter(nn.Module):
         check_expert_id(expert_id, h)
         if isinstance(expert_id, str):
             return self.get_expert(expert_id)(h)
-        # Mixed batch: every specialist runs on the samples routed to it (masked per sample).
-        out = h.new_zeros(h.shape)
+        # Mixed batch: every specialist runs on the samples routed to it (masked per sample). The output
+        # takes the dtype the experts compute in (e.g. bf16 under autocast).
+        out = None
         for index, expert in enumerate(self.experts):
             mask = expert_id == index
             if bool(mask.any()):
-                out[mask] = expert(h[mask])
-        return out
+                y = expert(h[mask])
+                if out is None:
+                    out = y.new_zeros(h.shape)
+                out[mask] = y
+        return h.new_zeros(h.shape) if out is None else out
