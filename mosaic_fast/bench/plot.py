@@ -38,7 +38,7 @@ def plot_results(results: dict, path: str) -> None:
                 pts = [(r["params"]["rho"], 1e3 * r["times_s"][lab]) for r in rs if lab in r["times_s"]]
                 if pts:
                     tag = ",".join(f"{k}={v}" for k, v in key if k in ("skip_mode", "op", "model"))
-                    ax2.plot(*zip(*pts), marker="o", label=f"{rs[0]['name'].split('[')[0]} {tag} {lab}")
+                    ax2.plot(*zip(*pts), marker="o", label=f"{rs[0]['name'].split('_rho')[0]} {tag} {lab}")
         ax2.set_xlabel("keep ratio ρ")
         ax2.set_ylabel("median time (ms)")
         ax2.set_title("time vs ρ (token skipping)")
