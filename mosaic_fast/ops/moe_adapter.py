@@ -11,7 +11,8 @@ computes routing, probabilities and gates; this op is everything that touches D-
 
 Paths: Triton on CUDA (kernels/moe_adapter.py: expert-sorted grouped down GEMM, then per-row-tile up GEMM
 + probability mixing + gate epilogue, in place when asked, no host sync); a torch fallback elsewhere that
-evaluates each (row, expert) pair needed by either stream once. Backward (of the Triton op) is torch:
+runs all experts' hidden units as one GEMM and mixes them with the routing probabilities (see
+``_torch_mixes``). Backward (of the Triton op) is torch:
 dense over the n experts on the r-wide hidden only (T×n×r tensors, never T×n×D), deterministic weight
 gradients, no host sync. ``mosaic_fast::moe_gated_update`` is the differentiable op,
 ``mosaic_fast::moe_gated_update_`` the in-place inference op.
