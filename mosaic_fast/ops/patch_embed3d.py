@@ -325,4 +325,8 @@ def patch_embed3d(
     p = _patchify3d_op(x, patch, float(scale), float(shift))
     if p.dtype != weight.dtype:
         p = p.to(weight.dtype)
-    return F.linear(p, weight.reshape(weight.shape[0], -1), bias)
+    w2d = weight.reshape(weight.shape[0], -1)
+    if bias is None:
+        return F.linear(p, w2d)
+    # one addmm on the 2-D patch matrix: F.linear on the 3-D tensor adds a copy on CPU
+    return torch.addmm(bias, p.reshape(-1, p.shape[-1]), w2d.t()).view(*p.shape[:-1], w2d.shape[0])
