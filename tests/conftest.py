@@ -41,3 +41,10 @@ def cuda_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that take the ``cuda_device`` fixture carry the ``cuda`` marker (``pytest -m cuda``)."""
+    for item in items:
+        if "cuda_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from parity import TOL_CPU_FWD, TOL_CPU_GRAD, assert_parity, randomize_
+from parity import TOL_CPU_FWD, TOL_CPU_GRAD, assert_parity, randomize_, rel_err
 
 from mosaic_fast import models
 
@@ -81,3 +81,22 @@ def test_bf16_autocast_runs_and_stays_close():
         feats = fast.forward_features(x, "B")
     assert feats.dtype in (torch.bfloat16, torch.float32)
     assert_parity(feats.float(), ref.forward_features(x.double(), "B"), 5e-2, "bf16 autocast features")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-3), (torch.bfloat16, 2e-2)])
+def test_cuda_fast_model_matches_reference(cuda_device, dtype, tol):
+    """On a GPU (Triton kernels, SDPA): fast vs the fp32 reference, and the same-dtype reference's error
+    bounds the fast path's error (2x rule) for bf16."""
+    ref, fast = model_pair()
+    ref32 = ref.float().to(cuda_device)
+    fast = fast.to(cuda_device, dtype)
+    x2, ids = torch.randn(4, 3, 32, 32, device=cuda_device), torch.tensor([0, 2, 1, 0], device=cuda_device)
+    x3 = torch.rand(2, 1, 16, 16, 16, device=cuda_device)
+    with torch.no_grad():
+        want = ref32.forward_packed([(x2, ids), (x3, "C")])
+        got = fast.forward_packed([(x2.to(dtype), ids), (x3.to(dtype), "C")])
+        same_dtype_ref = [f.float() for f in ref32.to(dtype).forward_packed([(x2.to(dtype), ids), (x3.to(dtype), "C")])]
+    for g, w, s in zip(got, want, same_dtype_ref):
+        assert_parity(g.float(), w, tol, f"cuda {dtype} features")
+        if dtype != torch.float32:
+            assert rel_err(g.float(), w) <= 2 * rel_err(s, w) + 1e-6
