@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..reference.adapter import check_id_tensor
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -53,20 +55,9 @@ def check_same_device(ref_name: str, ref: torch.Tensor, others: Iterable[tuple[s
 
 def check_ids(name: str, ids: object, h: torch.Tensor) -> torch.Tensor:
     """Routing ids: an int64/int32 tensor of shape (B,) with B = h.shape[0], on h's device."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a str or an integer tensor of shape (B,), got {type(ids).__name__}")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} tensor must be int64 (or int32), got {ids.dtype}")
     if h.dim() < 2:
         raise ValueError(f"h must have a batch dim when {name} is a tensor, got shape {tuple(h.shape)}")
-    if ids.dim() != 1 or ids.shape[0] != h.shape[0]:
-        raise ValueError(
-            f"{name} tensor must have shape ({h.shape[0]},) (one id per sample of h with shape "
-            f"{tuple(h.shape)}), got {tuple(ids.shape)}"
-        )
-    if ids.device != h.device:
-        raise ValueError(f"{name} is on {ids.device} but h is on {h.device}")
-    return ids
+    return check_id_tensor(ids, h, name)
 
 
 def check_ids_range(name: str, ids: torch.Tensor, num_groups: int) -> None:

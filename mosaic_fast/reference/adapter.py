@@ -60,25 +60,32 @@ class Adapter(nn.Module):
         return self.dropout(self.up_proj(z)) * self.scale
 
 
+def check_id_tensor(ids: object, h: torch.Tensor, name: str = "expert_id") -> torch.Tensor:
+    """Raise a clear error unless ``ids`` is an int64/int32 tensor of shape (B,), B = h.shape[0], on
+    h's device. Values are not read (that needs the data); returns ``ids``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a str or an integer tensor of shape (B,) (a LongTensor), got {type(ids).__name__}"
+        )
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} tensor must be int64 (or int32), got {ids.dtype}")
+    if h.dim() < 1 or ids.dim() != 1 or ids.shape[0] != h.shape[0]:
+        raise ValueError(
+            f"{name} tensor must have shape ({h.shape[0] if h.dim() else 'B'},) (one id per sample of h with "
+            f"shape {tuple(h.shape)}), got {tuple(ids.shape)}"
+        )
+    if ids.device != h.device:
+        raise ValueError(f"{name} is on {ids.device} but h is on {h.device}")
+    return ids
+
+
 def check_expert_id(expert_id: str | torch.Tensor, h: torch.Tensor) -> None:
     """Raise a clear error unless ``expert_id`` is 'A'/'B'/'C' or a (B,) integer tensor of 0/1/2."""
     if isinstance(expert_id, str):
         if expert_id not in EXPERT_NAMES:
             raise ValueError(f"expert_id must be one of {EXPERT_NAMES}, got {expert_id!r}")
         return
-    if not isinstance(expert_id, torch.Tensor):
-        raise TypeError(
-            f"expert_id must be 'A'/'B'/'C' or a LongTensor of shape (B,), got {type(expert_id).__name__}"
-        )
-    if expert_id.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"expert_id tensor must be int64 (or int32), got {expert_id.dtype}")
-    if expert_id.dim() != 1 or expert_id.shape[0] != h.shape[0]:
-        raise ValueError(
-            f"expert_id tensor must have shape ({h.shape[0]},) (one id per sample of h with shape "
-            f"{tuple(h.shape)}), got {tuple(expert_id.shape)}"
-        )
-    if expert_id.device != h.device:
-        raise ValueError(f"expert_id is on {expert_id.device} but h is on {h.device}")
+    check_id_tensor(expert_id, h)
     if expert_id.numel() == 0 or torch.compiler.is_compiling():
         return  # value checks need the data: done eagerly only (a traced graph must not branch on it)
     if expert_id.is_cuda:  # no host sync on the hot path: a device-side assert instead of an exception
