@@ -37,6 +37,15 @@ def triton_backend():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on shared CPUs threads wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def cuda_device():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -19,12 +19,7 @@ TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d"
         "--adapter_bottleneck_c", "16", "--batch_size", "8", "--eval_batch_size", "16"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ TINY = dict(embed_dim=32, depth=1, num_heads=2, img_size_2d=28, patch_size_2d=7,
             adapter_bottleneck_a=8, adapter_bottleneck_b=8, adapter_bottleneck_c=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on shared CPUs threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
