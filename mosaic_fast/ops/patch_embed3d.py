@@ -262,6 +262,18 @@ def patch_embed3d_proj(
         raise TypeError(f"x: the Triton path takes dtypes {_TRITON_X_DTYPES}, got {x.dtype}")
     if weight.dtype not in _TRITON_W_DTYPES:
         raise TypeError(f"weight: the Triton path takes dtypes {_TRITON_W_DTYPES}, got {weight.dtype}")
+    return _proj_checked(x, weight, bias, patch, scale, shift)
+
+
+def _proj_checked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    patch: tuple[int, int, int],
+    scale: float,
+    shift: float,
+) -> torch.Tensor:
+    """The Triton projection on arguments already checked (bf16 upcast under the interpreter)."""
     if backend.INTERPRET and not x.is_cuda and torch.bfloat16 in (x.dtype, weight.dtype):
         y = _patch_embed3d_proj_op(
             x.float() if x.dtype == torch.bfloat16 else x,
@@ -311,7 +323,7 @@ def patch_embed3d(
     _check_volume(x, patch)
     _check_weight(x, weight, bias, patch)
     if backend.use_triton(x) and _triton_supported(x, weight):
-        return patch_embed3d_proj(x, weight, bias, patch, scale, shift)
+        return _proj_checked(x, weight, bias, patch, scale, shift)
     if _C is None and x.device.type == "cpu" and not _warned_no_extension:
         import warnings
 
