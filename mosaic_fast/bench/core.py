@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-#: Measured on an H100 (DESIGN.md §6); used for the "% of floor" column on CUDA.
+#: Measured on an H100 (DESIGN.md §6); the "% of floor" column uses these unless the run measured its own
+#: device's ceilings (:func:`measure_ceilings`, done by ``mosaic-fast bench`` on CUDA).
 PEAK_BYTES_PER_S = 3.0e12
 PEAK_FLOPS_BF16 = 7.9e14
 
@@ -59,13 +60,32 @@ def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float = 0
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
-def floor_seconds(case: Case) -> float | None:
+def _median_seconds(fn: Callable[[], Any]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")) / 1e3
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """This GPU's copy bandwidth (bytes read + written per second) and bf16 GEMM rate, on random data."""
+    n_copy = 256 * 2**20  # 1 GiB of fp32
+    src = torch.randn(n_copy, device=device)
+    copy_s = _median_seconds(lambda: torch.empty_like(src).copy_(src))
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_s = _median_seconds(lambda: a @ b)
+    return {"bytes_per_s": 2 * 4 * n_copy / copy_s, "flops_bf16": 2.0 * n**3 / mm_s}
+
+
+def floor_seconds(case: Case, ceilings: dict[str, float] | None = None) -> float | None:
     """Roofline floor: the larger of the memory time and the compute time."""
+    bytes_per_s = ceilings["bytes_per_s"] if ceilings else PEAK_BYTES_PER_S
+    flops = ceilings["flops_bf16"] if ceilings else PEAK_FLOPS_BF16
     times = []
     if case.floor_bytes:
-        times.append(case.floor_bytes / PEAK_BYTES_PER_S)
+        times.append(case.floor_bytes / bytes_per_s)
     if case.floor_flops:
-        times.append(case.floor_flops / PEAK_FLOPS_BF16)
+        times.append(case.floor_flops / flops)
     return max(times) if times else None
 
 
@@ -76,11 +96,15 @@ def time_case(
     with_compile: bool = True,
     min_run_time: float = 0.5,
     repeats: int = 3,
+    ceilings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Time every implementation of ``case``; returns a JSON-ready record with ratios to "reference"."""
     input_sets = [case.make_inputs(i) for i in range(rotate)]
     impls = dict(case.impls)
     if with_compile and case.compile_reference and "reference" in impls:
+        # Every case compiles the same closure code: without a reset Dynamo would hit its recompile
+        # limit after a few cases and silently run the later "compiled" columns eagerly.
+        torch._dynamo.reset()
         impls["compiled"] = torch.compile(impls["reference"])
     record: dict[str, Any] = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {}}
     runners = {}
@@ -100,7 +124,7 @@ def time_case(
     record["times_s"] = {label: statistics.median(v) for label, v in samples.items()}
     ref = record["times_s"].get("reference")
     record["speedup_vs_reference"] = {k: ref / v for k, v in record["times_s"].items() if ref and v}
-    floor = floor_seconds(case) if device.type == "cuda" else None
+    floor = floor_seconds(case, ceilings) if device.type == "cuda" else None
     if floor is not None:
         record["floor_s"] = floor
         record["pct_of_floor"] = {k: 100.0 * floor / v for k, v in record["times_s"].items()}

@@ -44,11 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool) -> list:
+    """Every case of ``suites``; a module whose cases cannot be built is reported and left out."""
     cases = []
     for suite in suites:
         for module_name in SUITES[suite]:
             module = importlib.import_module(f"mosaic_fast.bench.{module_name}")
-            cases += module.cases(device, dtype, quick)
+            try:
+                cases += module.cases(device, dtype, quick)
+            except Exception as exc:  # report and go on: one broken module must not lose the others
+                print(f"mosaic-fast bench: building the {module_name} cases failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
     return cases
 
 
@@ -110,6 +115,15 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     return env
 
 
+def write_json(results: dict, path: str) -> None:
+    """Write ``results`` atomically (a temporary file renamed over ``path``)."""
+    Path(os.path.dirname(os.path.abspath(path))).mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -120,22 +134,33 @@ def main(argv: list[str] | None = None) -> int:
     quick = device.type == "cpu" and not args.full
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.2 if quick else 0.5)
-    from mosaic_fast.bench.core import time_case
+    from mosaic_fast.bench.core import measure_ceilings, time_case
 
     results = {"environment": environment(device, dtype), "records": []}
+    ceilings = measure_ceilings(device) if device.type == "cuda" else None
+    if ceilings:
+        results["environment"]["ceilings"] = ceilings
+        print(f"ceilings: copy {ceilings['bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"bf16 GEMM {ceilings['flops_bf16'] / 1e12:.0f} TFLOP/s", file=sys.stderr)
     for suite in suites:
         cases = [c for c in collect_cases([suite], device, dtype, quick)
                  if args.filter is None or args.filter in c.name]
         records = []
         for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
-            records.append(time_case(case, device, with_compile=not args.no_compile, min_run_time=min_run_time))
+            try:
+                record = time_case(case, device, with_compile=not args.no_compile, min_run_time=min_run_time,
+                                   ceilings=ceilings)
+            except Exception as exc:  # e.g. out of memory: record it, keep the other cases
+                record = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {},
+                          "speedup_vs_reference": {}, "errors": {"case": f"{type(exc).__name__}: {exc}"[:300]}}
+            records.append(record)
+            results["records"].append(record)
+            if args.json_path:  # after every case, so an interrupted run keeps what it measured
+                write_json(results, args.json_path)
         print(f"\n== suite {suite} ({device}, {str(dtype).replace('torch.', '')}) ==")
         print(format_table(records, device))
-        results["records"] += records
     if args.json_path:
-        Path(os.path.dirname(os.path.abspath(args.json_path))).mkdir(parents=True, exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(results, args.json_path)
         print(f"\nwrote {args.json_path}")
     if args.markdown_path:
         with open(args.markdown_path, "w") as f:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One lent-GPU session (the `device` tool): install, CUDA tests, CUDA benchmarks; logs and JSON in $OUT.
+#
+#   bash benchmarks/gpu_session.sh tests ops     # first call
+#   bash benchmarks/gpu_session.sh model         # second call, on the still-warm machine
+#
+# Each stage has its own time limit, and the benchmark rewrites its JSON after every case, so a stage cut
+# short still returns what it measured. medmnist (not in the GPU image) travels as a wheel in .whl/.
+set -u
+OUT=${OUT:-/tmp/mosaic_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+tag=$(date -u +%Y-%m-%d)_h200
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$OUT/install.log" 2>&1 \
+  || { echo "pip install -e . failed"; tail -20 "$OUT/install.log"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+python3 -m mosaic_fast.cli info 2>&1 | tail -12
+for stage in "$@"; do
+  case $stage in
+    tests) timeout "${TESTS_S:-200}" python3 -m pytest -m cuda -q -rfEs -p no:cacheprovider --durations=8 tests \
+             2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    ops|model) timeout "${BENCH_S:-300}" python3 benchmarks/run.py "$stage" --device cuda \
+             --json "$OUT/${tag}_$stage.json" --markdown "$OUT/${tag}_$stage.md" 2>"$OUT/bench_$stage.err" \
+             | tee "$OUT/bench_$stage.log" | tail -45 ;;
+  esac
+done
