@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import dot_precision
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -26,6 +28,7 @@ def _gs_down_kernel(
     h_ptr, wf_ptr, bf_ptr, unit_ptr, sc_ptr, hid_ptr,
     T, D, R, E, eps,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -54,7 +57,7 @@ def _gs_down_kernel(
         xh = ((x.to(tl.float32) - mean[:, None]) * rstd[:, None]).to(wf_ptr.dtype.element_ty)
         w = tl.load(wf_ptr + rr[None, :].to(tl.int64) * D + kk[:, None], mask=kmask[:, None] & rmask[None, :],
                     other=0.0)
-        acc += tl.dot(xh, w)
+        acc += tl.dot(xh, w, input_precision=DOT_PRECISION)
     b = tl.load(bf_ptr + rr, mask=rmask, other=0.0).to(tl.float32)
     unit = tl.load(unit_ptr + rr, mask=rmask, other=0)
     m2 = tmask[:, None] & rmask[None, :]
@@ -68,6 +71,7 @@ def _gs_up_kernel(
     hid_ptr, wu_ptr, bu_ptr, sc_ptr, cw_ptr, out_ptr,
     T, D, R, E,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, CHANNEL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -81,7 +85,7 @@ def _gs_up_kernel(
                     other=0.0)
         w = tl.load(wu_ptr + cols[None, :].to(tl.int64) * R + rr[:, None], mask=rmask[:, None] & cmask[None, :],
                     other=0.0)
-        acc += tl.dot(h, w)
+        acc += tl.dot(h, w, input_precision=DOT_PRECISION)
     for e in range(E):
         sc = tl.load(sc_ptr + t * E + e, mask=tmask, other=0.0).to(tl.float32)
         b = tl.load(bu_ptr + e * D + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -104,7 +108,7 @@ def gs_down(h: torch.Tensor, w_fold: torch.Tensor, b_fold: torch.Tensor, unit_ex
     bm, bk, br = (16, 32, 32) if _INTERPRET else (64, 64, 64)
     grid = (triton.cdiv(t, bm), triton.cdiv(r, br))
     _gs_down_kernel[grid](h, w_fold, b_fold, unit_expert, scale, hidden, t, d, r, scale.shape[1], eps,
-                          BM=bm, BK=bk, BR=br)
+                          BM=bm, BK=bk, BR=br, DOT_PRECISION=dot_precision(w_fold.dtype))
     return hidden
 
 
@@ -121,5 +125,6 @@ def gs_up(hidden: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, scale: t
     grid = (triton.cdiv(t, bm), triton.cdiv(d, bn))
     cw = channel_weight if channel_weight is not None else out
     _gs_up_kernel[grid](hidden, w_up, b_up, scale, cw, out, t, d, r, scale.shape[1],
-                        BM=bm, BN=bn, BR=br, CHANNEL=channel_weight is not None)
+                        BM=bm, BN=bn, BR=br, CHANNEL=channel_weight is not None,
+                        DOT_PRECISION=dot_precision(w_up.dtype))
     return out

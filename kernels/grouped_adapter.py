@@ -38,8 +38,9 @@ the rows of group g at [off_g, off_g + r_g); bd (R_total,); wu (D, R_total) with
 at [off_g, off_g + r_g). A tiny int32 table ``meta`` (G, 2) holds (off_g, r_g).
 
 Dtypes: h/base/out may differ from the weight dtype (autocast: fp32 activations, bf16 weights); the
-LayerNorm and every accumulation run in fp32, the dot operands are in the weight dtype. fp32 dots use
-TF32 on the GPU. Under TRITON_INTERPRET=1 bf16 is upcast to fp32 by the launchers (the interpreter's bf16
+LayerNorm and every accumulation run in fp32, the dot operands are in the weight dtype. fp32 dots follow
+torch's float32 matmul precision (IEEE by default, TF32 after ``torch.set_float32_matmul_precision("high")``).
+Under TRITON_INTERPRET=1 bf16 is upcast to fp32 by the launchers (the interpreter's bf16
 dot is silently wrong).
 
 Nothing here imports from ``mosaic_fast``.
@@ -52,6 +53,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .precision import dot_precision
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -193,6 +196,7 @@ def _fwd_kernel(
     scale, eps,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, SAVE: tl.constexpr, SAVE_A: tl.constexpr,
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
@@ -250,7 +254,7 @@ def _fwd_kernel(
             b = tl.load(lnb_ptrs + k0, mask=km, other=0.0).to(tl.float32)
             wdt = tl.load(wd_ptrs + k0, mask=rmask[None, :] & km[:, None], other=0.0)
         y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
-        acc = tl.dot(y.to(wdt.dtype), wdt, acc)
+        acc = tl.dot(y.to(wdt.dtype), wdt, acc, input_precision=DOT_PRECISION)
     bdv = tl.load(bd_ptr + roff + offr, mask=rmask, other=0.0).to(tl.float32)
     a = acc + bdv[None, :]
     if SAVE_A:
@@ -277,7 +281,7 @@ def _fwd_kernel(
             m = valid[:, None] & nm[None, :]
             wut = tl.load(wu_ptrs + n0 * stride_wu, mask=rmask[:, None] & nm[None, :], other=0.0)
             buv = tl.load(bu_ptrs + n0, mask=nm, other=0.0).to(tl.float32)
-        o = tl.dot(z, wut)
+        o = tl.dot(z, wut, input_precision=DOT_PRECISION)
         res = (o + buv[None, :]) * scale
         if HAS_BASE:
             res += tl.load(b_ptrs + n0, mask=m, other=0.0).to(tl.float32)
@@ -296,6 +300,7 @@ def _bwd_dh_kernel(
     scale,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, RECOMPUTE: tl.constexpr, NEED_DH: tl.constexpr,
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
@@ -332,7 +337,7 @@ def _bwd_dh_kernel(
             mask=km[:, None] & rmask[None, :],
             other=0.0,
         )
-        dz = tl.dot((do * scale).to(ct), wuc, dz)
+        dz = tl.dot((do * scale).to(ct), wuc, dz, input_precision=DOT_PRECISION)
         if RECOMPUTE:
             x = tl.load(h_rows + kk[None, :], mask=m, other=0.0).to(tl.float32)
             w = tl.load(lnw_ptr + gc * stride_lnw + kk, mask=km, other=0.0).to(tl.float32)
@@ -343,7 +348,7 @@ def _bwd_dh_kernel(
                 mask=rmask[None, :] & km[:, None],
                 other=0.0,
             )
-            acc = tl.dot(y.to(ct), wdt, acc)
+            acc = tl.dot(y.to(ct), wdt, acc, input_precision=DOT_PRECISION)
     if RECOMPUTE:
         bdv = tl.load(bd_ptr + roff + offr, mask=rmask, other=0.0).to(tl.float32)
         a = acc + bdv[None, :]
@@ -365,7 +370,7 @@ def _bwd_dh_kernel(
             mask=rmask[:, None] & km[None, :],
             other=0.0,
         )
-        dy = tl.dot(dac, wdc)
+        dy = tl.dot(dac, wdc, input_precision=DOT_PRECISION)
         x = tl.load(h_rows + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0).to(tl.float32)
         xhat = (x - mean[:, None]) * rstd[:, None]
         w = tl.load(lnw_ptr + gc * stride_lnw + kk, mask=km, other=0.0).to(tl.float32)
@@ -386,7 +391,7 @@ def _bwd_dh_kernel(
                 mask=rmask[:, None] & km[None, :],
                 other=0.0,
             )
-            dy = tl.dot(dac, wdc)
+            dy = tl.dot(dac, wdc, input_precision=DOT_PRECISION)
             m = valid[:, None] & km[None, :]
             x = tl.load(h_rows + kk[None, :], mask=m, other=0.0).to(tl.float32)
             xhat = (x - mean[:, None]) * rstd[:, None]
@@ -410,6 +415,7 @@ def _bwd_w_kernel(
     scale,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, BM1: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -462,8 +468,8 @@ def _bwd_w_kernel(
         a_tile = rows[:, None] * stride_a + offr[None, :]
         da = tl.load(da_ptr + a_tile, mask=mr, other=0.0)
         z = tl.maximum(tl.load(a_ptr + a_tile, mask=mr, other=0.0), 0.0)
-        acc_wd = tl.dot(tl.trans(da.to(ct)), y.to(ct), acc_wd)
-        acc_wu = tl.dot(tl.trans(do.to(ct)), z.to(ct), acc_wu)
+        acc_wd = tl.dot(tl.trans(da.to(ct)), y.to(ct), acc_wd, input_precision=DOT_PRECISION)
+        acc_wu = tl.dot(tl.trans(do.to(ct)), z.to(ct), acc_wu, input_precision=DOT_PRECISION)
         acc_bu += tl.sum(do, axis=0)
         acc_bd += tl.sum(da.to(tl.float32), axis=0)
 
@@ -657,7 +663,7 @@ def forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scal
             ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
             float(scale), float(eps),
             MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, SAVE=bool(save), SAVE_A=save_a,
-            R_BLOCK=_pow2(r_max),
+            R_BLOCK=_pow2(r_max), DOT_PRECISION=dot_precision(wd.dtype),
         )
     if out.dtype != out_dtype:
         out = out.to(out_dtype)
@@ -726,6 +732,7 @@ def backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mea
         ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0),
         float(scale),
         MODE=mode, S_BLOCK=s_block, RECOMPUTE=recompute, NEED_DH=bool(need_dh), R_BLOCK=r_block, BM=bm1,
+        DOT_PRECISION=dot_precision(ct),
     )
     if need_w:
         split = _wgrad_split(T, D, G, r_max, dev)
@@ -748,7 +755,7 @@ def backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mea
             G * D, r_tot * D, r_tot, D * r_tot,
             D, D, r_tot,
             float(scale),
-            MODE=mode, S_BLOCK=s_block, BM1=bm1,
+            MODE=mode, S_BLOCK=s_block, BM1=bm1, DOT_PRECISION=dot_precision(ct),
         )
         parts = (p_lnw, p_lnb, p_wd, p_bd, p_wu, p_bu)
         grads = [(p[0] if split == 1 else p.sum(dim=0)).to(w_dtype) for p in parts]

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import dot_precision
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -35,6 +37,7 @@ def _moe_down_kernel(
     xg_ptr, xm_ptr, rows_ptr, order_ptr, offs_ptr, tcum_ptr, wd_ptr, bd_ptr, h_ptr,
     n_exp, D, R, K,
     BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     eo = tl.arange(0, BLOCK_E)
@@ -60,10 +63,10 @@ def _moe_down_kernel(
         wmask = kmask[:, None] & rmask[None, :]
         u = tl.load(xg_ptr + row[:, None] * D + kk[None, :], mask=umask, other=0.0)
         w = tl.load(w_base + rr[None, :] * C + kk[:, None], mask=wmask, other=0.0)
-        acc += tl.dot(u, w)
+        acc += tl.dot(u, w, input_precision=DOT_PRECISION)
         u = tl.load(xm_ptr + row[:, None] * D + kk[None, :], mask=umask, other=0.0)
         w = tl.load(w_base + rr[None, :] * C + (kk + D)[:, None], mask=wmask, other=0.0)
-        acc += tl.dot(u, w)
+        acc += tl.dot(u, w, input_precision=DOT_PRECISION)
     b = tl.load(bd_ptr + e * R + rr, mask=rmask, other=0.0).to(tl.float32)
     hid = tl.maximum(acc + b[None, :], 0.0)
     tl.store(h_ptr + aid.to(tl.int64)[:, None] * R + rr[None, :], hid.to(h_ptr.dtype.element_ty),
@@ -75,6 +78,7 @@ def _moe_combine_kernel(
     x_ptr, out_ptr, rows_ptr, eidx_ptr, p_ptr, h_ptr, wu_ptr, bu_ptr, c_ptr, mix_ptr,
     T, n_exp, D, R, K, G, GW,
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, STORE_MIX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -96,7 +100,7 @@ def _moe_combine_kernel(
                 w = tl.load(wu_ptr + e * D * R + cols[None, :] * R + rr[:, None],
                             mask=rmask[:, None] & cmask[None, :], other=0.0)
                 b = tl.load(bu_ptr + e * D + cols, mask=cmask, other=0.0).to(tl.float32)
-                y = tl.dot(tl.where(sel[:, None], h, tl.zeros_like(h)), w) + b[None, :]
+                y = tl.dot(tl.where(sel[:, None], h, tl.zeros_like(h)), w, input_precision=DOT_PRECISION) + b[None, :]
                 acc += tl.where(sel, p, 0.0)[:, None] * y
     row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
     m2 = tmask[:, None] & cmask[None, :]
@@ -134,6 +138,7 @@ def moe_down(
         x_gen, x_med, rows, order, offs, tcum, w_down, b_down, hidden,
         n, d, r, k,
         BM=bm, BK=32 if _INTERPRET else 64, BLOCK_R=_pow2(r), BLOCK_E=_pow2(n + 1, 2),
+        DOT_PRECISION=dot_precision(w_down.dtype),
     )
     return hidden
 
@@ -158,5 +163,5 @@ def moe_combine(
     _moe_combine_kernel[grid](
         x, out, rows, expert_idx, probs, hidden, w_up, b_up, coef, mix if mix is not None else out,
         t, n, d, r, k, g, d // g,
-        BM=bm, BN=bn, BLOCK_R=_pow2(r), STORE_MIX=mix is not None,
+        BM=bm, BN=bn, BLOCK_R=_pow2(r), STORE_MIX=mix is not None, DOT_PRECISION=dot_precision(w_up.dtype),
     )

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import dot_precision
+
 
 @triton.jit
 def _patch_embed3d_fwd_kernel(
@@ -31,6 +33,7 @@ def _patch_embed3d_fwd_kernel(
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share the weight column tiles while they are in L2.
     pid = tl.program_id(0)
@@ -70,7 +73,7 @@ def _patch_embed3d_fwd_kernel(
         a = tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=a_mask, other=0)
         a = tl.where(a_mask, a.to(tl.float32) * scale + shift, 0.0)
         w = tl.load(w_ptr + rn[None, :] * swn + rk[:, None] * swk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(a.to(w.dtype), w)
+        acc += tl.dot(a.to(w.dtype), w, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -133,11 +136,13 @@ def patch_embed3d_fwd(
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(e, cfg["BLOCK_N"]),)
-        _patch_embed3d_fwd_kernel[grid](*args, PD=pd, PH=ph, PW=pw, HAS_BIAS=bias is not None, **cfg)
+        _patch_embed3d_fwd_kernel[grid](*args, PD=pd, PH=ph, PW=pw, HAS_BIAS=bias is not None,
+                                        DOT_PRECISION=dot_precision(weight.dtype), **cfg)
     else:
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(e, meta["BLOCK_N"]),)
 
-        _patch_embed3d_fwd_autotuned[grid](*args, PD=pd, PH=ph, PW=pw, HAS_BIAS=bias is not None)
+        _patch_embed3d_fwd_autotuned[grid](*args, PD=pd, PH=ph, PW=pw, HAS_BIAS=bias is not None,
+                                           DOT_PRECISION=dot_precision(weight.dtype))
     return y

@@ -404,26 +404,49 @@ def test_bad_weight_shapes():
 # ----------------------------------------------------------------------------------------------------
 
 
+def _outputs_and_grads(h, base, weights, rs, ids, gout, fast: bool):
+    """Output and the gradients of (h, base, *weights) of the fast op or of the reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in (h, base, *weights)]
+    if fast:
+        out = ga.grouped_adapter(leaves[0], *leaves[2:], rs, base=leaves[1], expert_id=ids)
+    else:
+        out = reference(leaves[0], leaves[2:], rs, ids, base=leaves[1])
+    out.backward(gout.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("routing", ["mixed", "single"])
 def test_cuda_parity_real_shapes(cuda_device, dtype, routing):
+    """fp32 (IEEE dots, torch's default precision): DESIGN's CUDA fp32 bound on output and every gradient.
+
+    bf16/fp16: the output within the dtype's bound of the float64 reference, and the output and every
+    gradient within 2x the error of the same-dtype reference (flash-attention's rule). An absolute
+    gradient bound cannot hold in these dtypes: rounding of the pre-activation flips ReLU masks, and the
+    bf16 reference's own grad h is ~4e-2 (fp16: ~1.6e-2) off the float64 one at these shapes.
+    """
     mosaic_fast.set_backend("auto")
     rs = [64, 96, 192] if routing == "mixed" else [192]
-    ids = (torch.arange(32) % 3)[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
-    ids = ids if routing == "mixed" else None
-    tol = {torch.float32: TOL_CUDA_TF32, torch.bfloat16: TOL_BF16, torch.float16: TOL_FP16}[dtype]
-    run_parity(cuda_device, dtype, (32, 197, 768), rs, ids, True, tol, tol)
-    if dtype != torch.float32:
-        # flash-attention's rule: fast error vs fp32 <= 2x the same-dtype reference's error vs fp32
-        weights = make_weights(768, rs, device=cuda_device)
-        h, base = make_inputs((32, 197, 768), device=cuda_device, seed=1)
-        dev_ids = None if ids is None else ids.to(cuda_device)
-        ref32 = reference(h, weights, rs, dev_ids, base=base)
-        ref_lp = reference(h.to(dtype), [w.to(dtype) for w in weights], rs, dev_ids, base=base.to(dtype))
-        fast = ga.grouped_adapter(h.to(dtype), *[w.to(dtype) for w in weights], rs, base=base.to(dtype),
-                                  expert_id=dev_ids)
-        assert rel_err(fast, ref32) <= 2 * rel_err(ref_lp, ref32) + 1e-6
+    ids = (torch.arange(32) % 3)[torch.randperm(32)]
+    ids = ids.to(cuda_device) if routing == "mixed" else None
+    shape = (32, 197, 768)
+    if dtype == torch.float32:
+        run_parity(cuda_device, dtype, shape, rs, ids, True, TOL_CUDA_TF32, TOL_CUDA_TF32,
+                   seed=int(torch.randint(0, 2**16, ())))
+        return
+    weights = make_weights(768, rs, device=cuda_device, seed=int(torch.randint(0, 2**16, ())))
+    h, base = make_inputs(shape, device=cuda_device, seed=int(torch.randint(0, 2**16, ())))
+    gout = torch.randn(shape, device=cuda_device)
+    low = [t.to(dtype) for t in (h, base, *weights)]
+    want = _outputs_and_grads(*[t.double() for t in (h, base)], [w.double() for w in weights], rs, ids, gout, False)
+    same_dtype = _outputs_and_grads(low[0], low[1], low[2:], rs, ids, gout, False)
+    got = _outputs_and_grads(low[0], low[1], low[2:], rs, ids, gout, True)
+    assert_parity(got[0], want[0], {torch.bfloat16: TOL_BF16, torch.float16: TOL_FP16}[dtype], "output")
+    for name, g, s_, w in zip(("output", "h", "base", *NAMES), got, same_dtype, want):
+        assert torch.isfinite(g).all(), name
+        err, err_ref = rel_err(g, w), rel_err(s_, w)
+        assert err <= 2 * err_ref + 1e-6, f"{name}: {err:.3e} > 2 x same-dtype reference {err_ref:.3e}"
 
 
 @pytest.mark.cuda

@@ -176,6 +176,23 @@ def test_opcheck(request, backend):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inference_forward_matches_training_forward(request, backend):
+    """Under no_grad the op saves nothing; its (empty) saved outputs must still be distinct tensors
+    (a custom op's outputs may not alias each other: this failed on CUDA before)."""
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    mosaic_fast.set_backend(backend)
+    _, fast = make()
+    xg, xm = (x.detach() for x in pair(device=device))
+    want = fast(xg, xm)
+    with torch.no_grad():
+        got = fast(xg, xm)
+    for g, w in zip(got, want):
+        assert_parity(g, w.detach(), TOL_INTERPRETER)
+    torch.library.opcheck(torch.ops.mosaic_fast.moe_gated_update.default, (*_op_args(device), False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_cuda_fp32_and_bf16(cuda_device):
     ref, fast = make()
     fast = fast.to(cuda_device)

@@ -66,9 +66,10 @@ def _forward_into(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Write both streams' updated rows into out_gen/out_med (which may be x_gen/x_med); both streams'
     expert inputs are read before anything is written. Returns (hidden, mix_gen, mix_med) for the
-    backward (empty unless ``need_saved``)."""
+    backward (all three empty unless ``need_saved``)."""
     d = x_gen.shape[1]
-    empty = x_gen.new_empty(0, d)
+    # Distinct empty tensors: outputs of a custom op must not alias each other (torch checks this).
+    empty_g, empty_m = x_gen.new_empty(0, d), x_gen.new_empty(0, d)
     if not backend.use_triton(x_gen):
         with torch.no_grad():
             mix_g, mix_m = _torch_mixes(x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med),
@@ -78,7 +79,7 @@ def _forward_into(
             out_gen.index_copy_(0, rows_gen, new_g)
             out_med.index_copy_(0, rows_med, new_m)
         if not need_saved:
-            return x_gen.new_empty(0, w_down.shape[1]), empty, empty
+            return x_gen.new_empty(0, w_down.shape[1]), empty_g, empty_m
         # The torch backward needs the per-assignment hidden: recompute it in the kernels' layout.
         u = torch.cat([x_gen.index_select(0, torch.cat([rows_gen, rows_med])),
                        x_med.index_select(0, torch.cat([rows_gen, rows_med]))], dim=1)
@@ -97,7 +98,7 @@ def _forward_into(
                                              pm, cm, wd, bd, wu, bu, need_saved)
         out_gen.copy_(og)
         out_med.copy_(om)
-        return hidden.to(x_gen.dtype), mix_g.to(x_gen.dtype), mix_m.to(x_gen.dtype)
+        return tuple(t.to(x_gen.dtype, copy=True) for t in (hidden, mix_g, mix_m))
     k = eidx_gen.shape[1]
     hidden = moe_down(x_gen, x_med, torch.cat([rows_gen, rows_med]), torch.cat([eidx_gen, eidx_med]),
                       w_down, b_down)
@@ -106,7 +107,7 @@ def _forward_into(
     moe_combine(x_gen, out_gen, rows_gen, eidx_gen, p_gen, hidden[: t_gen * k], w_up, b_up, c_gen, mixes[0])
     moe_combine(x_med, out_med, rows_med, eidx_med, p_med, hidden[t_gen * k:], w_up, b_up, c_med, mixes[1])
     if not need_saved:
-        return hidden, empty, empty
+        return hidden.new_empty(0, hidden.shape[1]), empty_g, empty_m
     return hidden, mixes[0], mixes[1]
 
 
@@ -126,7 +127,7 @@ def _moe_op(
 def _(x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down,
       w_up, b_up, need_saved):
     d, r = x_gen.shape[1], w_down.shape[1]
-    a = (rows_gen.shape[0] + rows_med.shape[0]) * eidx_gen.shape[1]
+    a = (rows_gen.shape[0] + rows_med.shape[0]) * eidx_gen.shape[1] if need_saved else 0
     mix_g = x_gen.new_empty(rows_gen.shape[0] if need_saved else 0, d)
     mix_m = x_gen.new_empty(rows_med.shape[0] if need_saved else 0, d)
     return torch.empty_like(x_gen), torch.empty_like(x_med), x_gen.new_empty(a, r), mix_g, mix_m
