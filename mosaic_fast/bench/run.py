@@ -40,7 +40,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--filter", default=None, help="only cases whose name contains this string")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds of timing per measurement")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
+                   help="time nothing: re-render results JSON file(s) (merged in order) as tables, "
+                        "--markdown, --plot and --json")
     return p.parse_args(argv)
+
+
+def load_results(paths: list[str]) -> dict:
+    """Results of one or more JSON files (e.g. an ops and a model run on one GPU), records concatenated;
+    the environment is the first file's, with each file's date kept in ``runs``."""
+    merged: dict = {"environment": None, "records": [], "runs": []}
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        merged["environment"] = merged["environment"] or results["environment"]
+        merged["records"] += results["records"]
+        merged["runs"].append({"file": os.path.basename(path), "date": results["environment"].get("date")})
+    return merged
+
+
+def write_outputs(results: dict, args: argparse.Namespace) -> None:
+    """--json, --markdown and --plot of ``results``."""
+    if args.json_path:
+        write_json(results, args.json_path)
+        print(f"\nwrote {args.json_path}")
+    if args.markdown_path:
+        with open(args.markdown_path, "w") as f:
+            f.write(markdown_table(results))
+        print(f"wrote {args.markdown_path}")
+    if args.plot_path:
+        from mosaic_fast.bench.plot import plot_results
+
+        plot_results(results, args.plot_path)
+        print(f"wrote {args.plot_path}")
 
 
 def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool) -> list:
@@ -87,12 +119,13 @@ def markdown_table(results: dict) -> str:
     records = results["records"]
     labels = [lab for lab in ("reference", "compiled", "fast") if any(lab in r["times_s"] for r in records)]
     cuda = any("pct_of_floor" in r for r in records)
+    memory = any(isinstance(r.get("peak_memory_bytes", {}).get("fast"), int) for r in records)
     lines = [
         f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
         "",
         "| case | " + " | ".join(f"{lab} ms" for lab in labels) + " | fast × ref | compiled × ref |"
-        + (" fast % of floor |" if cuda else ""),
-        "|---|" + "---:|" * (len(labels) + 2 + cuda),
+        + (" fast % of floor |" if cuda else "") + (" peak GB ref / fast |" if memory else ""),
+        "|---|" + "---:|" * (len(labels) + 2 + cuda + memory),
     ]
     for r in records:
         times = [f"{1e3 * r['times_s'][lab]:.3f}" if lab in r["times_s"] else "–" for lab in labels]
@@ -101,7 +134,11 @@ def markdown_table(results: dict) -> str:
         row = f"| {r['name']} | " + " | ".join(times + ratios) + " |"
         if cuda:
             pct = r.get("pct_of_floor", {}).get("fast")
-            row += f" {pct:.0f}% |" if pct is not None else " – |"
+            row += f" {pct:.1f}% |" if pct is not None else " – |"
+        if memory:
+            peak = r.get("peak_memory_bytes") or {}
+            ok = all(isinstance(peak.get(k), int) for k in ("reference", "fast"))
+            row += f" {peak['reference'] / 1e9:.2f} / {peak['fast'] / 1e9:.2f} |" if ok else " – |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -126,6 +163,14 @@ def write_json(results: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        results = load_results(args.from_json)
+        device = torch.device(results["environment"].get("bench_device", "cpu"))
+        for suite in dict.fromkeys(r["suite"] for r in results["records"]):
+            print(f"\n== suite {suite} ({results['environment']['device']}, {results['environment']['dtype']}) ==")
+            print(format_table([r for r in results["records"] if r["suite"] == suite], device))
+        write_outputs(results, args)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mosaic-fast bench: --device cuda was requested but no CUDA device is available", file=sys.stderr)
@@ -159,18 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(results, args.json_path)
         print(f"\n== suite {suite} ({device}, {str(dtype).replace('torch.', '')}) ==")
         print(format_table(records, device))
-    if args.json_path:
-        write_json(results, args.json_path)
-        print(f"\nwrote {args.json_path}")
-    if args.markdown_path:
-        with open(args.markdown_path, "w") as f:
-            f.write(markdown_table(results))
-        print(f"wrote {args.markdown_path}")
-    if args.plot_path:
-        from mosaic_fast.bench.plot import plot_results
-
-        plot_results(results, args.plot_path)
-        print(f"wrote {args.plot_path}")
+    write_outputs(results, args)
     return 0
 
 

@@ -1,0 +1,40 @@
+"""`mosaic-fast bench`: JSON written per case, failures recorded not fatal, re-rendering from JSON."""
+
+import json
+
+import torch
+
+from mosaic_fast.bench.core import Case, floor_seconds, time_case
+from mosaic_fast.bench.run import main
+
+
+def test_run_writes_json_then_renders_it(tmp_path):
+    out = tmp_path / "cpu.json"
+    assert main(["ops", "--device", "cpu", "--filter", "moe_skip_rho0.1", "--no-compile", "--min-run-time", "0.02",
+                 "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    (record,) = results["records"]
+    assert record["name"] == "moe_skip_rho0.1" and set(record["times_s"]) == {"reference", "fast"}
+    assert all(t > 0 for t in record["times_s"].values())
+    md, png, merged = tmp_path / "t.md", tmp_path / "t.png", tmp_path / "merged.json"
+    assert main(["--from-json", str(out), str(out), "--markdown", str(md), "--plot", str(png),
+                 "--json", str(merged)]) == 0
+    assert md.read_text().count("| moe_skip_rho0.1 |") == 2
+    assert png.stat().st_size > 1000
+    assert len(json.loads(merged.read_text())["runs"]) == 2
+
+
+def test_failing_implementation_is_recorded_and_the_others_timed():
+    def broken(x):
+        raise RuntimeError("kernel exploded")
+
+    case = Case("ops", "toy", {}, lambda i: (torch.randn(64, 64),), {"reference": torch.relu, "fast": broken})
+    record = time_case(case, torch.device("cpu"), rotate=2, with_compile=False, min_run_time=0.01, repeats=1)
+    assert set(record["times_s"]) == {"reference"}
+    assert "kernel exploded" in record["errors"]["fast"]
+
+
+def test_floor_uses_measured_ceilings():
+    case = Case("ops", "toy", {}, lambda i: (), {}, floor_bytes=4e9, floor_flops=1e12)
+    assert floor_seconds(case, {"bytes_per_s": 4e12, "flops_bf16": 5e14}) == 2e-3  # compute-bound here
+    assert floor_seconds(case, {"bytes_per_s": 1e12, "flops_bf16": 5e15}) == 4e-3  # memory-bound here
