@@ -425,8 +425,9 @@ def test_cuda_parity_real_shapes(cuda_device, dtype, routing):
     gradient within 2x the error of the same-dtype reference (flash-attention's rule). An absolute
     gradient bound cannot hold in these dtypes: rounding of the pre-activation flips ReLU masks, and the
     bf16 reference's own grad h is ~4e-2 (fp16: ~1.6e-2) off the float64 one at these shapes.
+    Backend "triton": the kernel even for one group (which "auto" sends to cuBLAS).
     """
-    mosaic_fast.set_backend("auto")
+    mosaic_fast.set_backend("triton")
     rs = [64, 96, 192] if routing == "mixed" else [192]
     ids = (torch.arange(32) % 3)[torch.randperm(32)]
     ids = ids.to(cuda_device) if routing == "mixed" else None

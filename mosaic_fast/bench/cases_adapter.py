@@ -3,7 +3,8 @@
 Implementations, on the same inputs:
   * "reference": the seed's computation, ``base + reference.MoSAdapter(h, expert_id)`` (for a mixed batch
     the three specialists run on their masked samples, as the seed does);
-  * "fast": ``nn.MoSAdapter.forward_fused(h, base, expert_id)`` (one launch for A/B/C);
+  * "fast": ``nn.MoSAdapter.forward_fused(h, base, expert_id)`` (one launch for A/B/C; for one specialist
+    on CUDA the default backend runs cuBLAS, so "kernel" times the fused Triton kernel there too);
   * the runner adds ``torch.compile`` of the reference.
 
 Routings: "single" (the whole batch on specialist C, the largest bottleneck) and "mixed" (samples spread
@@ -22,6 +23,8 @@ from __future__ import annotations
 import copy
 
 import torch
+
+import mosaic_fast
 
 from .. import nn as fast_nn
 from .. import reference
@@ -83,6 +86,19 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     return out
 
 
+def _on_triton_backend(fn):
+    """``fn`` run with backend "triton" (the fused kernel even for one specialist), then back to "auto"."""
+
+    def run(*args):
+        mosaic_fast.set_backend("triton")
+        try:
+            return fn(*args)
+        finally:
+            mosaic_fast.set_backend("auto")
+
+    return run
+
+
 def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) -> Case:
     ref, fast = _modules(device, dtype)
     T = batch * TOKENS
@@ -119,6 +135,9 @@ def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) ->
             with torch.no_grad():
                 return fast.forward_fused(h, base, eid)
 
+    impls = {"reference": reference_impl, "fast": fast_impl}
+    if routing == "single" and device.type == "cuda":
+        impls["kernel"] = _on_triton_backend(fast_impl)  # "fast" is cuBLAS for one group (ops docstring)
     floor_bytes, floor_flops = _floors(routing, batch, elem, backward)
     pass_name = "fwd+bwd" if backward else "fwd"
     return Case(
@@ -136,7 +155,7 @@ def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) ->
             "dtype": str(dtype).replace("torch.", ""),
         },
         make_inputs=make_inputs,
-        impls={"reference": reference_impl, "fast": fast_impl},
+        impls=impls,
         floor_bytes=floor_bytes,
         floor_flops=floor_flops,
         notes="fast = nn.MoSAdapter.forward_fused (one launch for A/B/C); reference = base + seed MoSAdapter",

@@ -34,13 +34,15 @@ Autograd and torch.compile
   LayerNorm output for 16-bit activations.
 
 Dispatch (``mosaic_fast.set_backend``): Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1 with
-backend "triton"), the torch fallback otherwise. The fallback sorts samples by group with a stable
-argsort and runs one LayerNorm + two addmm per group over the gathered rows (a mixed batch with base
-starts from a copy of base and index_add_s each group's scaled output); it reads the group sizes on the
-host (fine on CPU, a sync on CUDA, where the Triton path is the default).
-
-Bad ids: on CPU tensors, ids outside [0, G) raise ValueError (as does the torch fallback on CUDA). The
-Triton kernels on CUDA cannot raise without a host sync: rows routed to an invalid id come out as NaN
+backend "triton"), the torch fallback otherwise. One exception, from measurement: with one group
+(``expert_id`` None) backend "auto" runs the torch ops (cuBLAS) on CUDA too, because on an H200 (bf16,
+2026-11-30) the fused kernel took 1.4-2.0x cuBLAS's time for one specialist, while for mixed batches it
+was 2-4x faster than the reference; backend "triton" still runs the kernel for one group.
+The fallback sorts samples by group with a stable argsort and runs one LayerNorm + two addmm per group over
+the gathered rows (a mixed batch with base starts from a copy of base and index_add_s each group's scaled
+output); it reads the group sizes on the host (fine on CPU, a sync on CUDA, where the Triton path is the
+default). Bad ids: on CPU tensors, ids outside [0, G) raise ValueError (as does the torch fallback on CUDA).
+The Triton kernels on CUDA cannot raise without a host sync: rows routed to an invalid id come out as NaN
 (never a silently plausible value).
 """
 
@@ -269,6 +271,11 @@ def _validate_ids_on_host(ids: Tensor | None, G: int, triton_path: bool) -> None
     # (CPU) or the path syncs anyway (torch fallback), raise instead.
     if ids is not None and (ids.device.type == "cpu" or not triton_path):
         check_ids_range("expert_id", ids, G)
+
+
+def _single_group_uses_torch(h: Tensor) -> bool:
+    """One group: torch ops (cuBLAS on CUDA) unless backend "triton" asks for the kernel (module docstring)."""
+    return backend.get_backend() != "triton" or not backend.use_triton(h)
 
 
 def _forward_impl(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scale, eps, save):
@@ -519,12 +526,12 @@ def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1,
         h.requires_grad or (base is not None and base.requires_grad) or any(w.requires_grad for w in weights)
     )
     args = (h2, base2, expert_id, seg_len, *weights, list(bottlenecks), float(scale), float(eps))
-    if torch.compiler.is_compiling():
+    if expert_id is None and _single_group_uses_torch(h2):
+        out = _torch_single_autograd(h2, base2, *weights, float(scale), float(eps))
+    elif torch.compiler.is_compiling():
         out = grouped_adapter_fwd(*args, bool(save))[0]
     elif not save:
         out = _forward_impl(*args, False)[0]
-    elif expert_id is None and not backend.use_triton(h2):
-        out = _torch_single_autograd(h2, base2, *weights, float(scale), float(eps))
     else:
         out = GroupedAdapterFunction.apply(*args)
     out = out.view(h.shape)
