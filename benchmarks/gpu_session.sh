@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests ops     # first call
 #   bash benchmarks/gpu_session.sh model         # second call, on the still-warm machine
+#   bash benchmarks/gpu_session.sh graphs        # inference under CUDA-graph replay (extra columns)
 #
 # Each stage has its own time limit, and the benchmark rewrites its JSON after every case, so a stage cut
 # short still returns what it measured. medmnist (not in the GPU image) travels as a wheel in .whl/.
@@ -23,6 +24,10 @@ for stage in "$@"; do
   case $stage in
     tests) timeout "${TESTS_S:-200}" python3 -m pytest -m cuda -q -rfEs -p no:cacheprovider --durations=8 tests \
              2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    graphs) timeout "${BENCH_S:-300}" python3 benchmarks/run.py all --device cuda --graphs --no-compile \
+             --filter moe_skip --filter infer --filter dynamer \
+             --json "$OUT/${tag}_graphs.json" --markdown "$OUT/${tag}_graphs.md" 2>"$OUT/bench_graphs.err" \
+             | tee "$OUT/bench_graphs.log" | tail -45 ;;
     ops|model) timeout "${BENCH_S:-300}" python3 benchmarks/run.py "$stage" --device cuda \
              --json "$OUT/${tag}_$stage.json" --markdown "$OUT/${tag}_$stage.md" 2>"$OUT/bench_$stage.err" \
              | tee "$OUT/bench_$stage.log" | tail -45 ;;

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mosaic_fast.bench.core import Case
+from mosaic_fast.graphs import CUDAGraphInference
 from mosaic_fast.models import DynaMerModel
 
 RHOS = (1.0, 0.5, 0.3, 0.1)
@@ -46,7 +47,8 @@ class _LazyPair:
         return self.models[which]
 
 
-def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
+    """Table-7 cases; with ``graphs`` also both models under CUDA-graph replay ("…+graphs" columns)."""
     cfg = _config(quick)
     size = cfg["model"]["img_size"]
     out = []
@@ -61,12 +63,23 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
                         return model(x)
                 return run
 
+            def graphed(which, rho=rho, pair=pair):
+                replay = CUDAGraphInference(lambda x: pair.get(which)(x))
+
+                def run(x):
+                    pair.get(which).keep_ratio = rho  # before the first call: the capture bakes ρ in
+                    return replay(x)
+                return run
+
             def make(i):
                 g = torch.Generator().manual_seed(i)
                 return [torch.randn(cfg["batch"], 3, size, size, generator=g).to(device, dtype)]
 
             params = dict(rho=rho, skip_mode=mode, batch=cfg["batch"], **cfg["model"])
             out.append(Case("model", f"dynamer_{mode}_rho{rho:g}", params, make,
-                            {"reference": impl("reference"), "fast": impl("fast")}, compile_reference=False,
+                            {"reference": impl("reference"), "fast": impl("fast"),
+                             **({"reference+graphs": graphed("reference"), "fast+graphs": graphed("fast")}
+                                if graphs else {})},
+                            compile_reference=False,
                             notes="inference time per batch (Table 7 format); reference = fast=False model"))
     return out

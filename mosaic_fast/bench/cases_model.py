@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_fast.bench.core import Case
+from mosaic_fast.graphs import CUDAGraphInference
 from mosaic_fast.models import EMATeacher, MosaicModel
 
 
@@ -47,7 +48,9 @@ def _ids(batch: int, device: torch.device, seed: int, mixed: bool) -> torch.Tens
     return ids.to(device)
 
 
-def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
+    """Inference of the reference and fast models (and, with ``graphs``, the fast model under CUDA-graph
+    replay: "fast+graphs")."""
     cfg = _config(quick)
     ref, fast = _pair(cfg, device)
     ref, fast = ref.to(dtype).eval(), fast.to(dtype).eval()
@@ -65,7 +68,8 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> li
             suite="model", name=f"mosaic_infer_{'mixedAB' if mixed else 'single'}_b{b}",
             params=dict(batch=b, mixed=mixed, **{k: cfg[k] for k in ("embed_dim", "depth")}),
             make_inputs=lambda i, mixed=mixed: (_images(b, device, dtype, i), _ids(b, device, i, mixed)),
-            impls={"reference": ref_fwd(ref), "fast": ref_fwd(fast)},
+            impls={"reference": ref_fwd(ref), "fast": ref_fwd(fast),
+                   **({"fast+graphs": CUDAGraphInference(fast.forward_features)} if graphs else {})},
             notes="images/s = batch / time",
         ))
 
@@ -83,7 +87,10 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> li
     cases.append(Case(
         suite="model", name=f"mosaic_infer_mixed2D3D_b{b}",
         params=dict(batch=b, batch_3d=b3, mixed=True, **{k: cfg[k] for k in ("embed_dim", "depth")}),
-        make_inputs=make_packed, impls={"reference": packed(ref), "fast": packed(fast)},
+        make_inputs=make_packed,
+        impls={"reference": packed(ref), "fast": packed(fast),
+               **({"fast+graphs": CUDAGraphInference(lambda x2, ids2, x3: fast.forward_packed([(x2, ids2), (x3, "C")]))}
+                  if graphs else {})},
         compile_reference=False,
         notes="reference runs the 2D and 3D batches one after the other; fast packs MLP + adapter",
     ))
@@ -157,6 +164,6 @@ def training_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> lis
     return cases
 
 
-def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
     """Inference and training-step cases of MosaicModel."""
-    return inference_cases(device, dtype, quick) + training_cases(device, dtype, quick)
+    return inference_cases(device, dtype, quick, graphs) + training_cases(device, dtype, quick)

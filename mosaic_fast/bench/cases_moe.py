@@ -16,6 +16,7 @@ import torch
 from mosaic_fast import nn as fast_nn
 from mosaic_fast import reference
 from mosaic_fast.bench.core import Case
+from mosaic_fast.graphs import CUDAGraphInference
 from mosaic_fast.reference.moe import num_kept
 
 RHOS = (1.0, 0.5, 0.3, 0.1)
@@ -62,7 +63,9 @@ def _floor(cfg: dict, rows: float, dtype: torch.dtype) -> tuple[float, float]:
     return bytes_, flops
 
 
-def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
+    """MoE adapter and skipping cases; with ``graphs`` the fast skip op also under CUDA-graph replay
+    ("fast+graphs": the op's device time without the launch overhead that dominates at B = 32)."""
     cfg = _config(quick)
     ref, fast = _modules(cfg, device, dtype)
     shape = dict(B=cfg["batch"], N=cfg["tokens"], D=cfg["dim"], experts=cfg["experts"], top_k=cfg["top_k"],
@@ -95,7 +98,8 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
         kept = cfg["batch"] * num_kept(rho, cfg["tokens"])
         fb, ff = _floor(cfg, kept, dtype)
         out.append(Case("ops", f"moe_skip_rho{rho:g}", dict(shape, rho=rho), make,
-                        {"reference": skipped(ref, False), "fast": skipped(fast, True)},
+                        {"reference": skipped(ref, False), "fast": skipped(fast, True),
+                         **({"fast+graphs": CUDAGraphInference(skipped(fast, True))} if graphs else {})},
                         floor_bytes=fb, floor_flops=ff,
                         notes="adapter on the kept tokens of both streams; fast: in place, kept rows only"))
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -38,7 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", dest="markdown_path", default=None, help="write the tables as Markdown (README)")
     p.add_argument("--full", action="store_true", help="real (GPU) shapes even on CPU (slow)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
-    p.add_argument("--filter", default=None, help="only cases whose name contains this string")
+    p.add_argument("--graphs", action="store_true",
+                   help="CUDA: also time inference under CUDA-graph replay (mosaic_fast.graphs), as extra columns")
+    p.add_argument("--filter", action="append", default=None, metavar="TEXT",
+                   help="only cases whose name contains TEXT (repeat for any of several)")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds of timing per measurement")
     p.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
                    help="time nothing: re-render results JSON file(s) (merged in order) as tables, "
@@ -75,14 +79,17 @@ def write_outputs(results: dict, args: argparse.Namespace) -> None:
         print(f"wrote {args.plot_path}")
 
 
-def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool) -> list:
-    """Every case of ``suites``; a module whose cases cannot be built is reported and left out."""
+def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool,
+                  graphs: bool = False) -> list:
+    """Every case of ``suites``; a module whose cases cannot be built is reported and left out.
+    ``graphs`` goes to the modules whose ``cases`` take it (CUDA-graph variants of inference cases)."""
     cases = []
     for suite in suites:
         for module_name in SUITES[suite]:
             module = importlib.import_module(f"mosaic_fast.bench.{module_name}")
+            extra = {"graphs": graphs} if "graphs" in inspect.signature(module.cases).parameters else {}
             try:
-                cases += module.cases(device, dtype, quick)
+                cases += module.cases(device, dtype, quick, **extra)
             except Exception as exc:  # report and go on: one broken module must not lose the others
                 print(f"mosaic-fast bench: building the {module_name} cases failed: {type(exc).__name__}: {exc}",
                       file=sys.stderr)
@@ -118,19 +125,21 @@ def markdown_table(results: dict) -> str:
     env = results["environment"]
     records = results["records"]
     labels = [lab for lab in ("reference", "compiled", "fast") if any(lab in r["times_s"] for r in records)]
+    labels += list(dict.fromkeys(lab for r in records for lab in r["times_s"] if lab not in labels))
+    ratio_labels = ["fast", "compiled", *(lab for lab in labels if lab not in ("reference", "compiled", "fast"))]
     cuda = any("pct_of_floor" in r for r in records)
     memory = any(isinstance(r.get("peak_memory_bytes", {}).get("fast"), int) for r in records)
     lines = [
         f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
         "",
-        "| case | " + " | ".join(f"{lab} ms" for lab in labels) + " | fast × ref | compiled × ref |"
+        "| case | " + " | ".join([f"{lab} ms" for lab in labels] + [f"{lab} × ref" for lab in ratio_labels]) + " |"
         + (" fast % of floor |" if cuda else "") + (" peak GB ref / fast |" if memory else ""),
-        "|---|" + "---:|" * (len(labels) + 2 + cuda + memory),
+        "|---|" + "---:|" * (len(labels) + len(ratio_labels) + cuda + memory),
     ]
     for r in records:
         times = [f"{1e3 * r['times_s'][lab]:.3f}" if lab in r["times_s"] else "–" for lab in labels]
         ratios = [f"{r['speedup_vs_reference'][lab]:.2f}" if lab in r["speedup_vs_reference"] else "–"
-                  for lab in ("fast", "compiled")]
+                  for lab in ratio_labels]
         row = f"| {r['name']} | " + " | ".join(times + ratios) + " |"
         if cuda:
             pct = r.get("pct_of_floor", {}).get("fast")
@@ -188,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceilings: copy {ceilings['bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 GEMM {ceilings['flops_bf16'] / 1e12:.0f} TFLOP/s", file=sys.stderr)
     for suite in suites:
-        cases = [c for c in collect_cases([suite], device, dtype, quick)
-                 if args.filter is None or args.filter in c.name]
+        cases = [c for c in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda")
+                 if args.filter is None or any(f in c.name for f in args.filter)]
         records = []
         for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
             try:
