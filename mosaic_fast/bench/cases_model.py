@@ -122,19 +122,35 @@ class TrainStep:
         self.teacher.update(self.model, experts)
 
 
+def _resident_bytes(step: TrainStep) -> int:
+    """Bytes a training setup keeps between steps: student and teacher weights/buffers, optimizer state."""
+    tensors = [*step.model.parameters(), *step.model.buffers(), *step.teacher.model.parameters(),
+               *step.teacher.model.buffers()]
+    tensors += [t for state in step.opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t.is_cuda:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def _peak_memory(step: TrainStep, inputs: tuple, device: torch.device) -> int | str | None:
-    """Peak CUDA memory of one training step (after a first step), or the error that stopped it."""
+    """Peak CUDA memory of one training step on its own: the setup's resident bytes plus the step's peak
+    above what was allocated before it (gradients, activations, temporaries). Other models alive in the
+    benchmark process are not counted. Returns the error instead if the step fails."""
     if device.type != "cuda":
         return None
     try:
-        step(*inputs)
+        step(*inputs)  # optimizer state exists after a first step
+        step.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step(*inputs)
         torch.cuda.synchronize()
     except Exception as exc:  # the timing run reports the same failure; keep the other implementations
         return f"{type(exc).__name__}: {exc}"[:300]
-    return int(torch.cuda.max_memory_allocated())
+    return _resident_bytes(step) + int(torch.cuda.max_memory_allocated()) - baseline
 
 
 def training_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
