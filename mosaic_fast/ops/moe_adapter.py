@@ -215,7 +215,7 @@ def moe_gated_update(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     idx = (rows_gen, rows_med, eidx_gen, eidx_med)
     if inplace and not needs_grad and x_gen.is_contiguous() and x_med.is_contiguous():
-        if backend.use_triton(x_gen):
+        if backend.use_triton(x_gen) and torch.compiler.is_compiling():  # eagerly: no custom-op dispatch cost
             torch.ops.mosaic_fast.moe_gated_update_(x_gen, x_med, *idx[:2], idx[2], p_gen, c_gen, idx[3], p_med,
                                                     c_med, w_down, b_down, w_up, b_up)
         else:

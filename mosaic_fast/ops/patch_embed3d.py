@@ -273,9 +273,17 @@ def _proj_checked(
     scale: float,
     shift: float,
 ) -> torch.Tensor:
-    """The Triton projection on arguments already checked (bf16 upcast under the interpreter)."""
+    """The Triton projection on arguments already checked (bf16 upcast under the interpreter).
+
+    Without autograd and outside torch.compile the launcher is called directly: the custom op's
+    dispatch costs tens of microseconds per call, as much as the kernel itself at small batches."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if needs_grad or torch.compiler.is_compiling():
+        proj = _patch_embed3d_proj_op
+    else:
+        from ..kernels.patch_embed3d import patch_embed3d_fwd as proj
     if backend.INTERPRET and not x.is_cuda and torch.bfloat16 in (x.dtype, weight.dtype):
-        y = _patch_embed3d_proj_op(
+        y = proj(
             x.float() if x.dtype == torch.bfloat16 else x,
             weight.float(),
             bias.float() if bias is not None else None,
@@ -284,7 +292,7 @@ def _proj_checked(
             float(shift),
         )
         return y.to(weight.dtype)
-    return _patch_embed3d_proj_op(x, weight, bias, patch, float(scale), float(shift))
+    return proj(x, weight, bias, patch, float(scale), float(shift))
 
 
 def _check_weight(
