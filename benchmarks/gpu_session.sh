@@ -4,9 +4,14 @@
 #   bash benchmarks/gpu_session.sh tests ops     # first call
 #   bash benchmarks/gpu_session.sh model         # second call, on the still-warm machine
 #   bash benchmarks/gpu_session.sh graphs        # inference under CUDA-graph replay (extra columns)
+#   bash benchmarks/gpu_session.sh tune          # grouped-adapter forward: configs and cuBLAS pieces
 #
 # Each stage has its own time limit, and the benchmark rewrites its JSON after every case, so a stage cut
-# short still returns what it measured. medmnist (not in the GPU image) travels as a wheel in .whl/.
+# short still returns what it measured. medmnist (not in the GPU image) travels as a wheel in .whl/
+# (ignored by git), fetched here once with:
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl medmnist==3.0.2
+# and sent along with the device tool's carry=[".whl"].
 set -u
 OUT=${OUT:-/tmp/mosaic_out}
 mkdir -p "$OUT"
@@ -24,6 +29,8 @@ for stage in "$@"; do
   case $stage in
     tests) timeout "${TESTS_S:-200}" python3 -m pytest -m cuda -q -rfEs -p no:cacheprovider --durations=8 tests \
              2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    tune) timeout "${BENCH_S:-300}" python3 benchmarks/tune_grouped_adapter.py --json "$OUT/${tag}_tune.json" \
+             2>&1 | tee "$OUT/tune.log" | tail -45 ;;
     graphs) timeout "${BENCH_S:-300}" python3 benchmarks/run.py all --device cuda --graphs --no-compile \
              --filter moe_skip --filter infer --filter dynamer \
              --json "$OUT/${tag}_graphs.json" --markdown "$OUT/${tag}_graphs.md" 2>"$OUT/bench_graphs.err" \

@@ -1,0 +1,142 @@
+"""Where the grouped-adapter forward spends its time, in one GPU call (see benchmarks/NOTES.md).
+
+Times, on the same rotating bf16 inputs (D = 768, 197 tokens per image): the fused kernel with each of
+its forward configs forced in turn, the autotuned kernel, the cuBLAS path (LayerNorm, addmm, ReLU,
+addmm, add) and that path's pieces alone, and prints each as ms and % of the roofline floor measured
+against this device's copy bandwidth and GEMM rate. Forward only, inference (no saved tensors).
+
+    python benchmarks/tune_grouped_adapter.py --json $OUT/tune.json          # on a GPU
+    TRITON_INTERPRET=1 python benchmarks/tune_grouped_adapter.py --smoke       # plumbing check on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mosaic_fast
+from mosaic_fast.kernels import grouped_adapter as kernels
+from mosaic_fast.ops import grouped_adapter as ga
+
+
+def _median_s(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) / 1e3
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rotating(fn):
+    """A no-argument call of ``fn`` on input sets 0, 1, 2, 0, ... (caches don't flatter)."""
+    calls = iter(range(10**12))
+    return lambda: fn(next(calls) % 3)
+
+
+def _weights(d: int, rs: list[int], device, dtype):
+    g, r = len(rs), sum(rs)
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, mean=0.0):
+        return (torch.randn(*shape, generator=gen) * 0.05 + mean).to(device, dtype)
+
+    return [rnd(g, d, mean=1.0), rnd(g, d), rnd(r, d), rnd(r), rnd(d, r), rnd(g, d)]
+
+
+def _variants(h_sets, base_sets, ids, weights, rs, device):
+    """name -> callable(i) for input set i."""
+    ln_w, ln_b, wd, bd, wu, bu = weights
+    out = {}
+
+    def kernel(i):
+        return ga.grouped_adapter(h_sets[i], *weights, rs, base=base_sets[i], expert_id=ids)
+
+    out["kernel (autotuned)"] = kernel
+    for cfg in kernels._fwd_configs():
+        def forced(i, cfg=cfg):
+            saved = kernels._fwd.configs, kernels._fwd.cache
+            kernels._fwd.configs, kernels._fwd.cache = [cfg], {}
+            try:
+                return kernel(i)
+            finally:
+                kernels._fwd.configs, kernels._fwd.cache = saved
+        kw = cfg.kwargs
+        out[f"kernel BM{kw['BM']} BK{kw['BK']} BN{kw['BN']} w{cfg.num_warps} s{cfg.num_stages}"] = forced
+    if ids is None:  # the cuBLAS path and its pieces (one group)
+        d = h_sets[0].shape[-1]
+        y0 = F.layer_norm(h_sets[0], (d,), ln_w[0], ln_b[0]).view(-1, d)
+        z0 = torch.relu(torch.addmm(bd, y0, wd.t()))
+        out["cuBLAS path (auto)"] = kernel  # run under backend "auto": one group goes to cuBLAS
+        out["  LayerNorm alone"] = lambda i: F.layer_norm(h_sets[i], (d,), ln_w[0], ln_b[0])
+        out["  down addmm alone"] = lambda i: torch.addmm(bd, y0, wd.t())
+        out["  up addmm alone"] = lambda i: torch.addmm(bu[0], z0, wu.t())
+    return out
+
+
+def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: dict) -> list[dict]:
+    d, n = 768, 197
+    rows = []
+    for routing, rs in (("single", [192]), ("mixed", [64, 96, 192])):
+        for b in batches:
+            t = b * n
+            h_sets = [torch.randn(b, n, d, device=device, dtype=dtype) for _ in range(3)]
+            base_sets = [torch.randn(b, n, d, device=device, dtype=dtype) for _ in range(3)]
+            ids = None if routing == "single" else torch.arange(b, device=device) % 3  # per sample, as the model
+            weights = _weights(d, rs, device, dtype)
+            routed_r = [rs[i % len(rs)] for i in range(b)] if routing == "mixed" else [rs[0]] * b
+            flops = 4.0 * d * n * sum(routed_r)
+            elem = torch.empty((), dtype=dtype).element_size()
+            floor = max(3 * t * d * elem / ceilings["bytes_per_s"], flops / ceilings["flops_bf16"])
+            mosaic_fast.set_backend("triton")
+            try:
+                with torch.no_grad():
+                    for name, fn in _variants(h_sets, base_sets, ids, weights, rs, device).items():
+                        if name.startswith("cuBLAS") or name.startswith("  "):
+                            mosaic_fast.set_backend("auto")
+                        try:
+                            fn(0)
+                            sec = _median_s(_rotating(fn), device)
+                            rows.append(dict(routing=routing, B=b, variant=name, ms=sec * 1e3,
+                                             pct_floor=100 * floor / sec))
+                        except Exception as exc:  # a config that does not compile: report, go on
+                            rows.append(dict(routing=routing, B=b, variant=name,
+                                             error=f"{type(exc).__name__}: {exc}"[:200]))
+            finally:
+                mosaic_fast.set_backend("auto")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--smoke", action="store_true", help="tiny run on CPU under TRITON_INTERPRET=1")
+    args = p.parse_args()
+    if args.smoke:
+        device, dtype, batches = torch.device("cpu"), torch.float32, [1]
+        ceilings = {"bytes_per_s": 1e10, "flops_bf16": 1e11}
+    else:
+        from mosaic_fast.bench.core import measure_ceilings
+
+        device, dtype, batches = torch.device("cuda"), torch.bfloat16, [32, 128]
+        ceilings = measure_ceilings(device)
+    rows = run(batches, device, dtype, ceilings)
+    for r in rows:
+        tail = r["error"] if "error" in r else f"{r['ms']:9.3f} ms {r['pct_floor']:6.1f}% of floor"
+        print(f"{r['routing']:<7}B={r['B']:<4}{r['variant']:<36}{tail}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceilings, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
