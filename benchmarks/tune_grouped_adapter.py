@@ -1,9 +1,10 @@
 """Where the grouped-adapter forward spends its time, in one GPU call (see benchmarks/NOTES.md).
 
 Times, on the same rotating bf16 inputs (D = 768, 197 tokens per image): the fused kernel with each of
-its forward configs forced in turn, the autotuned kernel, the cuBLAS path (LayerNorm, addmm, ReLU,
-addmm, add) and that path's pieces alone, and prints each as ms and % of the roofline floor measured
-against this device's copy bandwidth and GEMM rate. Forward only, inference (no saved tensors).
+its forward configs forced in turn, the autotuned fused kernel, the split variant (two kernels), the
+cuBLAS path (LayerNorm, addmm, ReLU, addmm, add) and that path's pieces alone, and prints each as ms and
+% of the roofline floor measured against this device's copy bandwidth and GEMM rate. Forward only,
+inference (no saved tensors).
 
     python benchmarks/tune_grouped_adapter.py --json $OUT/tune.json          # on a GPU
     TRITON_INTERPRET=1 python benchmarks/tune_grouped_adapter.py --smoke       # plumbing check on CPU
@@ -62,6 +63,16 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
         return ga.grouped_adapter(h_sets[i], *weights, rs, base=base_sets[i], expert_id=ids)
 
     out["kernel (autotuned)"] = kernel
+
+    def split(i):
+        saved = kernels.FORWARD_VARIANT
+        kernels.FORWARD_VARIANT = "split"
+        try:
+            return kernel(i)
+        finally:
+            kernels.FORWARD_VARIANT = saved
+
+    out["split kernels (autotuned)"] = split
     for cfg in kernels._fwd_configs():
         def forced(i, cfg=cfg):
             saved = kernels._fwd.configs, kernels._fwd.cache

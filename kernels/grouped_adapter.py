@@ -70,6 +70,13 @@ MAX_BOTTLENECK = 256
 SAVE_PREACT = True
 #: Row splits of the weight-gradient kernel; None picks from the SM count.
 WGRAD_SPLIT: int | None = None
+#: Forward variant. "fused": one kernel, the hidden stays on chip and each row tile runs the whole up
+#: projection in sequence (measured on an H200, 2026-11-30: 12 % of the memory floor). "split": the
+#: LayerNorm + down projection kernel writes the pre-activation (T, R_MAX) and a second kernel runs the
+#: up projection over (row tile, column block) programs in parallel: ~8 % more bytes, far more
+#: parallelism (unmeasured; ``benchmarks/tune_grouped_adapter.py`` times both).
+FORWARD_VARIANT = "fused"
+FORWARD_VARIANTS = ("fused", "split")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ def _fwd_kernel(
     scale, eps,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, SAVE: tl.constexpr, SAVE_A: tl.constexpr,
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    UP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
@@ -263,9 +270,18 @@ def _fwd_kernel(
     if SAVE:
         tl.store(mean_ptr + rows, mean, mask=valid)
         tl.store(rstd_ptr + rows, rstd, mask=valid)
-    z = tl.maximum(a, 0.0).to(wd_ptr.dtype.element_ty)
+    if UP:  # fused variant; the split variant's _up_kernel does this part
+        _up_epilogue(tl.maximum(a, 0.0).to(wd_ptr.dtype.element_ty), rows, valid, ok, gc, roff, offr, rmask,
+                     base_ptr, out_ptr, wu_ptr, bu_ptr, D, stride_base, stride_out, stride_wu, stride_bu, scale,
+                     HAS_BASE, BN, EVEN_D, DOT_PRECISION)
 
-    # up projection, bias, scale and residual in the epilogue
+
+@triton.jit
+def _up_epilogue(z, rows, valid, ok, gc, roff, offr, rmask,
+                 base_ptr, out_ptr, wu_ptr, bu_ptr, D, stride_base, stride_out, stride_wu, stride_bu, scale,
+                 HAS_BASE: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """out[rows] = (z @ Wu_gᵀ + bu_g)·scale [+ base[rows]] over all D columns, BN at a time (NaN rows for
+    invalid groups)."""
     offn = tl.arange(0, BN)
     wu_ptrs = wu_ptr + offn[None, :] * stride_wu + (roff + offr)[:, None]
     bu_ptrs = bu_ptr + gc * stride_bu + offn
@@ -287,6 +303,49 @@ def _fwd_kernel(
             res += tl.load(b_ptrs + n0, mask=m, other=0.0).to(tl.float32)
         res = tl.where(ok, res, float("nan"))
         tl.store(o_ptrs + n0, res, mask=m)
+
+
+@triton.jit
+def _up_kernel(
+    a_ptr, base_ptr, out_ptr, wu_ptr, bu_ptr, meta_ptr,
+    ids_ptr, perm_ptr, cnt_ptr,
+    D, S, L, G, T_BUCKET,
+    stride_a, stride_base, stride_out, stride_wu, stride_bu,
+    scale,
+    MODE: tl.constexpr, S_BLOCK: tl.constexpr, HAS_BASE: tl.constexpr,
+    R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Split forward, second kernel: program (tile, column block) computes BN output columns of a tile
+    of BM rows of one group from the pre-activation ``a`` written by ``_fwd_kernel`` (UP=False)."""
+    pid = tl.program_id(0)
+    g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
+    pos = j * BM + tl.arange(0, BM)
+    valid = pos < n
+    rows = _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE, S_BLOCK)
+    ok = (g >= 0) & (g < G)
+    gc = tl.minimum(tl.maximum(g, 0), G - 1)
+    roff = tl.load(meta_ptr + 2 * gc)
+    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
+    offn = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = offn < D
+    offk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, r, BK):
+        km = (k0 + offk) < r
+        z = tl.load(a_ptr + rows[:, None] * stride_a + (k0 + offk)[None, :], mask=valid[:, None] & km[None, :],
+                    other=0.0)
+        z = tl.maximum(z, 0.0).to(wu_ptr.dtype.element_ty)
+        w = tl.load(wu_ptr + offn[None, :] * stride_wu + (roff + k0 + offk)[:, None], mask=km[:, None] & nm[None, :],
+                    other=0.0)
+        acc = tl.dot(z, w, acc, input_precision=DOT_PRECISION)
+    buv = tl.load(bu_ptr + gc * stride_bu + offn, mask=nm, other=0.0).to(tl.float32)
+    res = (acc + buv[None, :]) * scale
+    m = valid[:, None] & nm[None, :]
+    if HAS_BASE:
+        res += tl.load(base_ptr + rows[:, None] * stride_base + offn[None, :], mask=m, other=0.0).to(tl.float32)
+    res = tl.where(ok, res, float("nan"))
+    tl.store(out_ptr + rows[:, None] * stride_out + offn[None, :], res, mask=m)
 
 
 @triton.jit
@@ -530,9 +589,21 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _fwd = triton.autotune(
     configs=_fwd_configs(),
-    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "T_BUCKET"],
+    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_fwd} if not INTERPRET else None,
 )(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(_fwd_kernel))
+
+
+def _up_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BK": 16, "BN": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BM": bm, "BK": 64, "BN": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 256, 8, 3)]
+    ]
+
+
+_up = triton.autotune(configs=_up_configs(), key=["D", "R_BLOCK", "MODE", "HAS_BASE", "T_BUCKET"])(_up_kernel)
 
 
 def _dh_configs() -> list[triton.Config]:
@@ -647,24 +718,41 @@ def forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scal
     ln_w, ln_b, wd, bd, wu, bu = (t.contiguous() for t in (ln_w, ln_b, wd, bd, wu, bu))
     dev = h.device
     out = torch.empty((T, D), device=dev, dtype=h.dtype)
+    if FORWARD_VARIANT not in FORWARD_VARIANTS:
+        raise ValueError(f"FORWARD_VARIANT must be one of {FORWARD_VARIANTS}, got {FORWARD_VARIANT!r}")
+    split = FORWARD_VARIANT == "split"
     save_a = save and SAVE_PREACT
     mean = torch.empty(T if save else 0, device=dev, dtype=torch.float32)
     rstd = torch.empty(T if save else 0, device=dev, dtype=torch.float32)
-    a = torch.empty((T if save_a else 0, r_max), device=dev, dtype=wd.dtype)
+    a = torch.empty((T if (save_a or split) else 0, r_max), device=dev, dtype=wd.dtype)
     if T > 0:
         mode, S, L, s_block, ids_t, perm, counts = _routing(ids, T, seg_len, G, dev)
-        grid = lambda meta: (triton.cdiv(T, meta["BM"]) + G + 1,)
+        meta = _meta(bottlenecks, dev)
+        base_arg, base_stride = (base, base.stride(0)) if base is not None else (h, 0)
+        grid = lambda m: (triton.cdiv(T, m["BM"]) + G + 1,)
         _fwd[grid](
-            h, base if base is not None else h, out, a, mean, rstd,
-            ln_w, ln_b, wd, bd, wu, bu, _meta(bottlenecks, dev),
+            h, base_arg, out, a, mean, rstd,
+            ln_w, ln_b, wd, bd, wu, bu, meta,
             ids_t, perm, counts,
             D, S, L, G, _t_bucket(T),
-            h.stride(0), base.stride(0) if base is not None else 0, out.stride(0), r_max,
+            h.stride(0), base_stride, out.stride(0), r_max,
             ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
             float(scale), float(eps),
-            MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, SAVE=bool(save), SAVE_A=save_a,
-            R_BLOCK=_pow2(r_max), DOT_PRECISION=dot_precision(wd.dtype),
+            MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, SAVE=bool(save), SAVE_A=save_a or split,
+            R_BLOCK=_pow2(r_max), UP=not split, DOT_PRECISION=dot_precision(wd.dtype),
         )
+        if split:
+            grid_up = lambda m: (triton.cdiv(T, m["BM"]) + G + 1, triton.cdiv(D, m["BN"]))
+            _up[grid_up](
+                a, base_arg, out, wu, bu, meta, ids_t, perm, counts,
+                D, S, L, G, _t_bucket(T),
+                r_max, base_stride, out.stride(0), wu.stride(0), bu.stride(0),
+                float(scale),
+                MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, R_BLOCK=_pow2(r_max),
+                DOT_PRECISION=dot_precision(wu.dtype),
+            )
+        if split and not save_a:
+            a = a[:0]
     if out.dtype != out_dtype:
         out = out.to(out_dtype)
     if a.dtype != w_dtype:

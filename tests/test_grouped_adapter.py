@@ -179,11 +179,18 @@ def _tol(device):
     return (TOL_INTERPRETER, TOL_INTERPRETER) if device == "cpu" else (TOL_CUDA_TF32, TOL_CUDA_TF32)
 
 
+@pytest.fixture(params=["fused", "split"])
+def forward_variant(request, monkeypatch):
+    """Both forward variants of the kernels (kernels.grouped_adapter.FORWARD_VARIANT)."""
+    monkeypatch.setattr(_kernels(), "FORWARD_VARIANT", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "case",
     ["mixed_seg", "mixed_perm", "single", "empty_group", "odd_width", "recompute_split", "per_row", "no_base"],
 )
-def test_triton_parity(triton_backend, monkeypatch, case):
+def test_triton_parity(triton_backend, forward_variant, monkeypatch, case):
     device = triton_backend
     k = _kernels()
     rs, shape, ids, with_base = [16, 32, 48], (5, 6, 32), MIXED, True
@@ -215,7 +222,7 @@ def test_triton_many_segments_chunked(triton_backend):
     run_parity(device, torch.float32, (37, 2, 32), [16, 32, 16], ids, True, tol_fwd, tol_grad)
 
 
-def test_triton_fp16(triton_backend):
+def test_triton_fp16(triton_backend, forward_variant):
     device = triton_backend
     rs, shape = [16, 32, 48], (5, 4, 32)
     weights = make_weights(32, rs, dtype=torch.float16, device=device)
@@ -240,7 +247,7 @@ def test_triton_bf16_is_never_garbage(triton_backend):
     assert_parity(out, ref, TOL_BF16)
 
 
-def test_triton_invalid_ids_give_nan_rows(triton_backend):
+def test_triton_invalid_ids_give_nan_rows(triton_backend, forward_variant):
     """The kernels cannot raise without a host sync: rows of out-of-range ids are NaN, others exact."""
     device = triton_backend
     k = _kernels()
@@ -348,6 +355,14 @@ def _call(h=None, weights=None, rs=(16, 32), **kw):
     return ga.grouped_adapter(h, *weights, list(rs), **kw)
 
 
+def test_bad_forward_variant(triton_backend, monkeypatch):
+    monkeypatch.setattr(_kernels(), "FORWARD_VARIANT", "fast")
+    weights = make_weights(32, [16])
+    with pytest.raises(ValueError, match="FORWARD_VARIANT"):
+        mosaic_fast.set_backend("triton")
+        ga.grouped_adapter(torch.randn(2, 3, 32, device=triton_backend), *[w.to(triton_backend) for w in weights], [16])
+
+
 def test_bad_width():
     with pytest.raises(ValueError, match="last dim 32"):
         _call(h=torch.randn(4, 3, 31), expert_id=torch.tensor([0, 1, 0, 1]))
@@ -448,6 +463,23 @@ def test_cuda_parity_real_shapes(cuda_device, dtype, routing):
         assert torch.isfinite(g).all(), name
         err, err_ref = rel_err(g, w), rel_err(s_, w)
         assert err <= 2 * err_ref + 1e-6, f"{name}: {err:.3e} > 2 x same-dtype reference {err_ref:.3e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("routing", ["mixed", "single"])
+def test_cuda_split_forward_matches_fused(cuda_device, monkeypatch, routing):
+    """The two forward variants compute the same rounded pre-activation; only the up-projection's
+    summation order differs."""
+    mosaic_fast.set_backend("triton")
+    rs = [64, 96, 192] if routing == "mixed" else [192]
+    weights = make_weights(768, rs, dtype=torch.bfloat16, device=cuda_device)
+    h, base = make_inputs((32, 197, 768), dtype=torch.bfloat16, device=cuda_device)
+    ids = (torch.arange(32, device=cuda_device) % 3) if routing == "mixed" else None
+    outs = {}
+    for variant in ("fused", "split"):
+        monkeypatch.setattr(_kernels(), "FORWARD_VARIANT", variant)
+        outs[variant] = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
+    assert_parity(outs["split"], outs["fused"], 1e-2)
 
 
 @pytest.mark.cuda
