@@ -153,15 +153,16 @@ def _peak_memory(step: TrainStep, inputs: tuple, device: torch.device) -> int | 
     return _resident_bytes(step) + int(torch.cuda.max_memory_allocated()) - baseline
 
 
-def training_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_compile: bool = True) -> list[Case]:
+    """Training steps of the reference, torch.compile(reference) (unless ``with_compile`` is False) and fast."""
     cfg = _config(quick)
     b = cfg["batch"]
     cases = []
     for mixed in (False, True):
         ref, fast = _pair(cfg, device)
-        compiled_ref = _pair(cfg, device)[0]
-        steps = {"reference": TrainStep(ref, device, dtype), "compiled": TrainStep(compiled_ref, device, dtype, True),
-                 "fast": TrainStep(fast, device, dtype)}
+        steps = {"reference": TrainStep(ref, device, dtype), "fast": TrainStep(fast, device, dtype)}
+        if with_compile:
+            steps["compiled"] = TrainStep(_pair(cfg, device)[0], device, dtype, compile_model=True)
 
         def make(i, mixed=mixed):
             g = torch.Generator(device="cpu").manual_seed(i)
@@ -180,6 +181,7 @@ def training_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> lis
     return cases
 
 
-def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
+def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False,
+          with_compile: bool = True) -> list[Case]:
     """Inference and training-step cases of MosaicModel."""
-    return inference_cases(device, dtype, quick, graphs) + training_cases(device, dtype, quick)
+    return inference_cases(device, dtype, quick, graphs) + training_cases(device, dtype, quick, with_compile)

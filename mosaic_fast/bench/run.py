@@ -80,14 +80,17 @@ def write_outputs(results: dict, args: argparse.Namespace) -> None:
 
 
 def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool,
-                  graphs: bool = False) -> list:
+                  graphs: bool = False, with_compile: bool = True) -> list:
     """Every case of ``suites``; a module whose cases cannot be built is reported and left out.
-    ``graphs`` goes to the modules whose ``cases`` take it (CUDA-graph variants of inference cases)."""
+    ``graphs`` (CUDA-graph variants of inference cases) and ``with_compile`` (cases that build their own
+    compiled implementation) go to the modules whose ``cases`` take them."""
     cases = []
+    options = {"graphs": graphs, "with_compile": with_compile}
     for suite in suites:
         for module_name in SUITES[suite]:
             module = importlib.import_module(f"mosaic_fast.bench.{module_name}")
-            extra = {"graphs": graphs} if "graphs" in inspect.signature(module.cases).parameters else {}
+            accepted = inspect.signature(module.cases).parameters
+            extra = {k: v for k, v in options.items() if k in accepted}
             try:
                 cases += module.cases(device, dtype, quick, **extra)
             except Exception as exc:  # report and go on: one broken module must not lose the others
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceilings: copy {ceilings['bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 GEMM {ceilings['flops_bf16'] / 1e12:.0f} TFLOP/s", file=sys.stderr)
     for suite in suites:
-        cases = [c for c in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda")
+        cases = [c for c in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
+                                          with_compile=not args.no_compile)
                  if args.filter is None or any(f in c.name for f in args.filter)]
         records = []
         for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
