@@ -149,6 +149,27 @@ def _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE: tl.constexpr, SC: tl.constex
 
 
 @triton.jit
+def _tile(pid, ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE: tl.constexpr, SC: tl.constexpr, BM: tl.constexpr):
+    """Program ``pid``'s tile: (group or -1, positions in the group's sorted rows, which are valid, their
+    rows of h, the group's first segment)."""
+    g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, SC, BM)
+    pos = j * BM + tl.arange(0, BM)
+    valid = pos < n
+    rows = _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE, SC)
+    return g, pos, valid, rows, seg_off
+
+
+@triton.jit
+def _group_meta(g, G, meta_ptr):
+    """(valid group?, group clamped into [0, G), its offset in the packed R dim, its bottleneck or 0)."""
+    ok = (g >= 0) & (g < G)
+    gc = tl.minimum(tl.maximum(g, 0), G - 1)
+    roff = tl.load(meta_ptr + 2 * gc)
+    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
+    return ok, gc, roff, r
+
+
+@triton.jit
 def _group_info(g, ids_ptr, cnt_ptr, S, L, G, MODE: tl.constexpr, SC: tl.constexpr, BM: tl.constexpr):
     """For group g: (rows, first segment in sorted order, first tile, tiles) with tiles of BM rows."""
     if MODE == 0:
@@ -205,15 +226,8 @@ def _fwd_kernel(
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
     UP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
-    pos = j * BM + tl.arange(0, BM)
-    valid = pos < n
-    rows = _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE, S_BLOCK)
-    ok = (g >= 0) & (g < G)
-    gc = tl.minimum(tl.maximum(g, 0), G - 1)
-    roff = tl.load(meta_ptr + 2 * gc)
-    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
+    g, _, valid, rows, _ = _tile(tl.program_id(0), ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
+    ok, gc, roff, r = _group_meta(g, G, meta_ptr)
     offr = tl.arange(0, R_BLOCK)
     rmask = offr < r
     offk = tl.arange(0, BK)
@@ -318,15 +332,8 @@ def _up_kernel(
 ):
     """Split forward, second kernel: program (tile, column block) computes BN output columns of a tile
     of BM rows of one group from the pre-activation ``a`` written by ``_fwd_kernel`` (UP=False)."""
-    pid = tl.program_id(0)
-    g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
-    pos = j * BM + tl.arange(0, BM)
-    valid = pos < n
-    rows = _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE, S_BLOCK)
-    ok = (g >= 0) & (g < G)
-    gc = tl.minimum(tl.maximum(g, 0), G - 1)
-    roff = tl.load(meta_ptr + 2 * gc)
-    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
+    g, _, valid, rows, _ = _tile(tl.program_id(0), ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
+    ok, gc, roff, r = _group_meta(g, G, meta_ptr)
     offn = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = offn < D
     offk = tl.arange(0, BK)
@@ -362,17 +369,11 @@ def _bwd_dh_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    g, j, n, seg_off = _schedule(pid, ids_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
-    pos = j * BM + tl.arange(0, BM)
-    valid = pos < n
-    rows = _rows_of(pos, valid, g, G, seg_off, ids_ptr, perm_ptr, S, L, MODE, S_BLOCK)
+    g, pos, valid, rows, seg_off = _tile(pid, ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
     if MODE != 0:
         # rows in sorted order, for the weight-gradient kernel
         tl.store(srows_ptr + seg_off * L + pos, rows.to(tl.int32), mask=valid)
-    ok = (g >= 0) & (g < G)
-    gc = tl.minimum(tl.maximum(g, 0), G - 1)
-    roff = tl.load(meta_ptr + 2 * gc)
-    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
+    ok, gc, roff, r = _group_meta(g, G, meta_ptr)
     offr = tl.arange(0, R_BLOCK)
     rmask = offr < r
     offk = tl.arange(0, BK)
