@@ -124,3 +124,15 @@ def test_bad_arguments():
         DynaMerModel(3, gate_dim=7, **SMALL)
     with pytest.raises(ValueError, match="x"):
         DynaMerModel(3, **SMALL)(torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("skip_mode", ["adapter", "block"])
+def test_torch_compile_fullgraph_matches_eager(skip_mode):
+    """No graph break anywhere in the fast model (so torch.compile and CUDA graphs can take it whole)."""
+    _, fast = pair(skip_mode, 0.5)
+    fast.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = fast(x)
+        got = torch.compile(fast, fullgraph=True)(x)
+    assert_parity(got, want, TOL_CPU_FWD, "compiled logits")

@@ -48,7 +48,7 @@ def _torch_mixes(
     d = x_gen.shape[1]
     w_down_cat, b_down_cat = w_down.reshape(n * r, -1), b_down.reshape(n * r)
     w_up_cat = w_up.permute(1, 0, 2).reshape(d, n * r)
-    same_rows = rows[0].shape == rows[1].shape and rows[0].data_ptr() == rows[1].data_ptr()
+    same_rows = rows[0] is rows[1]  # the full (non-skipping) forward passes one row tensor for both
     mixes, hidden = [], None
     for rows_s, eidx_s, p_s in zip(rows, eidx, probs):
         if hidden is None or not same_rows:  # the expert input is the same pair for both streams
