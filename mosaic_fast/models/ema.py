@@ -78,6 +78,7 @@ class EMATeacher:
         shared_m = max(moms[e] for e in active)
         student = getattr(student, "module", student)  # unwrap DistributedDataParallel
         teacher_params = dict(self.model.named_parameters())
+        groups: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for name, p_s in student.named_parameters():
             if not p_s.requires_grad:
                 continue
@@ -85,4 +86,10 @@ class EMATeacher:
             if expert is not None and expert not in active:
                 continue
             m = moms[expert] if expert is not None else shared_m
-            teacher_params[name].mul_(m).add_(p_s.detach(), alpha=1.0 - m)
+            teachers, students = groups.setdefault(m, ([], []))
+            teachers.append(teacher_params[name])
+            students.append(p_s.detach())
+        # p_t + (1 - m)(p_s - p_t) = m p_t + (1 - m) p_s: one fused multi-tensor launch per momentum value
+        # (a loop of mul_/add_ per parameter costs hundreds of kernel launches per training step)
+        for m, (teachers, students) in groups.items():
+            torch._foreach_lerp_(teachers, students, 1.0 - m)
