@@ -3,8 +3,8 @@
 Times, on the same rotating bf16 inputs (D = 768, 197 tokens per image): the fused kernel with each of
 its forward configs forced in turn, the autotuned fused kernel, the split variant (two kernels), the
 cuBLAS path (LayerNorm, addmm, ReLU, addmm, add) and that path's pieces alone, and prints each as ms and
-% of the roofline floor measured against this device's copy bandwidth and GEMM rate. Forward only,
-inference (no saved tensors).
+% of the roofline floor measured against this device's copy bandwidth and GEMM rate. Then the
+backward: both Triton kernels, the dh kernel alone, and (one group) autograd through the cuBLAS path.
 
     python benchmarks/tune_grouped_adapter.py --json $OUT/tune.json          # on a GPU
     TRITON_INTERPRET=1 python benchmarks/tune_grouped_adapter.py --smoke       # plumbing check on CPU
@@ -94,6 +94,32 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
     return out
 
 
+def _backward_variants(h_sets, ids, weights, rs, device):
+    """name -> callable(i): the Triton backward (both kernels, or the dh kernel alone) on saved forward
+    state, and for one group autograd's backward through the cuBLAS path (graph kept between calls)."""
+    d = h_sets[0].shape[-1]
+    seg_len = h_sets[0].shape[1]
+    flat = [h.reshape(-1, d) for h in h_sets]
+    douts = [torch.randn_like(h) for h in flat]
+    saved = [kernels.forward(h, None, ids, seg_len, *weights, rs, 0.1, 1e-5, True)[1:] for h in flat]
+    out = {}
+    for name, need_dh, need_w in (("bwd: dh + weight kernels", True, True), ("bwd: dh kernel only", True, False)):
+        def bwd(i, need_dh=need_dh, need_w=need_w):
+            return kernels.backward(douts[i], flat[i], ids, seg_len, *weights, rs, *saved[i], 0.1, 1e-5,
+                                    need_dh, need_w)
+        out[name] = bwd
+    if ids is None:
+        leaves = [[t.detach().clone().requires_grad_() for t in (h, *weights)] for h in flat]
+        with torch.enable_grad():
+            graphs = [ga.grouped_adapter(lv[0], *lv[1:], rs) for lv in leaves]
+
+        def cublas_bwd(i):
+            graphs[i].backward(douts[i], retain_graph=True)
+
+        out["bwd: cuBLAS autograd"] = cublas_bwd
+    return out
+
+
 def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: dict) -> list[dict]:
     d, n = 768, 197
     rows = []
@@ -108,17 +134,21 @@ def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: 
             flops = 4.0 * d * n * sum(routed_r)
             elem = torch.empty((), dtype=dtype).element_size()
             floor = max(3 * t * d * elem / ceilings["bytes_per_s"], flops / ceilings["flops_bf16"])
+            floor_bwd = max(3 * t * d * elem / ceilings["bytes_per_s"], 2 * flops / ceilings["flops_bf16"])
             mosaic_fast.set_backend("triton")
             try:
                 with torch.no_grad():
-                    for name, fn in _variants(h_sets, base_sets, ids, weights, rs, device).items():
-                        if name.startswith("cuBLAS") or name.startswith("  "):
+                    variants = _variants(h_sets, base_sets, ids, weights, rs, device)
+                    variants.update(_backward_variants(h_sets, ids, weights, rs, device))
+                    for name, fn in variants.items():
+                        if name.startswith(("cuBLAS", "  ", "bwd: cuBLAS")):
                             mosaic_fast.set_backend("auto")
+                        floor_v = floor_bwd if name.startswith("bwd") else floor
                         try:
                             fn(0)
                             sec = _median_s(_rotating(fn), device)
                             rows.append(dict(routing=routing, B=b, variant=name, ms=sec * 1e3,
-                                             pct_floor=100 * floor / sec))
+                                             pct_floor=100 * floor_v / sec))
                         except Exception as exc:  # a config that does not compile: report, go on
                             rows.append(dict(routing=routing, B=b, variant=name,
                                              error=f"{type(exc).__name__}: {exc}"[:200]))
