@@ -1,4 +1,4 @@
-"""Where the grouped-adapter forward spends its time, in one GPU call (see benchmarks/NOTES.md).
+"""Where the grouped-adapter forward and backward spend their time, in one GPU call (benchmarks/NOTES.md).
 
 Times, on the same rotating bf16 inputs (D = 768, 197 tokens per image): the fused kernel with each of
 its forward configs forced in turn, the autotuned fused kernel, the split variant (two kernels), the
