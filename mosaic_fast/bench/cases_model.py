@@ -3,7 +3,9 @@
 CUDA (real shapes): ViT-B/16, batch 64, 224² (and 64³ volumes for the 2D+3D case), bf16.
 CPU (quick): a small ViT (width 192, depth 4) at batch 8 so the suite finishes in minutes.
 Inference runs the models in the benchmark dtype; training keeps fp32 weights under autocast (CUDA) and
-includes the EMA teacher forward and update, as a real MOSAIC step does.
+includes the EMA teacher forward and update, as a real MOSAIC step does. Routing is what the trainer
+passes: the letter "A" for a one-specialist ("single") batch, per-sample ids for a mixed one. (The H200
+run of 2026-11-30 passed all-zero ids for "single", so its single rows ran the grouped kernel.)
 """
 
 from __future__ import annotations
@@ -42,10 +44,20 @@ def _images(batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> 
     return torch.randn(batch, 3, 224, 224, generator=g).to(device, dtype)
 
 
-def _ids(batch: int, device: torch.device, seed: int, mixed: bool) -> torch.Tensor:
+def _ids(batch: int, device: torch.device, seed: int, mixed: bool) -> torch.Tensor | str:
+    """Routing as the trainer passes it: a letter for a one-specialist batch, per-sample ids otherwise."""
+    if not mixed:
+        return "A"
     g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, 2, (batch,), generator=g) if mixed else torch.zeros(batch, dtype=torch.long)
-    return ids.to(device)
+    return torch.randint(0, 2, (batch,), generator=g).to(device)
+
+
+def _graphed_features(model: MosaicModel, mixed: bool):
+    """``forward_features`` under CUDA-graph replay; a letter routing is baked into the graph."""
+    if mixed:
+        return CUDAGraphInference(model.forward_features)
+    replay = CUDAGraphInference(lambda x: model.forward_features(x, "A"))
+    return lambda x, expert: replay(x)
 
 
 def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
@@ -69,7 +81,7 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
             params=dict(batch=b, mixed=mixed, **{k: cfg[k] for k in ("embed_dim", "depth")}),
             make_inputs=lambda i, mixed=mixed: (_images(b, device, dtype, i), _ids(b, device, i, mixed)),
             impls={"reference": ref_fwd(ref), "fast": ref_fwd(fast),
-                   **({"fast+graphs": CUDAGraphInference(fast.forward_features)} if graphs else {})},
+                   **({"fast+graphs": _graphed_features(fast, mixed)} if graphs else {})},
             notes="images/s = batch / time",
         ))
 
