@@ -68,9 +68,11 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
     ref, fast = ref.to(dtype).eval(), fast.to(dtype).eval()
     b, b3 = cfg["batch"], cfg["batch_3d"]
 
+    # no_grad, not inference_mode: torch.compile of a function entering inference_mode fails ("Cannot set
+    # version_counter for inference tensor") and, on torch 2.14, left the dispatcher broken for later cases.
     def ref_fwd(model):
         def run(x, ids):
-            with torch.inference_mode():
+            with torch.no_grad():
                 return model.forward_features(x, ids)
         return run
 
@@ -87,7 +89,7 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
 
     def packed(model):
         def run(x2, ids2, x3):
-            with torch.inference_mode():
+            with torch.no_grad():
                 return model.forward_packed([(x2, ids2), (x3, "C")])
         return run
 
