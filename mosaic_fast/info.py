@@ -46,6 +46,7 @@ def collect() -> dict[str, str]:
             else "triton not installed"
         ),
         "C++ extension (mosaic_fast._C)": ext,
+        "float32 matmul precision": torch.get_float32_matmul_precision(),  # the kernels' fp32 dots follow it
     }
 
 
