@@ -6,6 +6,11 @@
 #   bash benchmarks/gpu_session.sh graphs        # inference under CUDA-graph replay (extra columns)
 #   bash benchmarks/gpu_session.sh tune          # grouped-adapter forward: configs and cuBLAS pieces
 #
+# Durations on an H200 (2026-11-30): start ~1.5 min; tests ~4 min (kernel autotuning dominates; 170 s was
+# too short); ops 290 s with torch.compile; model 175 s. A session's device time is 15 min in all, so
+# plan two calls: `tests model` (TESTS_S=260 BENCH_S=200), then at once on the warm machine `ops` or
+# `graphs tune`.
+#
 # Each stage has its own time limit, and the benchmark rewrites its JSON after every case, so a stage cut
 # short still returns what it measured. medmnist (not in the GPU image) travels as a wheel in .whl/
 # (ignored by git), fetched here once with:
