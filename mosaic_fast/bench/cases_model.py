@@ -84,7 +84,7 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
             make_inputs=lambda i, mixed=mixed: (_images(b, device, dtype, i), _ids(b, device, i, mixed)),
             impls={"reference": ref_fwd(ref), "fast": ref_fwd(fast),
                    **({"fast+graphs": _graphed_features(fast, mixed)} if graphs else {})},
-            notes="images/s = batch / time",
+            items_per_call=b, notes="items_per_s = images/s",
         ))
 
     def packed(model):

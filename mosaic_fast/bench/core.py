@@ -27,7 +27,8 @@ class Case:
     """One benchmark workload.
 
     ``make_inputs(i)`` builds the i-th input set (fresh random data, never zeros); implementations take
-    the unpacked input set. ``floor_bytes``/``floor_flops`` give the roofline floor of the workload.
+    the unpacked input set. ``floor_bytes``/``floor_flops`` give the roofline floor of the workload;
+    ``items_per_call`` (e.g. images per batch) adds a throughput (items/s) per implementation.
     """
 
     suite: str
@@ -38,6 +39,7 @@ class Case:
     compile_reference: bool = True
     floor_bytes: float | None = None
     floor_flops: float | None = None
+    items_per_call: int | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +126,8 @@ def time_case(
     record["times_s"] = {label: statistics.median(v) for label, v in samples.items()}
     ref = record["times_s"].get("reference")
     record["speedup_vs_reference"] = {k: ref / v for k, v in record["times_s"].items() if ref and v}
+    if case.items_per_call:
+        record["items_per_s"] = {k: case.items_per_call / v for k, v in record["times_s"].items() if v}
     floor = floor_seconds(case, ceilings) if device.type == "cuda" else None
     if floor is not None:
         record["floor_s"] = floor

@@ -132,12 +132,14 @@ def markdown_table(results: dict) -> str:
     ratio_labels = ["fast", "compiled", *(lab for lab in labels if lab not in ("reference", "compiled", "fast"))]
     cuda = any("pct_of_floor" in r for r in records)
     memory = any(isinstance(r.get("peak_memory_bytes", {}).get("fast"), int) for r in records)
+    throughput = any("items_per_s" in r for r in records)
     lines = [
         f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
         "",
         "| case | " + " | ".join([f"{lab} ms" for lab in labels] + [f"{lab} × ref" for lab in ratio_labels]) + " |"
-        + (" fast % of floor |" if cuda else "") + (" peak GB ref / fast |" if memory else ""),
-        "|---|" + "---:|" * (len(labels) + len(ratio_labels) + cuda + memory),
+        + (" fast % of floor |" if cuda else "") + (" peak GB ref / fast |" if memory else "")
+        + (" images/s ref / fast |" if throughput else ""),
+        "|---|" + "---:|" * (len(labels) + len(ratio_labels) + cuda + memory + throughput),
     ]
     for r in records:
         times = [f"{1e3 * r['times_s'][lab]:.3f}" if lab in r["times_s"] else "–" for lab in labels]
@@ -151,6 +153,10 @@ def markdown_table(results: dict) -> str:
             peak = r.get("peak_memory_bytes") or {}
             ok = all(isinstance(peak.get(k), int) for k in ("reference", "fast"))
             row += f" {peak['reference'] / 1e9:.2f} / {peak['fast'] / 1e9:.2f} |" if ok else " – |"
+        if throughput:
+            rate = r.get("items_per_s") or {}
+            ok = all(k in rate for k in ("reference", "fast"))
+            row += f" {rate['reference']:.0f} / {rate['fast']:.0f} |" if ok else " – |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
