@@ -505,3 +505,18 @@ def test_cuda_invalid_ids_nan_rows(cuda_device):
     h, base = make_inputs((3, 5, 128), device=cuda_device)
     out = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=torch.tensor([0, 7, 1], device=cuda_device))
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
+def test_fp32_dots_follow_torch_matmul_precision():
+    """IEEE fp32 dots unless the user opts into TF32 the torch way (TF32 flips ReLU masks: ~1e-2 grads)."""
+    from mosaic_fast.kernels.precision import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == "tf32"  # ignored by tl.dot for 16-bit operands
+    finally:
+        torch.set_float32_matmul_precision(before)
