@@ -5,6 +5,7 @@ its forward configs forced in turn, the autotuned fused kernel, the split varian
 cuBLAS path (LayerNorm, addmm, ReLU, addmm, add) and that path's pieces alone, and prints each as ms and
 % of the roofline floor measured against this device's copy bandwidth and GEMM rate. Then the
 backward: both Triton kernels, the dh kernel alone, and (one group) autograd through the cuBLAS path.
+First, torch.profiler tables of forward+backward (device time per kernel) for each path.
 
     python benchmarks/tune_grouped_adapter.py --json $OUT/tune.json          # on a GPU
     TRITON_INTERPRET=1 python benchmarks/tune_grouped_adapter.py --smoke       # plumbing check on CPU
@@ -120,8 +121,8 @@ def _backward_variants(h_sets, ids, weights, rs, device):
     return out
 
 
-def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: dict) -> list[dict]:
-    d, n = 768, 197
+def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: dict,
+        d: int = 768, n: int = 197) -> list[dict]:
     rows = []
     for routing, rs in (("single", [192]), ("mixed", [64, 96, 192])):
         for b in batches:
@@ -157,10 +158,45 @@ def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: 
     return rows
 
 
+def _step(h, base, weights, rs, ids, gout) -> None:
+    ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids).backward(gout)
+
+
+def profile(device: torch.device, dtype: torch.dtype, batch: int, calls: int = 5, d: int = 768, n: int = 197) -> str:
+    """torch.profiler tables (device time per kernel) of ``calls`` forward+backward calls, kernel vs cuBLAS path,
+    one specialist and mixed: shows which kernel or torch op the time goes to."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort_by = "self_cuda_time_total"
+    tables = []
+    for routing, rs, backend in (("single", [192], "triton"), ("single", [192], "auto"),
+                                 ("mixed", [64, 96, 192], "triton")):
+        weights = [w.requires_grad_() for w in _weights(d, rs, device, dtype)]
+        h = torch.randn(batch, n, d, device=device, dtype=dtype, requires_grad=True)
+        base = torch.randn(batch, n, d, device=device, dtype=dtype, requires_grad=True)
+        gout = torch.randn(batch, n, d, device=device, dtype=dtype)
+        ids = None if routing == "single" else torch.arange(batch, device=device) % 3
+        mosaic_fast.set_backend(backend)
+        try:
+            _step(h, base, weights, rs, ids, gout)  # autotuning outside the profile
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(calls):
+                    _step(h, base, weights, rs, ids, gout)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        finally:
+            mosaic_fast.set_backend("auto")
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=60)
+        tables.append(f"== {routing}, backend {backend}, B={batch}, {calls} x (fwd + bwd)\n{table}")
+    return "\n".join(tables)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--smoke", action="store_true", help="tiny run on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (D = 64) on CPU under TRITON_INTERPRET=1")
     args = p.parse_args()
     if args.smoke:
         device, dtype, batches = torch.device("cpu"), torch.float32, [1]
@@ -170,7 +206,10 @@ def main() -> None:
 
         device, dtype, batches = torch.device("cuda"), torch.bfloat16, [32, 128]
         ceilings = measure_ceilings(device)
-    rows = run(batches, device, dtype, ceilings)
+    shape = dict(d=64, n=8) if args.smoke else {}
+    text = profile(device, dtype, batches[-1], calls=1 if args.smoke else 5, **shape)
+    rows = run(batches, device, dtype, ceilings, **shape)
+    print(text)
     for r in rows:
         tail = r["error"] if "error" in r else f"{r['ms']:9.3f} ms {r['pct_floor']:6.1f}% of floor"
         print(f"{r['routing']:<7}B={r['B']:<4}{r['variant']:<36}{tail}")
