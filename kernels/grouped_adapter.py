@@ -11,8 +11,10 @@ one pass over D with Chan's combination, normalised on the fly per K chunk), the
 
 Backward (deterministic, no float atomics):
   * ``_bwd_dh_kernel`` (same tiles as the forward): dz = (s * dout) @ Wu_g, da = dz * (a > 0) (written to
-    a (T, R_MAX) buffer), dy = da @ Wd_g, then the LayerNorm backward for dh; it also writes one row of
-    per-tile partial sums of the LN weight/bias gradients (sum over the tile of dy * xhat and dy).
+    a (T, R_MAX) buffer); the LayerNorm backward's row sums mean(dy w) and mean(dy w xhat) come from da
+    and a through two packed per-group vectors (Wd_g w_g and bd + Wd_g b_g), so one pass over D computes
+    dy = da @ Wd_g, dh and one row of per-tile partial sums of the LN weight/bias gradients (sum over the
+    tile of dy * xhat and dy).
   * ``_bwd_w_kernel``: one program per (group, r-block, D-block, row split): dWd, dWu, dbd, dbu by
     looping over the group's rows in a fixed order, and the LN gradients by summing the per-tile
     partials of its group in a fixed order. With SPLIT > 1 the splits go to a (SPLIT, ...) buffer that
@@ -358,7 +360,7 @@ def _up_kernel(
 @triton.jit
 def _bwd_dh_kernel(
     dout_ptr, h_ptr, dh_ptr, da_ptr, a_ptr, mean_ptr, rstd_ptr, wsw_ptr, wsb_ptr, srows_ptr,
-    lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, meta_ptr,
+    lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, v1_ptr, cg_ptr, meta_ptr,
     ids_ptr, perm_ptr, cnt_ptr,
     D, S, L, G, T_BUCKET,
     stride_do, stride_h, stride_dh, stride_a, stride_ws,
@@ -419,9 +421,16 @@ def _bwd_dh_kernel(
     tl.store(da_ptr + a_tile, da, mask=amask)
     dac = da.to(ct)
 
-    # dy = da @ Wd_g; LN weight/bias partials of this tile; row sums for the LN backward
-    s1 = tl.zeros((BM,), dtype=tl.float32)
-    s2 = tl.zeros((BM,), dtype=tl.float32)
+    # The LayerNorm backward's row sums without a pass over dy:
+    # mean_k(dy_k w_k) = da . (Wd_g w_g) / D and mean_k(dy_k w_k xhat_k) = da . (a - bd - Wd_g b_g) / D,
+    # because Wd_g (w_g xhat) = a - bd - Wd_g b_g. v1 = Wd w and cg = bd + Wd b come packed per group.
+    dacf = dac.to(tl.float32)
+    v1 = tl.load(v1_ptr + roff + offr, mask=rmask, other=0.0)
+    cg = tl.load(cg_ptr + roff + offr, mask=rmask, other=0.0)
+    c1 = tl.sum(dacf * v1[None, :], axis=1) / D
+    c2 = tl.sum(dacf * (a - cg[None, :]), axis=1) / D
+
+    # dy = da @ Wd_g, D columns at a time: this tile's LN weight/bias partials and (NEED_DH) dh
     for k0 in range(0, D, BK):
         kk = k0 + offk
         km = kk < D
@@ -431,33 +440,14 @@ def _bwd_dh_kernel(
             other=0.0,
         )
         dy = tl.dot(dac, wdc, input_precision=DOT_PRECISION)
-        x = tl.load(h_rows + kk[None, :], mask=valid[:, None] & km[None, :], other=0.0).to(tl.float32)
+        m = valid[:, None] & km[None, :]
+        x = tl.load(h_rows + kk[None, :], mask=m, other=0.0).to(tl.float32)
         xhat = (x - mean[:, None]) * rstd[:, None]
-        w = tl.load(lnw_ptr + gc * stride_lnw + kk, mask=km, other=0.0).to(tl.float32)
-        dxh = dy * w[None, :]
-        s1 += tl.sum(dxh, axis=1)
-        s2 += tl.sum(dxh * xhat, axis=1)
         tl.store(wsw_ptr + pid * stride_ws + kk, tl.sum(dy * xhat, axis=0), mask=km)
         tl.store(wsb_ptr + pid * stride_ws + kk, tl.sum(dy, axis=0), mask=km)
-
-    if NEED_DH:
-        c1 = s1 / D
-        c2 = s2 / D
-        for k0 in range(0, D, BK):
-            kk = k0 + offk
-            km = kk < D
-            wdc = tl.load(
-                wd_ptr + (roff + offr)[:, None] * stride_wd + kk[None, :],
-                mask=rmask[:, None] & km[None, :],
-                other=0.0,
-            )
-            dy = tl.dot(dac, wdc, input_precision=DOT_PRECISION)
-            m = valid[:, None] & km[None, :]
-            x = tl.load(h_rows + kk[None, :], mask=m, other=0.0).to(tl.float32)
-            xhat = (x - mean[:, None]) * rstd[:, None]
+        if NEED_DH:
             w = tl.load(lnw_ptr + gc * stride_lnw + kk, mask=km, other=0.0).to(tl.float32)
-            dxh = dy * w[None, :]
-            dh = rstd[:, None] * (dxh - c1[:, None] - xhat * c2[:, None])
+            dh = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
             dh = tl.where(ok, dh, float("nan"))
             tl.store(dh_ptr + rows[:, None] * stride_dh + kk[None, :], dh, mask=m)
 
@@ -678,6 +668,24 @@ def _meta(bottlenecks, device: torch.device) -> torch.Tensor:
     return t
 
 
+_GROUP_OF_ROW_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _ln_backward_vectors(bottlenecks, ln_w, ln_b, wd, bd) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (R_total,) fp32 ``v1 = Wd_g w_g`` and ``cg = bd + Wd_g b_g`` of every group (the dh kernel's
+    LayerNorm row sums come from them instead of from a second pass over dy)."""
+    key = (tuple(int(r) for r in bottlenecks), wd.device)
+    group_of_row = _GROUP_OF_ROW_CACHE.get(key)
+    if group_of_row is None:
+        sizes = torch.tensor([int(r) for r in bottlenecks])
+        group_of_row = torch.repeat_interleave(torch.arange(len(bottlenecks)), sizes).to(wd.device)
+        _GROUP_OF_ROW_CACHE[key] = group_of_row
+    wdf = wd.float()
+    v1 = (wdf * ln_w.float()[group_of_row]).sum(1)
+    cg = bd.float() + (wdf * ln_b.float()[group_of_row]).sum(1)
+    return v1, cg
+
+
 def _routing(ids: torch.Tensor | None, T: int, seg_len: int, G: int, device: torch.device):
     """(MODE, S, L, S_BLOCK, ids, perm, counts) for the kernels; no host synchronisation."""
     if ids is None:
@@ -812,9 +820,10 @@ def backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mea
     ws_w = torch.empty((n_tiles, D), device=dev, dtype=torch.float32)
     ws_b = torch.empty((n_tiles, D), device=dev, dtype=torch.float32)
     srows = torch.empty(T if mode != MODE_SINGLE else 1, device=dev, dtype=torch.int32)
+    v1, cg = _ln_backward_vectors(bottlenecks, ln_w, ln_b, wd, bd)
     _bwd_dh[(n_tiles,)](
         dout, h, dh if need_dh else h, da, a, mean, rstd, ws_w, ws_b, srows,
-        ln_w, ln_b, wd, bd, wu, meta,
+        ln_w, ln_b, wd, bd, wu, v1, cg, meta,
         ids_t, perm, counts,
         D, S, L, G, _t_bucket(T),
         dout.stride(0), h.stride(0), D, r_max, D,
