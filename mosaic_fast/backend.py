@@ -1,6 +1,8 @@
 """Backend selection: which implementation the fast ops dispatch to.
 
-``"auto"``   Triton kernels on CUDA tensors, the torch fallback on CPU tensors (default).
+``"auto"``   Triton kernels on CUDA tensors, the torch fallback on CPU tensors (default). Exception:
+             the grouped adapter with one specialist runs torch (cuBLAS) on CUDA too, faster there
+             (see :mod:`mosaic_fast.ops.grouped_adapter`).
 ``"triton"`` always the Triton kernels; on CPU tensors this needs Triton's interpreter, i.e. the
              environment variable ``TRITON_INTERPRET=1`` set before ``import mosaic_fast``.
 ``"torch"``  always the plain-torch fallback (useful to bisect a numerical problem).
