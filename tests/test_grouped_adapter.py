@@ -540,3 +540,23 @@ def test_fp32_dots_follow_torch_matmul_precision():
         assert dot_precision(torch.bfloat16) == "tf32"  # ignored by tl.dot for 16-bit operands
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_autotune_can_be_switched_off():
+    """MOSAIC_FAST_AUTOTUNE=0 leaves each autotuned kernel one config (a quick CUDA test run)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import mosaic_fast.kernels.grouped_adapter as g, mosaic_fast.kernels.patch_embed3d as p; "
+            "print(len(g._fwd.configs), len(g._up.configs), len(g._bwd_dh.configs), len(g._bwd_w.configs), "
+            "len(p._TUNED_CONFIGS))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOSAIC_FAST_AUTOTUNE")}
+
+    def counts(**extra):
+        run = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             check=True)
+        return [int(n) for n in run.stdout.split()]
+
+    assert all(n > 1 for n in counts())
+    assert counts(MOSAIC_FAST_AUTOTUNE="0") == [1] * 5
