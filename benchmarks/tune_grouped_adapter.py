@@ -15,34 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import mosaic_fast
+from mosaic_fast.bench.core import measure, measure_ceilings, rotating
 from mosaic_fast.kernels import grouped_adapter as kernels
 from mosaic_fast.ops import grouped_adapter as ga
-
-
-def _median_s(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) / 1e3
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _rotating(fn):
-    """A no-argument call of ``fn`` on input sets 0, 1, 2, 0, ... (caches don't flatter)."""
-    calls = iter(range(10**12))
-    return lambda: fn(next(calls) % 3)
 
 
 def _weights(d: int, rs: list[int], device, dtype):
@@ -147,7 +127,7 @@ def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: 
                         floor_v = floor_bwd if name.startswith("bwd") else floor
                         try:
                             fn(0)
-                            sec = _median_s(_rotating(fn), device)
+                            sec = measure(rotating(fn, [(i,) for i in range(3)]), device, min_run_time=0.01)
                             rows.append(dict(routing=routing, B=b, variant=name, ms=sec * 1e3,
                                              pct_floor=100 * floor_v / sec))
                         except Exception as exc:  # a config that does not compile: report, go on
@@ -202,8 +182,6 @@ def main() -> None:
         device, dtype, batches = torch.device("cpu"), torch.float32, [1]
         ceilings = {"bytes_per_s": 1e10, "flops_bf16": 1e11}
     else:
-        from mosaic_fast.bench.core import measure_ceilings
-
         device, dtype, batches = torch.device("cuda"), torch.bfloat16, [32, 128]
         ceilings = measure_ceilings(device)
     shape = dict(d=64, n=8) if args.smoke else {}

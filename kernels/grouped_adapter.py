@@ -57,11 +57,9 @@ import triton
 import triton.language as tl
 
 from .precision import dot_precision
+from .tuning import tuned_configs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-#: MOSAIC_FAST_AUTOTUNE=0: each kernel runs its first config, untuned (quick start-up, e.g. a CUDA test
-#: run on a rationed GPU; the first configs are the ones the pruning always keeps).
-AUTOTUNE = os.environ.get("MOSAIC_FAST_AUTOTUNE", "1") != "0"
 
 MODE_SINGLE = 0
 MODE_SEG = 1
@@ -554,11 +552,6 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
 
 
-def _first_unless_tuning(configs: list[triton.Config]) -> list[triton.Config]:
-    """All configs to autotune over, or only the first under MOSAIC_FAST_AUTOTUNE=0."""
-    return configs if AUTOTUNE else configs[:1]
-
-
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BM": 16, "BK": 16, "BN": 16}, num_warps=4, num_stages=1)]
@@ -587,7 +580,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 _fwd = triton.autotune(
-    configs=_first_unless_tuning(_fwd_configs()),
+    configs=tuned_configs(_fwd_configs()),
     key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_fwd} if not INTERPRET else None,
 )(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(_fwd_kernel))
@@ -602,7 +595,7 @@ def _up_configs() -> list[triton.Config]:
     ]
 
 
-_up = triton.autotune(configs=_first_unless_tuning(_up_configs()), key=["D", "R_BLOCK", "MODE", "HAS_BASE", "T_BUCKET"])(_up_kernel)
+_up = triton.autotune(configs=tuned_configs(_up_configs()), key=["D", "R_BLOCK", "MODE", "HAS_BASE", "T_BUCKET"])(_up_kernel)
 
 
 def _dh_configs() -> list[triton.Config]:
@@ -614,7 +607,7 @@ def _dh_configs() -> list[triton.Config]:
     ]
 
 
-_bwd_dh = triton.autotune(configs=_first_unless_tuning(_dh_configs()), key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM", "T_BUCKET"])(
+_bwd_dh = triton.autotune(configs=tuned_configs(_dh_configs()), key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM", "T_BUCKET"])(
     _bwd_dh_kernel
 )
 
@@ -634,7 +627,7 @@ def _w_configs() -> list[triton.Config]:
     ]
 
 
-_bwd_w = triton.autotune(configs=_first_unless_tuning(_w_configs()), key=["D", "R_MAX", "MODE", "SPLIT", "BM1", "T_BUCKET"])(_bwd_w_kernel)
+_bwd_w = triton.autotune(configs=tuned_configs(_w_configs()), key=["D", "R_MAX", "MODE", "SPLIT", "BM1", "T_BUCKET"])(_bwd_w_kernel)
 
 
 def _dh_block_m(r_block: int) -> int:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .precision import dot_precision
+from .tuning import tuned_configs
 
 
 @triton.jit
@@ -93,8 +94,7 @@ _AUTOTUNE_CONFIGS = [
     ]
 ]
 
-#: MOSAIC_FAST_AUTOTUNE=0: the first config only, untuned (see kernels/grouped_adapter.py).
-_TUNED_CONFIGS = _AUTOTUNE_CONFIGS if os.environ.get("MOSAIC_FAST_AUTOTUNE", "1") != "0" else _AUTOTUNE_CONFIGS[:1]
+_TUNED_CONFIGS = tuned_configs(_AUTOTUNE_CONFIGS)
 
 _patch_embed3d_fwd_autotuned = triton.autotune(configs=_TUNED_CONFIGS, key=["M", "N", "K", "PD", "PH", "PW"])(
     _patch_embed3d_fwd_kernel

@@ -44,7 +44,8 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rotating(fn: Callable[..., Any], input_sets: list[Sequence[Any]]) -> Callable[[], Any]:
+def rotating(fn: Callable[..., Any], input_sets: list[Sequence[Any]]) -> Callable[[], Any]:
+    """A no-argument call of ``fn`` on the input sets in turn (so caches don't flatter)."""
     cycle = itertools.cycle(input_sets)
     return lambda: fn(*next(cycle))
 
@@ -62,20 +63,14 @@ def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float = 0
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
-def _median_seconds(fn: Callable[[], Any]) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")) / 1e3
-
-
 def measure_ceilings(device: torch.device) -> dict[str, float]:
     """This GPU's copy bandwidth (bytes read + written per second) and bf16 GEMM rate, on random data."""
     n_copy = 256 * 2**20  # 1 GiB of fp32
     src = torch.randn(n_copy, device=device)
-    copy_s = _median_seconds(lambda: torch.empty_like(src).copy_(src))
+    copy_s = measure(lambda: torch.empty_like(src).copy_(src), device)
     n = 8192
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mm_s = _median_seconds(lambda: a @ b)
+    mm_s = measure(lambda: a @ b, device)
     return {"bytes_per_s": 2 * 4 * n_copy / copy_s, "flops_bf16": 2.0 * n**3 / mm_s}
 
 
@@ -111,7 +106,7 @@ def time_case(
     record: dict[str, Any] = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {}}
     runners = {}
     for label, fn in impls.items():
-        runner = _rotating(fn, input_sets)
+        runner = rotating(fn, input_sets)
         try:
             for _ in range(2):  # warm-up: compilation, autotuning, allocator
                 runner()
