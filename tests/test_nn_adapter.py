@@ -179,6 +179,30 @@ def test_autocast_cpu_bf16():
     assert all(p.dtype == torch.float32 for p in fast.parameters())
 
 
+def test_autocast_cpu_bf16_backward_mixed_and_single():
+    """Training under bf16 autocast: fp32 residual stream, fp32 parameters, bf16 compute (the trainer's
+    setting). Gradients of both routings reach every parameter and agree with a float64 reference."""
+    ref, fast = make_pair()
+    h = torch.randn(3, 4, D, requires_grad=True)
+    base, ids, gout = torch.randn(3, 4, D), torch.tensor([2, 0, 1]), torch.randn(3, 4, D)
+    for routing in (ids, "B"):
+        ref64 = copy.deepcopy(ref).double()
+        h64 = h.detach().double().requires_grad_(True)
+        (base.double() + ref64(h64, routing)).backward(gout.double())
+        fast.zero_grad(set_to_none=True)
+        h.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast.forward_fused(h, base, routing)
+        out.backward(gout)
+        assert_parity(h.grad, h64.grad, TOL_BF16)
+        for (name, p), p64 in zip(fast.named_parameters(), ref64.parameters()):
+            if p64.grad is None:
+                assert p.grad is None or not p.grad.any(), name
+            else:
+                assert p.grad is not None and p.grad.dtype == torch.float32, name
+                assert_parity(p.grad, p64.grad, TOL_BF16)
+
+
 def test_bad_inputs():
     _, fast = make_pair()
     h = torch.randn(3, 4, D)

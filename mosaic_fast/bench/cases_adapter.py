@@ -24,11 +24,9 @@ import copy
 
 import torch
 
-import mosaic_fast
-
 from .. import nn as fast_nn
 from .. import reference
-from .core import Case
+from .core import Case, on_triton_backend
 
 D_MODEL = 768
 TOKENS = 197
@@ -86,19 +84,6 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     return out
 
 
-def _on_triton_backend(fn):
-    """``fn`` run with backend "triton" (the fused kernel even for one specialist), then back to "auto"."""
-
-    def run(*args):
-        mosaic_fast.set_backend("triton")
-        try:
-            return fn(*args)
-        finally:
-            mosaic_fast.set_backend("auto")
-
-    return run
-
-
 def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) -> Case:
     ref, fast = _modules(device, dtype)
     T = batch * TOKENS
@@ -137,7 +122,7 @@ def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) ->
 
     impls = {"reference": reference_impl, "fast": fast_impl}
     if routing == "single" and device.type == "cuda":
-        impls["kernel"] = _on_triton_backend(fast_impl)  # "fast" is cuBLAS for one group (ops docstring)
+        impls["kernel"] = on_triton_backend(fast_impl)  # "fast" is cuBLAS for one group (ops docstring)
     floor_bytes, floor_flops = _floors(routing, batch, elem, backward)
     pass_name = "fwd+bwd" if backward else "fwd"
     return Case(

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+import mosaic_fast
+
 #: Measured on an H100 (DESIGN.md §6); the "% of floor" column uses these unless the run measured its own
 #: device's ceilings (:func:`measure_ceilings`, done by ``mosaic-fast bench`` on CUDA).
 PEAK_BYTES_PER_S = 3.0e12
@@ -131,3 +133,16 @@ def time_case(
         record["notes"] = case.notes
     record.update(case.extra)
     return record
+
+
+def on_triton_backend(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with backend "triton" (the fused kernel even for one specialist), then back to "auto"."""
+
+    def run(*args):
+        mosaic_fast.set_backend("triton")
+        try:
+            return fn(*args)
+        finally:
+            mosaic_fast.set_backend("auto")
+
+    return run

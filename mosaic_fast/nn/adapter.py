@@ -28,7 +28,7 @@ import torch
 
 from .. import reference
 from ..ops._common import autocast_dtype
-from ..ops.grouped_adapter import pack_adapters, run_packed
+from ..ops.grouped_adapter import pack_adapters, run_adapter, run_packed, single_adapter_uses_torch
 from ..reference.adapter import check_expert_id
 
 #: Largest bottleneck the fast path runs (the Triton kernels keep the hidden tile on chip).
@@ -92,8 +92,11 @@ def _exact(adapters) -> bool:
 
 
 def _run(owner, adapters, h, base, expert_id):
-    tensors, bottlenecks = _packed_weights(owner, adapters, h)
     first = adapters[0]
+    if expert_id is None and single_adapter_uses_torch(h):
+        # one specialist on torch ops: the module's own parameters, nothing packed or cast ahead
+        return run_adapter(h, _params(adapters), base=base, scale=first.scale, eps=first.layer_norm.eps)
+    tensors, bottlenecks = _packed_weights(owner, adapters, h)
     return run_packed(h, tensors, bottlenecks, base=base, expert_id=expert_id, scale=first.scale,
                       eps=first.layer_norm.eps)
 

@@ -25,8 +25,8 @@ Autograd and torch.compile
   autograd formula registered on the forward op. Used whenever torch.compile traces the call.
 * Eagerly the same implementations run through :class:`GroupedAdapterFunction` (a plain
   ``autograd.Function``: no custom-op dispatch overhead), or, without any gradient, directly. One group
-  on the torch fallback is differentiated by autograd itself (:func:`_torch_single_autograd`, a subset
-  of the reference's ops, C++ backward).
+  on the torch fallback is differentiated by autograd itself (:func:`adapter_torch`: the reference's
+  ops, C++ backward).
 * d(base) is the incoming gradient itself. The forward saves h, the LayerNorm statistics (T,) fp32 and
   the pre-activation (T, max r). The Triton backward recomputes x-hat on the fly (and the pre-activation
   too when ``mosaic_fast.kernels.grouped_adapter.SAVE_PREACT = False``); the torch backward forms
@@ -48,12 +48,14 @@ The Triton kernels on CUDA cannot raise without a host sync: rows routed to an i
 
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
 from ._common import check_ids, check_ids_range, check_tensor, resolve_compute_dtype
 
-__all__ = ["group_offsets", "grouped_adapter", "pack_adapters", "run_packed"]
+__all__ = ["adapter_torch", "group_offsets", "grouped_adapter", "pack_adapters", "run_adapter", "run_packed",
+           "single_adapter_uses_torch"]
 
 
 def group_offsets(bottlenecks) -> list[int]:
@@ -203,7 +205,8 @@ def _torch_backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenec
     grads = None if single or not need_w else [torch.zeros_like(t) for t in (ln_w, ln_b, wd, bd, wu, bu)]
     offs = group_offsets(bottlenecks)
     have_a = preact.shape[0] == T
-    have_stats = mean.shape[0] == T and mean.dtype == h.dtype
+    # the statistics path needs x, the statistics and the weights in one dtype (not fp32 x under bf16 autocast)
+    have_stats = mean.shape[0] == T and mean.dtype == h.dtype == ct
     for g, idx in _groups(ids, G):
         r, o = bottlenecks[g], offs[g]
         x = _gather(h, idx, seg_len)
@@ -406,18 +409,21 @@ def _backward(ctx, dout, _dmean, _drstd, _dpreact):
 grouped_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _torch_single_autograd(h, base, ln_w, ln_b, wd, bd, wu, bu, scale, eps):
-    """One group on the torch fallback, differentiated by autograd (C++ backward, no Python in it).
+def adapter_torch(h: Tensor, base: Tensor | None, ln_w: Tensor, ln_b: Tensor, down_w: Tensor, down_b: Tensor,
+                  up_w: Tensor, up_b: Tensor, scale: float, eps: float) -> Tensor:
+    """One adapter, ``[base +] scale * up(relu(down(LN(h))))``, with the reference's own torch ops.
 
-    The scale is folded into the (small) up-projection weights, so neither pass scales a (T, D) tensor:
-    the ops are a subset of the reference's, forward and backward."""
-    ct = wd.dtype
-    y = torch.nn.functional.layer_norm(h, (h.shape[-1],), ln_w[0].to(h.dtype), ln_b[0].to(h.dtype), eps)
-    z = torch.addmm(bd, y.to(ct), wd.t()).relu_()
-    o = torch.addmm(bu[0] * scale, z, (wu * scale).t())
+    What backend "auto" runs for one specialist (cuBLAS on CUDA, differentiated by torch's C++ autograd):
+    the reference's ops, minus its separate scale multiply when ``base`` is given (one add with
+    ``alpha``). Weights as the modules hold them (``ln_w`` (D,), ``down_w`` (r, D), ``up_w`` (D, r), ...);
+    under autocast ``F.linear`` casts them as the reference's ``nn.Linear`` does. The ReLU and the scale
+    act in place on fresh GEMM outputs, which autograd allows (neither GEMM's backward reads its output).
+    """
+    y = F.layer_norm(h, (h.shape[-1],), ln_w, ln_b, eps)
+    out = F.linear(F.linear(y, down_w, down_b).relu_(), up_w, up_b)
     if base is None:
-        return o.to(h.dtype)
-    return base + o.to(base.dtype)
+        return out.mul_(scale)
+    return torch.add(base, out, alpha=scale)
 
 
 class GroupedAdapterFunction(torch.autograd.Function):
@@ -484,11 +490,8 @@ def grouped_adapter(
     return run_packed(h, weights, bottlenecks, base=base, expert_id=expert_id, scale=scale, eps=eps)
 
 
-def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1, eps=1e-5) -> Tensor:
-    """:func:`grouped_adapter` for weights already known to be packed consistently (one dtype, shapes
-    of ``bottlenecks``, e.g. from :func:`pack_adapters`): checks only h, base, expert_id and devices."""
-    D = weights[0].shape[1]
-    G = len(bottlenecks)
+def _check_h_base_devices(h: Tensor, base: Tensor | None, D: int, weights) -> None:
+    """h's last dim, base's shape/dtype/device and the weights' device (what the packed checks skip)."""
     if h.dim() == 0 or h.shape[-1] != D:
         raise ValueError(f"h: expected last dim {D}, got shape {tuple(h.shape)}")
     if base is not None:
@@ -502,12 +505,37 @@ def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1,
     for name, w in zip(("ln_w", "ln_b", "down_w", "down_b", "up_w", "up_b"), weights):
         if w.device != h.device:
             raise ValueError(f"{name} is on {w.device} but h is on {h.device}")
+
+
+def single_adapter_uses_torch(h: Tensor) -> bool:
+    """Whether one adapter (one group) on ``h`` runs :func:`adapter_torch` rather than the kernel."""
+    return _single_group_uses_torch(h)
+
+
+def run_adapter(h: Tensor, weights, *, base: Tensor | None = None, scale: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """One adapter from its own parameters ``(ln_w (D,), ln_b (D,), down_w (r, D), down_b (r,), up_w (D, r),
+    up_b (D,))`` by :func:`adapter_torch`, with run_packed's checks (for when
+    :func:`single_adapter_uses_torch` holds: no packing, no per-call weight casts beyond the reference's)."""
+    _check_h_base_devices(h, base, weights[0].shape[0], weights)
+    resolve_compute_dtype(h, weights[2:3], "the adapter weights")  # dtype mismatch outside autocast
+    return adapter_torch(h, base, *weights, float(scale), float(eps))
+
+
+def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1, eps=1e-5) -> Tensor:
+    """:func:`grouped_adapter` for weights already known to be packed consistently (one dtype, shapes
+    of ``bottlenecks``, e.g. from :func:`pack_adapters`): checks only h, base, expert_id and devices."""
+    D = weights[0].shape[1]
+    G = len(bottlenecks)
+    _check_h_base_devices(h, base, D, weights)
     if expert_id is None:
         if G != 1:
             raise ValueError(f"expert_id is required with {G} groups (bottlenecks {list(bottlenecks)})")
     else:
         check_ids("expert_id", expert_id, h)
     cast = resolve_compute_dtype(h, weights[2:3], "the adapter weights")
+    if expert_id is None and _single_group_uses_torch(h):
+        ln_w, ln_b, wd, bd, wu, bu = weights
+        return adapter_torch(h, base, ln_w[0], ln_b[0], wd, bd, wu, bu[0], float(scale), float(eps))
     if cast is not None:
         weights = [w.to(cast) for w in weights]
 
@@ -526,9 +554,7 @@ def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1,
         h.requires_grad or (base is not None and base.requires_grad) or any(w.requires_grad for w in weights)
     )
     args = (h2, base2, expert_id, seg_len, *weights, list(bottlenecks), float(scale), float(eps))
-    if expert_id is None and _single_group_uses_torch(h2):
-        out = _torch_single_autograd(h2, base2, *weights, float(scale), float(eps))
-    elif torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         out = grouped_adapter_fwd(*args, bool(save))[0]
     elif not save:
         out = _forward_impl(*args, False)[0]
