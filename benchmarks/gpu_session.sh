@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh model         # second call, on the still-warm machine
 #   bash benchmarks/gpu_session.sh graphs        # inference under CUDA-graph replay (extra columns)
 #   bash benchmarks/gpu_session.sh tune          # grouped-adapter forward: configs and cuBLAS pieces
+#   bash benchmarks/gpu_session.sh profile       # profiler tables of the cases that miss their targets
 #
 # Durations on an H200 (2026-11-30): start ~1.5 min; tests ~4 min with autotuning (which dominated; 170 s
 # was too short), so the tests stage now runs each kernel's first config only (MOSAIC_FAST_AUTOTUNE=0;
@@ -27,8 +28,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$OUT/install.log" 2>&1 \
-  || { echo "pip install -e . failed"; tail -20 "$OUT/install.log"; }
+# (the install log stays out of $OUT: only 8 files come back)
+python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >/tmp/install.log 2>&1 \
+  || { echo "pip install -e . failed"; tail -20 /tmp/install.log; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 python3 -m mosaic_fast.cli info 2>&1 | tail -12
 for stage in "$@"; do
@@ -41,6 +43,10 @@ for stage in "$@"; do
              --filter moe_skip --filter infer --filter dynamer \
              --json "$OUT/${tag}_graphs.json" --markdown "$OUT/${tag}_graphs.md" 2>"$OUT/bench_graphs.err" \
              | tee "$OUT/bench_graphs.log" | tail -45 ;;
+    profile) timeout "${BENCH_S:-300}" python3 benchmarks/profile_cases.py --device cuda \
+             --filter moe_skip_rho1 --filter moe_skip_rho0.1 --filter mosaic_train_step_single \
+             --filter mosaic_infer_single --filter dynamer_block_rho1 --out "$OUT/${tag}_profile.txt" \
+             2>&1 | tail -30 ;;
     ops|model) timeout "${BENCH_S:-300}" python3 benchmarks/run.py "$stage" --device cuda \
              --json "$OUT/${tag}_$stage.json" --markdown "$OUT/${tag}_$stage.md" 2>"$OUT/bench_$stage.err" \
              | tee "$OUT/bench_$stage.log" | tail -45 ;;

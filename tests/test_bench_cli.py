@@ -38,3 +38,22 @@ def test_floor_uses_measured_ceilings():
     case = Case("ops", "toy", {}, lambda i: (), {}, floor_bytes=4e9, floor_flops=1e12)
     assert floor_seconds(case, {"bytes_per_s": 4e12, "flops_bf16": 5e14}) == 2e-3  # compute-bound here
     assert floor_seconds(case, {"bytes_per_s": 1e12, "flops_bf16": 5e15}) == 4e-3  # memory-bound here
+
+
+def test_profile_cases_writes_one_table_per_implementation(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "profile_cases.py"
+    spec = importlib.util.spec_from_file_location("profile_cases", path)
+    profile_cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_cases)
+    out = tmp_path / "profile.txt"
+    assert profile_cases.main(["--device", "cpu", "--suite", "ops", "--filter", "moe_skip_rho0.1", "--calls", "1",
+                               "--out", str(out)]) == 0
+    text = out.read_text()
+    for impl in ("reference", "fast"):
+        assert f"== moe_skip_rho0.1 / {impl} (cpu, float32)" in text
+    assert text.count("aten calls per call") == 2 and "aten::" in text
+    assert profile_cases.main(["--device", "cpu", "--suite", "ops", "--filter", "no_such_case",
+                               "--out", str(out)]) == 2
