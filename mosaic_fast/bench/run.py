@@ -129,7 +129,8 @@ def markdown_table(results: dict) -> str:
     records = results["records"]
     labels = [lab for lab in ("reference", "compiled", "fast") if any(lab in r["times_s"] for r in records)]
     labels += list(dict.fromkeys(lab for r in records for lab in r["times_s"] if lab not in labels))
-    ratio_labels = ["fast", "compiled", *(lab for lab in labels if lab not in ("reference", "compiled", "fast"))]
+    ratio_labels = [lab for lab in ("fast", "compiled") if lab in labels]
+    ratio_labels += [lab for lab in labels if lab not in ("reference", "compiled", "fast")]
     cuda = any("pct_of_floor" in r for r in records)
     memory = any(isinstance(r.get("peak_memory_bytes", {}).get("fast"), int) for r in records)
     throughput = any("items_per_s" in r for r in records)
