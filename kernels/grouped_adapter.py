@@ -555,9 +555,10 @@ def _pow2(n: int, lo: int = 16) -> int:
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BM": 16, "BK": 16, "BN": 16}, num_warps=4, num_stages=1)]
-    # Chosen from an offline sm_90 compile sweep (ptxas -v): no spills, <= ~170 registers per thread for
-    # the R_BLOCK each is allowed (see _prune_fwd); BN is the up-projection chunk, kept small because
-    # the (R_BLOCK, BN) weight tile and the (BM, R_BLOCK) hidden tile share the register file.
+    # BN is the up-projection chunk. Every config is tried for every bottleneck: on an H200 (bf16, r = 192,
+    # R_BLOCK = 256, 2026-11-30) the fastest forced configs were BM 128/BN 32 (172 us, mixed, B = 128) and
+    # BM 64/BN 64 (188 us, single) -- the very ones a register-budget pruning (from an offline ptxas sweep)
+    # had excluded, leaving the autotuner 225-290 us choices (benchmarks/NOTES.md).
     return [
         triton.Config({"BM": bm, "BK": bk, "BN": bn}, num_warps=w, num_stages=s)
         for bm, bk, bn, w, s in [
@@ -572,17 +573,9 @@ def _fwd_configs() -> list[triton.Config]:
     ]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    """Keep the (BM, R_BLOCK) fp32 accumulator and the (R_BLOCK, BN) weight tile within the register file."""
-    r_block = kwargs.get("R_BLOCK", named_args.get("R_BLOCK", 64))
-    kept = [c for c in configs if c.kwargs["BM"] * r_block <= 16384 and c.kwargs["BN"] * r_block <= 8192]
-    return kept or configs[:1]
-
-
 _fwd = triton.autotune(
     configs=tuned_configs(_fwd_configs()),
     key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET"],
-    prune_configs_by={"early_config_prune": _prune_fwd} if not INTERPRET else None,
 )(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(_fwd_kernel))
 
 

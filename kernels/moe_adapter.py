@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .precision import dot_precision
+from .tuning import tuned_configs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -35,7 +36,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 @triton.jit
 def _moe_down_kernel(
     xg_ptr, xm_ptr, rows_ptr, order_ptr, offs_ptr, tcum_ptr, wd_ptr, bd_ptr, h_ptr,
-    n_exp, D, R, K,
+    n_exp, D, R, K, A_BUCKET,
     BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -76,7 +77,7 @@ def _moe_down_kernel(
 @triton.jit
 def _moe_combine_kernel(
     x_ptr, out_ptr, rows_ptr, eidx_ptr, p_ptr, h_ptr, wu_ptr, bu_ptr, c_ptr, mix_ptr,
-    T, n_exp, D, R, K, G, GW,
+    T, n_exp, D, R, K, G, GW, T_BUCKET,
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, STORE_MIX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -111,6 +112,42 @@ def _moe_combine_kernel(
         tl.store(mix_ptr + t.to(tl.int64)[:, None] * D + cols[None, :], acc.to(mix_ptr.dtype.element_ty), mask=m2)
 
 
+def _down_configs() -> list[triton.Config]:
+    """BK, warps and stages only: BM is fixed by the host-built tile table (``_DOWN_BM``)."""
+    if _INTERPRET:
+        return [triton.Config({"BK": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BK": bk}, num_warps=w, num_stages=st)
+        for bk, w, st in [(64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 4, 4)]
+    ]
+
+
+def _combine_configs() -> list[triton.Config]:
+    if _INTERPRET:
+        return [triton.Config({"BM": 16, "BN": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3),
+                              (16, 128, 4, 3)]
+    ]
+
+
+# The first config of each list is what the kernels ran before they were tuned (and what
+# MOSAIC_FAST_AUTOTUNE=0 keeps). The combine kernel may write in place (out is x): the autotuner
+# restores ``out`` (and ``mix``) after each timed run, so tuning never applies the update twice.
+_moe_down = triton.autotune(configs=tuned_configs(_down_configs()), key=["D", "R", "n_exp", "A_BUCKET"])(
+    _moe_down_kernel)
+_moe_combine = triton.autotune(configs=tuned_configs(_combine_configs()),
+                               key=["D", "R", "K", "n_exp", "G", "STORE_MIX", "T_BUCKET"],
+                               restore_value=["out_ptr", "mix_ptr"])(_moe_combine_kernel)
+_DOWN_BM = 16 if _INTERPRET else 64
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key for a row count (unused by the kernels): powers of two from 1024."""
+    return max(1024, triton.next_power_of_2(max(1, n)))
+
+
 def moe_down(
     x_gen: torch.Tensor, x_med: torch.Tensor, rows: torch.Tensor, expert_idx: torch.Tensor,
     w_down: torch.Tensor, b_down: torch.Tensor,
@@ -124,7 +161,7 @@ def moe_down(
     k = expert_idx.shape[1]
     flat = expert_idx.reshape(-1)
     a = flat.numel()
-    bm = 16 if _INTERPRET else 64
+    bm = _DOWN_BM
     hidden = torch.empty(a, r, device=x_gen.device, dtype=x_gen.dtype)
     if a == 0:
         return hidden
@@ -134,10 +171,10 @@ def moe_down(
     offs = torch.cat([zero, counts.cumsum(0)]).to(torch.int32)
     tcum = torch.cat([zero, ((counts + bm - 1) // bm).cumsum(0)]).to(torch.int32)
     grid = (triton.cdiv(a, bm) + n,)
-    _moe_down_kernel[grid](
+    _moe_down[grid](
         x_gen, x_med, rows, order, offs, tcum, w_down, b_down, hidden,
-        n, d, r, k,
-        BM=bm, BK=32 if _INTERPRET else 64, BLOCK_R=_pow2(r), BLOCK_E=_pow2(n + 1, 2),
+        n, d, r, k, _bucket(a),
+        BM=bm, BLOCK_R=_pow2(r), BLOCK_E=_pow2(n + 1, 2),
         DOT_PRECISION=dot_precision(w_down.dtype),
     )
     return hidden
@@ -158,10 +195,9 @@ def moe_combine(
         return
     n, d, r = w_up.shape
     g = coef.shape[1]
-    bm, bn = (16, 32) if _INTERPRET else (32, 128)
-    grid = (triton.cdiv(t, bm), triton.cdiv(d, bn))
-    _moe_combine_kernel[grid](
+    grid = lambda m: (triton.cdiv(t, m["BM"]), triton.cdiv(d, m["BN"]))
+    _moe_combine[grid](
         x, out, rows, expert_idx, probs, hidden, w_up, b_up, coef, mix if mix is not None else out,
-        t, n, d, r, k, g, d // g,
-        BM=bm, BN=bn, BLOCK_R=_pow2(r), STORE_MIX=mix is not None, DOT_PRECISION=dot_precision(w_up.dtype),
+        t, n, d, r, k, g, d // g, _bucket(t),
+        BLOCK_R=_pow2(r), STORE_MIX=mix is not None, DOT_PRECISION=dot_precision(w_up.dtype),
     )

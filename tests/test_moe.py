@@ -209,3 +209,31 @@ def test_cuda_fp32_and_bf16(cuda_device):
     for g, b, w in zip(got, base, want):
         assert_parity(g.float(), w, TOL_BF16)
         assert (g.float() - w).norm() <= 2 * (b.float() - w).norm() + 1e-6
+
+
+def test_cuda_inplace_skip_is_applied_once_while_autotuning(cuda_device, monkeypatch):
+    """The combine kernel writes in place and is autotuned: every timed config run must be undone
+    (``restore_value``), so the first (tuning) call still updates each selected row exactly once."""
+    import triton
+
+    from mosaic_fast.kernels import moe_adapter as kernels
+
+    # a fresh autotuner over every config (the module's may be cut to one by MOSAIC_FAST_AUTOTUNE=0, or tuned)
+    fresh = triton.autotune(configs=kernels._combine_configs(), key=["D", "R", "K", "n_exp", "G", "STORE_MIX",
+                                                                     "T_BUCKET"],
+                            restore_value=["out_ptr", "mix_ptr"])(kernels._moe_combine_kernel)
+    monkeypatch.setattr(kernels, "_moe_combine", fresh)
+    ref, fast = make()
+    ref, fast = ref.to(cuda_device), fast.to(cuda_device)
+    b, n = 3, 40
+    xg, xm = (torch.randn(b, n, D, device=cuda_device) for _ in range(2))
+    idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n - 1)[:19].sort().values + 1])
+                       for _ in range(b)]).to(cuda_device)
+    gates = (torch.rand(b, 20, device=cuda_device), torch.rand(b, 20, device=cuda_device))
+    with torch.no_grad():
+        expect = ref.forward_skip(xg, xm, idx, gates[0], idx, gates[1])
+        yg, ym = xg.clone(), xm.clone()
+        fast.forward_skip(yg, ym, idx, gates[0], idx, gates[1], inplace=True)
+    assert len(fresh.cache) == 1, "the combine kernel was not autotuned"
+    assert_parity(yg, expect[0], TOL_CUDA_TF32, "gen")
+    assert_parity(ym, expect[1], TOL_CUDA_TF32, "med")

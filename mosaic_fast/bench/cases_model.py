@@ -60,9 +60,12 @@ def _graphed_features(model: MosaicModel, mixed: bool):
     return lambda x, expert: replay(x)
 
 
-def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
-    """Inference of the reference and fast models (and, with ``graphs``, the fast model under CUDA-graph
-    replay: "fast+graphs")."""
+def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False,
+                    with_compile: bool = True) -> list[Case]:
+    """Inference of the reference and fast models; with ``graphs``, the fast model under CUDA-graph replay
+    ("fast+graphs"); on CUDA with ``with_compile``, ``torch.compile`` of the fast model too
+    ("fast+compiled": the eager fast forward is device-bound, and compile fuses its LayerNorm, GELU and
+    residual adds)."""
     cfg = _config(quick)
     ref, fast = _pair(cfg, device)
     ref, fast = ref.to(dtype).eval(), fast.to(dtype).eval()
@@ -83,7 +86,9 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
             params=dict(batch=b, mixed=mixed, **{k: cfg[k] for k in ("embed_dim", "depth")}),
             make_inputs=lambda i, mixed=mixed: (_images(b, device, dtype, i), _ids(b, device, i, mixed)),
             impls={"reference": ref_fwd(ref), "fast": ref_fwd(fast),
-                   **({"fast+graphs": _graphed_features(fast, mixed)} if graphs else {})},
+                   **({"fast+graphs": _graphed_features(fast, mixed)} if graphs else {}),
+                   **({"fast+compiled": torch.compile(ref_fwd(fast))}
+                      if with_compile and device.type == "cuda" else {})},
             items_per_call=b, notes="items_per_s = images/s",
         ))
 
@@ -201,4 +206,5 @@ def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_c
 def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False,
           with_compile: bool = True) -> list[Case]:
     """Inference and training-step cases of MosaicModel."""
-    return inference_cases(device, dtype, quick, graphs) + training_cases(device, dtype, quick, with_compile)
+    return (inference_cases(device, dtype, quick, graphs, with_compile)
+            + training_cases(device, dtype, quick, with_compile))
