@@ -40,7 +40,7 @@ for stage in "$@"; do
     tune) timeout "${BENCH_S:-300}" python3 benchmarks/tune_grouped_adapter.py --json "$OUT/${tag}_tune.json" \
              2>&1 | tee "$OUT/tune.log" | tail -45 ;;
     graphs) timeout "${BENCH_S:-300}" python3 benchmarks/run.py all --device cuda --graphs --no-compile \
-             --filter moe_skip --filter infer --filter dynamer \
+             --filter moe_skip --filter infer --filter train_step --filter dynamer \
              --json "$OUT/${tag}_graphs.json" --markdown "$OUT/${tag}_graphs.md" 2>"$OUT/bench_graphs.err" \
              | tee "$OUT/bench_graphs.log" | tail -45 ;;
     profile) timeout "${BENCH_S:-300}" python3 benchmarks/profile_cases.py --device cuda \

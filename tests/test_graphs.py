@@ -4,7 +4,7 @@ import pytest
 import torch
 from parity import TOL_BF16, assert_parity
 
-from mosaic_fast.graphs import CUDAGraphInference
+from mosaic_fast.graphs import CUDAGraphInference, CUDAGraphTraining
 from mosaic_fast.models import DynaMerModel, MosaicModel
 
 
@@ -47,3 +47,66 @@ def test_cuda_mosaic_replay_matches_eager(cuda_device):
     ids = torch.tensor([0, 1, 1, 0], device=cuda_device)
     replay = CUDAGraphInference(model.forward_features)
     _check_replays(replay, model.forward_features, lambda s: (torch.randn(4, 3, 224, 224, device=cuda_device), ids))
+
+
+def test_training_replay_rejects_bad_arguments():
+    with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
+        CUDAGraphTraining(torch.relu, lambda m, x: m(x))
+    with pytest.raises(TypeError, match="call must be callable"):
+        CUDAGraphTraining(torch.nn.Linear(2, 2), 3)
+    with pytest.raises(ValueError, match="warmup"):
+        CUDAGraphTraining(torch.nn.Linear(2, 2), lambda m, x: m(x), warmup=0)
+    with pytest.raises(TypeError, match="argument 0 is a tensor on cpu"):
+        CUDAGraphTraining(torch.nn.Linear(2, 2), lambda m, x: m(x))(torch.randn(2))
+
+
+def _train_steps(model, batches, graphed: bool, autocast: bool):
+    """Losses and trainable parameters after a few AdamW steps, the student eager or replayed."""
+    model.train()
+    model.freeze_backbone(verbose=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    replays = {}
+    losses = []
+    for x, ids, y in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            if not graphed:
+                feats, logits = model(x, task_id=0, expert_id=ids)
+            elif isinstance(ids, str):
+                replay = replays.setdefault(ids, CUDAGraphTraining(model, lambda m, x, e=ids: m(x, 0, False, e)))
+                feats, logits = replay(x)
+            else:
+                replay = replays.setdefault("ids", CUDAGraphTraining(model, lambda m, x, e: m(x, 0, False, e)))
+                feats, logits = replay(x, ids)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y) + feats.float().square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("routing", ["A", "ids"])
+def test_cuda_graphed_training_steps_match_eager(cuda_device, routing, autocast):
+    torch.manual_seed(0)
+    eager = MosaicModel(embed_dim=64, depth=2, num_heads=4, img_size_2d=32, fast=True).to(cuda_device)
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if "up_proj" in name:
+                p.normal_(0.0, 0.05)
+    graphed = MosaicModel(embed_dim=64, depth=2, num_heads=4, img_size_2d=32, fast=True).to(cuda_device)
+    graphed.load_state_dict(eager.state_dict())
+    initial = [p.detach().clone() for p in graphed.parameters() if p.requires_grad]
+    batches = []
+    for seed in range(4):  # fresh inputs every step: the replay must read them
+        g = torch.Generator().manual_seed(seed)
+        ids = "A" if routing == "A" else torch.randint(0, 3, (4,), generator=g).to(cuda_device)
+        batches.append((torch.randn(4, 3, 32, 32, generator=g).to(cuda_device), ids,
+                        torch.randint(0, 9, (4,), generator=g).to(cuda_device)))
+    want_losses, want_params = _train_steps(eager, batches, graphed=False, autocast=autocast)
+    got_losses, got_params = _train_steps(graphed, batches, graphed=True, autocast=autocast)
+    tol = TOL_BF16 if autocast else 1e-5
+    assert_parity(got_losses, want_losses, tol, "losses")
+    for got, want in zip(got_params, want_params):
+        assert_parity(got, want, tol, "trained parameters")
+    assert any(not torch.equal(p, q) for p, q in zip(got_params, initial)), "nothing trained"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_fast.bench.core import Case, on_triton_backend
-from mosaic_fast.graphs import CUDAGraphInference
+from mosaic_fast.graphs import CUDAGraphInference, CUDAGraphTraining
 from mosaic_fast.models import EMATeacher, MosaicModel
 
 
@@ -117,20 +117,40 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
 
 
 class TrainStep:
-    """One MOSAIC training step: student fwd/bwd (CE + 0.1·MSE to the teacher CLS), AdamW, EMA update."""
+    """One MOSAIC training step: student fwd/bwd (CE + 0.1·MSE to the teacher CLS), AdamW, EMA update.
 
-    def __init__(self, model: MosaicModel, device: torch.device, dtype: torch.dtype, compile_model: bool = False):
+    ``graphs``: the student's forward and backward replay CUDA graphs (:class:`CUDAGraphTraining`, one per
+    routing letter, or one for per-sample ids); the teacher forward, loss, optimizer and EMA stay eager."""
+
+    def __init__(self, model: MosaicModel, device: torch.device, dtype: torch.dtype, compile_model: bool = False,
+                 graphs: bool = False):
         self.model = model.train()
         self.model.freeze_backbone(verbose=False)
         self.teacher = EMATeacher(model)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
         self.forward = torch.compile(model) if compile_model else model
+        self.graphed: dict[str, CUDAGraphTraining] | None = {} if graphs else None
         self.autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
                          else contextlib.nullcontext())
 
+    def student(self, x: torch.Tensor, ids: torch.Tensor | str):
+        """(features, logits) of the student, eager or replayed."""
+        if self.graphed is None:
+            return self.forward(x, task_id=0, expert_id=ids)
+        if isinstance(ids, str):
+            replay = self.graphed.get(ids)
+            if replay is None:
+                replay = self.graphed[ids] = CUDAGraphTraining(self.model,
+                                                               lambda m, x, e=ids: m(x, task_id=0, expert_id=e))
+            return replay(x)
+        replay = self.graphed.get("ids")
+        if replay is None:
+            replay = self.graphed["ids"] = CUDAGraphTraining(self.model, lambda m, x, e: m(x, task_id=0, expert_id=e))
+        return replay(x, ids)
+
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, experts: tuple[str, ...]) -> None:
         with self.autocast:
-            feats, logits = self.forward(x, task_id=0, expert_id=ids)
+            feats, logits = self.student(x, ids)
             with torch.no_grad():
                 feats_t = self.teacher.model(x, task_id=0, return_features=True, expert_id=ids)
             loss = F.cross_entropy(logits.float(), y) + 0.1 * F.mse_loss(feats.float(), feats_t.float())
@@ -172,8 +192,10 @@ def _peak_memory(step: TrainStep, inputs: tuple, device: torch.device) -> int | 
     return _resident_bytes(step) + int(torch.cuda.max_memory_allocated()) - baseline
 
 
-def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_compile: bool = True) -> list[Case]:
-    """Training steps of the reference, torch.compile(reference) (unless ``with_compile`` is False) and fast."""
+def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_compile: bool = True,
+                   graphs: bool = False) -> list[Case]:
+    """Training steps of the reference, torch.compile(reference) (unless ``with_compile`` is False) and fast;
+    with ``graphs`` on CUDA, fast with its student forward+backward replayed as CUDA graphs ("fast+graphs")."""
     cfg = _config(quick)
     b = cfg["batch"]
     cases = []
@@ -182,6 +204,8 @@ def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_c
         steps = {"reference": TrainStep(ref, device, dtype), "fast": TrainStep(fast, device, dtype)}
         if with_compile:
             steps["compiled"] = TrainStep(_pair(cfg, device)[0], device, dtype, compile_model=True)
+        if graphs and device.type == "cuda":
+            steps["fast+graphs"] = TrainStep(_pair(cfg, device)[1], device, dtype, graphs=True)
         if device.type == "cuda" and not mixed:
             # "auto" runs one specialist on torch ops (cuBLAS); "kernel" times the fused kernels instead
             steps["kernel"] = on_triton_backend(steps["fast"])
@@ -207,4 +231,4 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = 
           with_compile: bool = True) -> list[Case]:
     """Inference and training-step cases of MosaicModel."""
     return (inference_cases(device, dtype, quick, graphs, with_compile)
-            + training_cases(device, dtype, quick, with_compile))
+            + training_cases(device, dtype, quick, with_compile, graphs))
