@@ -47,9 +47,8 @@ class CUDAGraphInference:
     runs ``fn`` ``warmup`` times on a side stream (Triton autotuning, cuBLAS workspaces), then captures it;
     every call copies the inputs into the captured buffers, replays, and returns a clone of the outputs
     (so a later replay cannot overwrite what the caller holds). ``fn`` must not synchronise with the host
-    and must take only CUDA tensors. Parameters may change in place between calls (an EMA teacher), but
-    a copy made inside the captured forward is frozen at capture: the fast adapters' no-grad packed-weight
-    cache is one, so capture a mixed-batch fast model only once its weights are final.
+    and must take only CUDA tensors. Parameters may change in place between calls (an EMA teacher): the
+    replay reads them where they are (the fast adapters skip their packed-weight cache while capturing).
     """
 
     def __init__(self, fn: Callable[..., Any], warmup: int = 3, key: Callable[[], Hashable] | None = None) -> None:

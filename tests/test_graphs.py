@@ -49,6 +49,22 @@ def test_cuda_mosaic_replay_matches_eager(cuda_device):
     _check_replays(replay, model.forward_features, lambda s: (torch.randn(4, 3, 224, 224, device=cuda_device), ids))
 
 
+def test_cuda_mosaic_replay_reads_weights_updated_in_place(cuda_device):
+    """An EMA teacher's weights change in place between replays: the replay must see them (the fast
+    adapters' packed copy of a mixed batch is not frozen at capture)."""
+    model = MosaicModel(embed_dim=64, depth=2, num_heads=4, fast=True).to(cuda_device).eval()
+    ids = torch.tensor([0, 1, 2, 0], device=cuda_device)
+    x = torch.randn(4, 3, 224, 224, device=cuda_device)
+    replay = CUDAGraphInference(model.forward_features)
+    replay(x, ids)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+        want = model.forward_features(x, ids)
+    assert_parity(replay(x, ids), want, 1e-6, "replay after an in-place weight update")
+
+
 def test_training_replay_rejects_bad_arguments():
     with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
         CUDAGraphTraining(torch.relu, lambda m, x: m(x))
@@ -61,10 +77,12 @@ def test_training_replay_rejects_bad_arguments():
 
 
 def _train_steps(model, batches, graphed: bool, autocast: bool):
-    """Losses and trainable parameters after a few AdamW steps, the student eager or replayed."""
+    """Losses and trainable parameters after a few SGD steps, the student eager or replayed. (SGD, not
+    Adam: Adam's normalised update would turn last-bit gradient noise of near-zero gradients into
+    lr-sized parameter differences.)"""
     model.train()
     model.freeze_backbone(verbose=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     replays = {}
     losses = []
     for x, ids, y in batches:
@@ -105,8 +123,37 @@ def test_cuda_graphed_training_steps_match_eager(cuda_device, routing, autocast)
                         torch.randint(0, 9, (4,), generator=g).to(cuda_device)))
     want_losses, want_params = _train_steps(eager, batches, graphed=False, autocast=autocast)
     got_losses, got_params = _train_steps(graphed, batches, graphed=True, autocast=autocast)
-    tol = TOL_BF16 if autocast else 1e-5
+    tol = TOL_BF16 if autocast else 1e-4
     assert_parity(got_losses, want_losses, tol, "losses")
-    for got, want in zip(got_params, want_params):
-        assert_parity(got, want, tol, "trained parameters")
+    for got, want in zip(got_params, want_params):  # (some stay zero: specialists a letter does not route to)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1e-3)))
     assert any(not torch.equal(p, q) for p, q in zip(got_params, initial)), "nothing trained"
+
+
+@pytest.mark.parametrize("routing", ["A", "ids"])
+def test_cuda_bench_train_step_with_graphs_matches_eager(cuda_device, routing):
+    """The benchmark's replayed MOSAIC step (student fwd+bwd and EMA-teacher forward replayed; AdamW and
+    the in-place EMA update eager) trains the student and the teacher as the eager step does."""
+    from mosaic_fast.bench.cases_model import TrainStep
+
+    torch.manual_seed(0)
+    models = [MosaicModel(embed_dim=64, depth=2, num_heads=4, img_size_2d=32, fast=True).to(cuda_device)
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    steps = [TrainStep(m, cuda_device, torch.float32, graphs=g) for m, g in zip(models, (False, True))]
+    for step in steps:  # SGD instead of the step's AdamW: see _train_steps
+        step.opt = torch.optim.SGD([p for p in step.model.parameters() if p.requires_grad], lr=0.05)
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        ids = "A" if routing == "A" else torch.randint(0, 3, (4,), generator=g).to(cuda_device)
+        x = torch.randn(4, 3, 32, 32, generator=g).to(cuda_device)
+        y = torch.randint(0, 9, (4,), generator=g).to(cuda_device)
+        for step in steps:
+            step(x, ids, y, ("A",) if routing == "A" else ("A", "B", "C"))
+    for (name, want), got in zip(steps[0].teacher.model.state_dict().items(),
+                                 steps[1].teacher.model.state_dict().values()):
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"teacher {n}: {m}")
+    for (name, want), got in zip(models[0].named_parameters(), models[1].parameters()):
+        if want.requires_grad:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"student {n}: {m}")

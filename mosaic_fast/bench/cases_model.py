@@ -120,7 +120,9 @@ class TrainStep:
     """One MOSAIC training step: student fwd/bwd (CE + 0.1·MSE to the teacher CLS), AdamW, EMA update.
 
     ``graphs``: the student's forward and backward replay CUDA graphs (:class:`CUDAGraphTraining`, one per
-    routing letter, or one for per-sample ids); the teacher forward, loss, optimizer and EMA stay eager."""
+    routing letter, or one for per-sample ids), and so does the teacher's forward
+    (:class:`CUDAGraphInference`, reading the EMA weights as updated in place); the loss, optimizer and
+    EMA update stay eager."""
 
     def __init__(self, model: MosaicModel, device: torch.device, dtype: torch.dtype, compile_model: bool = False,
                  graphs: bool = False):
@@ -130,6 +132,7 @@ class TrainStep:
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
         self.forward = torch.compile(model) if compile_model else model
         self.graphed: dict[str, CUDAGraphTraining] | None = {} if graphs else None
+        self.graphed_teacher: dict[str, CUDAGraphInference] = {}
         self.autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
                          else contextlib.nullcontext())
 
@@ -148,11 +151,26 @@ class TrainStep:
             replay = self.graphed["ids"] = CUDAGraphTraining(self.model, lambda m, x, e: m(x, task_id=0, expert_id=e))
         return replay(x, ids)
 
+    def teacher_features(self, x: torch.Tensor, ids: torch.Tensor | str) -> torch.Tensor:
+        """The EMA teacher's CLS features (no grad), eager or replayed."""
+        teacher = self.teacher.model
+        if self.graphed is None:
+            with torch.no_grad():
+                return teacher(x, task_id=0, return_features=True, expert_id=ids)
+        key = ids if isinstance(ids, str) else "ids"
+        replay = self.graphed_teacher.get(key)
+        if replay is None:
+            if isinstance(ids, str):
+                replay = CUDAGraphInference(lambda x, e=ids: teacher(x, 0, True, e))
+            else:
+                replay = CUDAGraphInference(lambda x, e: teacher(x, 0, True, e))
+            self.graphed_teacher[key] = replay
+        return replay(x) if isinstance(ids, str) else replay(x, ids)
+
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, experts: tuple[str, ...]) -> None:
         with self.autocast:
             feats, logits = self.student(x, ids)
-            with torch.no_grad():
-                feats_t = self.teacher.model(x, task_id=0, return_features=True, expert_id=ids)
+            feats_t = self.teacher_features(x, ids)
             loss = F.cross_entropy(logits.float(), y) + 0.1 * F.mse_loss(feats.float(), feats_t.float())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

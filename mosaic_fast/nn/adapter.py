@@ -17,7 +17,8 @@ When the fast path is not exact, these modules run the reference computation ins
 The three specialists' weights are packed per call with ``torch.cat`` (differentiable: gradients reach
 each specialist's own parameters). When no gradient is needed (inference, ``torch.no_grad``) the packed
 copy — and under autocast the copy cast to the autocast dtype — is cached per module and rebuilt when a
-parameter changes (data pointer or in-place version counter), so inference runs a single launch.
+parameter changes (data pointer or in-place version counter), so inference runs a single launch. Under
+CUDA-graph capture nothing is cached: the graph packs on every replay from the live parameters.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def _packed_weights(owner: torch.nn.Module, adapters, h: torch.Tensor):
         return pack_adapters(adapters)  # views of the parameters: nothing to pack or cache
     if torch.compiler.is_compiling():
         return pack_adapters(adapters)
+    if h.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph must pack (and cast) on every replay, reading the parameters as they are then
+        # (e.g. an EMA teacher updated in place between replays), not a copy frozen at capture
+        tensors, bottlenecks = pack_adapters(adapters)
+        return (tuple(t.to(cast) for t in tensors) if cast is not None else tensors), bottlenecks
     params = _params(adapters)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return pack_adapters(adapters)  # differentiable cat, every call
