@@ -4,7 +4,15 @@ import copy
 
 import pytest
 import torch
-from parity import TOL_BF16, TOL_CPU_FWD, TOL_CPU_GRAD, TOL_CUDA_TF32, TOL_INTERPRETER, assert_parity, randomize_
+from parity import (
+    TOL_BF16,
+    TOL_CPU_FWD,
+    TOL_CPU_GRAD,
+    TOL_CUDA_TF32,
+    TOL_INTERPRETER,
+    assert_parity,
+    randomize_,
+)
 
 import mosaic_fast
 from mosaic_fast import nn as fast_nn
@@ -149,7 +157,7 @@ def test_bad_input():
     with pytest.raises(TypeError, match="dtype"):
         moe_gated_update(*[torch.randn(3, D)] * 2, *[torch.arange(3)] * 2, torch.zeros(3, 1, dtype=torch.long),
                          torch.ones(3, 1, dtype=torch.float64), torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long),
-                         torch.ones(3, 1), torch.ones(3, 1), *fast._params())
+                         torch.ones(3, 1), torch.ones(3, 1), *fast._params(torch.randn(3, D)))
 
 
 def _op_args(device):
@@ -237,3 +245,37 @@ def test_cuda_inplace_skip_is_applied_once_while_autotuning(cuda_device, monkeyp
     assert len(fresh.cache) == 1, "the combine kernel was not autotuned"
     assert_parity(yg, expect[0], TOL_CUDA_TF32, "gen")
     assert_parity(ym, expect[1], TOL_CUDA_TF32, "med")
+
+
+@pytest.mark.parametrize("call", ["full", "skip"])
+def test_autocast_cpu_bf16_runs_in_the_stream_dtype(call):
+    """Under autocast the routing comes out in mixed dtypes; the fused update runs in the streams' dtype
+    (it raised a dtype TypeError before). Outputs and every gradient against float64 by the 2x rule: within
+    twice the error of the reference module under the same autocast."""
+    torch.manual_seed(0)
+    ref, fast = make()
+    idx = torch.tensor([[0, 2, 5], [0, 1, 4]])
+    gate = torch.rand(2, 3)
+    gouts = [torch.randn(2, 6, D) for _ in range(2)]
+    inputs = pair(b=2, n=6)
+
+    def run(module, dtype, autocast):
+        xg, xm = (t.detach().to(dtype).requires_grad_(True) for t in inputs)
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = module(xg, xm) if call == "full" else module.forward_skip(xg, xm, idx, gate, idx, gate)
+        sum((o * g.to(dtype)).sum() for o, g in zip(outs, gouts)).backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        return [*outs, xg.grad, xm.grad], grads
+
+    want, want_grads = run(copy.deepcopy(ref).double(), torch.float64, False)
+    base, base_grads = run(ref, torch.float32, True)
+    got, got_grads = run(fast, torch.float32, True)
+    assert all(t.dtype == torch.float32 for t in got)
+    assert set(got_grads) == set(want_grads)
+    pairs = [(f"tensor {i}", g, b, w) for i, (g, b, w) in enumerate(zip(got, base, want))]
+    pairs += [(n, got_grads[n], base_grads[n], w) for n, w in want_grads.items()]
+    for name, g, b, w in pairs:
+        w = w.detach()
+        err, err_ref = (float((t.detach().double() - w).norm()) for t in (g, b))
+        assert err <= 2 * err_ref + 1e-6 * float(w.norm()), f"{name}: {err:.3e} > 2 x reference {err_ref:.3e}"

@@ -2,7 +2,8 @@
 
 * :class:`GatedMoEAdapter`: routing, probabilities and gates in torch (tiny GEMMs); everything D-wide in
   one op (:func:`mosaic_fast.ops.moe_adapter.moe_gated_update`): only the chosen experts run, selected
-  rows only, in place on the residual stream in inference.
+  rows only, in place on the residual stream in inference. Under autocast the routing follows autocast
+  and the fused update runs in the residual streams' dtype.
 * :class:`SkipRouter`: the merge is one gather/scatter op (:mod:`mosaic_fast.ops.token_skip`).
 * :class:`GatedSpecialistAdapter`: the specialists as one adapter of concatenated bottleneck with their
   LayerNorm affines folded into the down projection (:mod:`mosaic_fast.ops.gated_specialist`).
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..ops._common import autocast_dtype
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.token_skip import skip_merge
@@ -37,8 +39,20 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
             coef = coef * skip_gate.unsqueeze(1)
         return index, prob, coef
 
-    def _params(self) -> tuple[torch.Tensor, ...]:
-        return self.down_weight, self.down_bias, self.up_weight, self.up_bias
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = self.down_weight, self.down_bias, self.up_weight, self.up_bias
+        if autocast_dtype(x.device.type) is None:
+            return params
+        return tuple(p.to(x.dtype) for p in params)
+
+    @staticmethod
+    def _in_stream_dtype(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Under autocast the routing comes out in mixed dtypes (fp32 softmax, autocast-dtype gates): the
+        fused update then runs in the residual streams' dtype (fp32 streams stay fp32, as the reference's
+        final mix does). Outside autocast nothing is cast, so a genuine dtype mismatch still raises."""
+        if autocast_dtype(x.device.type) is None:
+            return tensors
+        return tuple(t.to(x.dtype) for t in tensors)
 
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_pair(x_gen, x_med, self.d_model)
@@ -46,7 +60,8 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         rows = torch.arange(xg.shape[0], device=xg.device)
         eg, pg, cg = self._routing(xg, 0)
         em, pm, cm = self._routing(xm, 1)
-        og, om = moe_gated_update(xg, xm, rows, rows, eg, pg, cg, em, pm, cm, *self._params())
+        pg, cg, pm, cm = self._in_stream_dtype(xg, pg, cg, pm, cm)
+        og, om = moe_gated_update(xg, xm, rows, rows, eg, pg, cg, em, pm, cm, *self._params(xg))
         return og.view(x_gen.shape), om.view(x_med.shape)
 
     def forward_skip(
@@ -68,7 +83,8 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         rows_g, rows_m = _flat_rows(idx_gen, n), _flat_rows(idx_med, n)
         eg, pg, cg = self._routing(xg.index_select(0, rows_g), 0, gate_gen.reshape(-1))
         em, pm, cm = self._routing(xm.index_select(0, rows_m), 1, gate_med.reshape(-1))
-        og, om = moe_gated_update(xg, xm, rows_g, rows_m, eg, pg, cg, em, pm, cm, *self._params(),
+        pg, cg, pm, cm = self._in_stream_dtype(xg, pg, cg, pm, cm)
+        og, om = moe_gated_update(xg, xm, rows_g, rows_m, eg, pg, cg, em, pm, cm, *self._params(xg),
                                   inplace=direct)
         if direct:
             return x_gen, x_med
