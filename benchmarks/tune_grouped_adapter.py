@@ -1,7 +1,7 @@
 """Where the grouped-adapter forward and backward spend their time, in one GPU call (benchmarks/NOTES.md).
 
 Times, on the same rotating bf16 inputs (D = 768, 197 tokens per image): the fused kernel with each of
-its forward configs forced in turn, the autotuned fused kernel, the split variant (two kernels), the
+its forward configs forced in turn, the autotuned fused kernel, the split (two kernels) and one-pass variants, the
 cuBLAS path (LayerNorm, addmm, ReLU, addmm, add) and that path's pieces alone, and prints each as ms and
 % of the roofline floor measured against this device's copy bandwidth and GEMM rate. Then the
 backward: both Triton kernels, the dh kernel alone, and (one group) autograd through the cuBLAS path.
@@ -45,15 +45,18 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
 
     out["kernel (autotuned)"] = kernel
 
-    def split(i):
-        saved = kernels.FORWARD_VARIANT
-        kernels.FORWARD_VARIANT = "split"
-        try:
-            return kernel(i)
-        finally:
-            kernels.FORWARD_VARIANT = saved
+    def variant(name):
+        def run(i):
+            saved = kernels.FORWARD_VARIANT
+            kernels.FORWARD_VARIANT = name
+            try:
+                return kernel(i)
+            finally:
+                kernels.FORWARD_VARIANT = saved
+        return run
 
-    out["split kernels (autotuned)"] = split
+    out["split kernels (autotuned)"] = variant("split")
+    out["one-pass kernel (autotuned)"] = variant("onepass")
     for cfg in kernels._fwd_configs():
         def forced(i, cfg=cfg):
             saved = kernels._fwd.configs, kernels._fwd.cache

@@ -78,8 +78,13 @@ WGRAD_SPLIT: int | None = None
 #: LayerNorm + down projection kernel writes the pre-activation (T, R_MAX) and a second kernel runs the
 #: up projection over (row tile, column block) programs in parallel: ~8 % more bytes, far more
 #: parallelism (unmeasured; ``benchmarks/tune_grouped_adapter.py`` times both).
+#: "onepass": the fused kernel with the LayerNorm folded into the down projection, so h is read once
+#: and every loop over D is a pipelined dot loop (the statistics pass has no dot, so Triton does not
+#: pipeline its loads): ``LN(h) Wdᵀ = rstd (h - c) (w∘Wd)ᵀ - rstd (mean - c) (Wd w) + Wd b`` with the
+#: row sums of (h - c) and (h - c)² accumulated in the same loop, c a per-row shift (the mean of the first
+#: chunk) against cancellation. Unmeasured on a GPU; parity-tested in the interpreter.
 FORWARD_VARIANT = "fused"
-FORWARD_VARIANTS = ("fused", "split")
+FORWARD_VARIANTS = ("fused", "split", "onepass")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ def _fwd_kernel(
     scale, eps,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, SAVE: tl.constexpr, SAVE_A: tl.constexpr,
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
-    UP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UP: tl.constexpr, ONEPASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     g, _, valid, rows, _ = _tile(tl.program_id(0), ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
     ok, gc, roff, r = _group_meta(g, G, meta_ptr)
@@ -237,6 +242,33 @@ def _fwd_kernel(
     h_rows = h_ptr + rows[:, None] * stride_h
     x_ptrs = h_rows + offk[None, :]
 
+    if ONEPASS:
+        a, mean, rstd = _ln_down_onepass(x_ptrs, valid, gc, roff, offr, rmask, offk, lnw_ptr, lnb_ptr, wd_ptr,
+                                         bd_ptr, D, stride_lnw, stride_lnb, stride_wd, eps, BM, BK, R_BLOCK,
+                                         DOT_PRECISION)
+    else:
+        a, mean, rstd = _ln_down_twopass(x_ptrs, valid, gc, roff, offr, rmask, offk, lnw_ptr, lnb_ptr, wd_ptr,
+                                         bd_ptr, D, stride_lnw, stride_lnb, stride_wd, eps, BM, BK, R_BLOCK,
+                                         EVEN_D, DOT_PRECISION)
+    if SAVE_A:
+        # the padded columns (r <= col < R_MAX) hold zeros: the output is fully defined
+        tl.store(a_ptr + rows[:, None] * stride_a + offr[None, :], a, mask=valid[:, None] & (offr < stride_a)[None, :])
+    if SAVE:
+        tl.store(mean_ptr + rows, mean, mask=valid)
+        tl.store(rstd_ptr + rows, rstd, mask=valid)
+    if UP:  # fused variant; the split variant's _up_kernel does this part
+        _up_epilogue(tl.maximum(a, 0.0).to(wd_ptr.dtype.element_ty), rows, valid, ok, gc, roff, offr, rmask,
+                     base_ptr, out_ptr, wu_ptr, bu_ptr, D, stride_base, stride_out, stride_wu, stride_bu, scale,
+                     HAS_BASE, BN, EVEN_D, DOT_PRECISION)
+
+
+@triton.jit
+def _ln_down_twopass(x_ptrs, valid, gc, roff, offr, rmask, offk, lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, D,
+                     stride_lnw, stride_lnb, stride_wd, eps,
+                     BM: tl.constexpr, BK: tl.constexpr, R_BLOCK: tl.constexpr, EVEN_D: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """(pre-activation a = LN_g(x) @ Wd_gᵀ + bd_g (BM, R_BLOCK) fp32, mean, rstd): the statistics in a first
+    pass over D, then the down projection with the LayerNorm applied per K chunk in its prologue."""
     # LayerNorm statistics in one pass (Chan et al. combination of per-chunk mean and M2).
     mean = tl.zeros((BM,), dtype=tl.float32)
     m2 = tl.zeros((BM,), dtype=tl.float32)
@@ -280,17 +312,49 @@ def _fwd_kernel(
         y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
         acc = tl.dot(y.to(wdt.dtype), wdt, acc, input_precision=DOT_PRECISION)
     bdv = tl.load(bd_ptr + roff + offr, mask=rmask, other=0.0).to(tl.float32)
-    a = acc + bdv[None, :]
-    if SAVE_A:
-        # the padded columns (r <= col < R_MAX) hold zeros: the output is fully defined
-        tl.store(a_ptr + rows[:, None] * stride_a + offr[None, :], a, mask=valid[:, None] & (offr < stride_a)[None, :])
-    if SAVE:
-        tl.store(mean_ptr + rows, mean, mask=valid)
-        tl.store(rstd_ptr + rows, rstd, mask=valid)
-    if UP:  # fused variant; the split variant's _up_kernel does this part
-        _up_epilogue(tl.maximum(a, 0.0).to(wd_ptr.dtype.element_ty), rows, valid, ok, gc, roff, offr, rmask,
-                     base_ptr, out_ptr, wu_ptr, bu_ptr, D, stride_base, stride_out, stride_wu, stride_bu, scale,
-                     HAS_BASE, BN, EVEN_D, DOT_PRECISION)
+    return acc + bdv[None, :], mean, rstd
+
+
+@triton.jit
+def _ln_down_onepass(x_ptrs, valid, gc, roff, offr, rmask, offk, lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, D,
+                     stride_lnw, stride_lnb, stride_wd, eps,
+                     BM: tl.constexpr, BK: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Same result as :func:`_ln_down_twopass` in one pass over D (FORWARD_VARIANT "onepass"):
+
+    with c the mean of each row's first chunk, xs = x - c, Wf = Wd_g ∘ w_g (the LN weight folded into the
+    down weights, per K chunk in registers), v1 = Wd_g w_g and cb = Wd_g b_g (accumulated alongside):
+    ``a = rstd (xs @ Wfᵀ - mean(xs) v1) + cb + bd``, rstd from the sums of xs and xs² (shifted data:
+    no cancellation when |mean| >> std)."""
+    lnw_ptrs = lnw_ptr + gc * stride_lnw + offk
+    lnb_ptrs = lnb_ptr + gc * stride_lnb + offk
+    wd_ptrs = wd_ptr + (roff + offr)[None, :] * stride_wd + offk[:, None]
+    km = offk < D
+    x = tl.load(x_ptrs, mask=valid[:, None] & km[None, :], other=0.0).to(tl.float32)
+    shift = tl.sum(x, axis=1) / tl.minimum(D, BK)
+    s1 = tl.zeros((BM,), dtype=tl.float32)
+    s2 = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, R_BLOCK), dtype=tl.float32)
+    v1 = tl.zeros((R_BLOCK,), dtype=tl.float32)
+    cb = tl.zeros((R_BLOCK,), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        km = (k0 + offk) < D
+        x = tl.load(x_ptrs + k0, mask=valid[:, None] & km[None, :], other=0.0).to(tl.float32)
+        xs = tl.where(km[None, :], x - shift[:, None], 0.0)
+        s1 += tl.sum(xs, axis=1)
+        s2 += tl.sum(xs * xs, axis=1)
+        w = tl.load(lnw_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+        b = tl.load(lnb_ptrs + k0, mask=km, other=0.0).to(tl.float32)
+        wdt = tl.load(wd_ptrs + k0, mask=rmask[None, :] & km[:, None], other=0.0)
+        wdf = wdt.to(tl.float32)
+        wf = wdf * w[:, None]
+        v1 += tl.sum(wf, axis=0)
+        cb += tl.sum(wdf * b[:, None], axis=0)
+        acc = tl.dot(xs.to(wdt.dtype), wf.to(wdt.dtype), acc, input_precision=DOT_PRECISION)
+    mean_s = s1 / D
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_s * mean_s, 0.0) + eps)
+    bdv = tl.load(bd_ptr + roff + offr, mask=rmask, other=0.0).to(tl.float32)
+    a = rstd[:, None] * (acc - mean_s[:, None] * v1[None, :]) + (cb + bdv)[None, :]
+    return a, shift + mean_s, rstd
 
 
 @triton.jit
@@ -742,7 +806,8 @@ def forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scal
             ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
             float(scale), float(eps),
             MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, SAVE=bool(save), SAVE_A=save_a or split,
-            R_BLOCK=_pow2(r_max), UP=not split, DOT_PRECISION=dot_precision(wd.dtype),
+            R_BLOCK=_pow2(r_max), UP=not split, ONEPASS=FORWARD_VARIANT == "onepass",
+            DOT_PRECISION=dot_precision(wd.dtype),
         )
         if split:
             grid_up = lambda m: (triton.cdiv(T, m["BM"]) + G + 1, triton.cdiv(D, m["BN"]))
