@@ -276,8 +276,9 @@ def _validate_ids_on_host(ids: Tensor | None, G: int, triton_path: bool) -> None
         check_ids_range("expert_id", ids, G)
 
 
-def _single_group_uses_torch(h: Tensor) -> bool:
-    """One group: torch ops (cuBLAS on CUDA) unless backend "triton" asks for the kernel (module docstring)."""
+def single_adapter_uses_torch(h: Tensor) -> bool:
+    """Whether one adapter (one group) on ``h`` runs :func:`adapter_torch` (cuBLAS on CUDA) rather than the
+    kernel: always, unless backend "triton" asks for the kernel (module docstring)."""
     return backend.get_backend() != "triton" or not backend.use_triton(h)
 
 
@@ -507,11 +508,6 @@ def _check_h_base_devices(h: Tensor, base: Tensor | None, D: int, weights) -> No
             raise ValueError(f"{name} is on {w.device} but h is on {h.device}")
 
 
-def single_adapter_uses_torch(h: Tensor) -> bool:
-    """Whether one adapter (one group) on ``h`` runs :func:`adapter_torch` rather than the kernel."""
-    return _single_group_uses_torch(h)
-
-
 def run_adapter(h: Tensor, weights, *, base: Tensor | None = None, scale: float = 0.1, eps: float = 1e-5) -> Tensor:
     """One adapter from its own parameters ``(ln_w (D,), ln_b (D,), down_w (r, D), down_b (r,), up_w (D, r),
     up_b (D,))`` by :func:`adapter_torch`, with run_packed's checks (for when
@@ -533,7 +529,7 @@ def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1,
     else:
         check_ids("expert_id", expert_id, h)
     cast = resolve_compute_dtype(h, weights[2:3], "the adapter weights")
-    if expert_id is None and _single_group_uses_torch(h):
+    if expert_id is None and single_adapter_uses_torch(h):
         ln_w, ln_b, wd, bd, wu, bu = weights
         return adapter_torch(h, base, ln_w[0], ln_b[0], wd, bd, wu, bu[0], float(scale), float(eps))
     if cast is not None:
