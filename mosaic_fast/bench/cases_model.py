@@ -136,20 +136,23 @@ class TrainStep:
         self.autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32
                          else contextlib.nullcontext())
 
+    @staticmethod
+    def _replayed(cache: dict, make, fn, x: torch.Tensor, ids: torch.Tensor | str):
+        """``fn(x, ids)`` through the replay ``make(call)`` cached per routing: a letter is baked into the
+        captured call, per-sample ids are a graph input."""
+        key = ids if isinstance(ids, str) else "ids"
+        replay = cache.get(key)
+        if replay is None:
+            call = (lambda x, e=ids: fn(x, e)) if isinstance(ids, str) else fn
+            replay = cache[key] = make(call)
+        return replay(x) if isinstance(ids, str) else replay(x, ids)
+
     def student(self, x: torch.Tensor, ids: torch.Tensor | str):
         """(features, logits) of the student, eager or replayed."""
         if self.graphed is None:
             return self.forward(x, task_id=0, expert_id=ids)
-        if isinstance(ids, str):
-            replay = self.graphed.get(ids)
-            if replay is None:
-                replay = self.graphed[ids] = CUDAGraphTraining(self.model,
-                                                               lambda m, x, e=ids: m(x, task_id=0, expert_id=e))
-            return replay(x)
-        replay = self.graphed.get("ids")
-        if replay is None:
-            replay = self.graphed["ids"] = CUDAGraphTraining(self.model, lambda m, x, e: m(x, task_id=0, expert_id=e))
-        return replay(x, ids)
+        return self._replayed(self.graphed, lambda call: CUDAGraphTraining(self.model, lambda m, *a: call(*a)),
+                              lambda x, e: self.model(x, task_id=0, expert_id=e), x, ids)
 
     def teacher_features(self, x: torch.Tensor, ids: torch.Tensor | str) -> torch.Tensor:
         """The EMA teacher's CLS features (no grad), eager or replayed."""
@@ -157,15 +160,8 @@ class TrainStep:
         if self.graphed is None:
             with torch.no_grad():
                 return teacher(x, task_id=0, return_features=True, expert_id=ids)
-        key = ids if isinstance(ids, str) else "ids"
-        replay = self.graphed_teacher.get(key)
-        if replay is None:
-            if isinstance(ids, str):
-                replay = CUDAGraphInference(lambda x, e=ids: teacher(x, 0, True, e))
-            else:
-                replay = CUDAGraphInference(lambda x, e: teacher(x, 0, True, e))
-            self.graphed_teacher[key] = replay
-        return replay(x) if isinstance(ids, str) else replay(x, ids)
+        return self._replayed(self.graphed_teacher, CUDAGraphInference,
+                              lambda x, e: teacher(x, task_id=0, return_features=True, expert_id=e), x, ids)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, experts: tuple[str, ...]) -> None:
         with self.autocast:
