@@ -157,3 +157,25 @@ def test_cuda_bench_train_step_with_graphs_matches_eager(cuda_device, routing):
     for (name, want), got in zip(models[0].named_parameters(), models[1].parameters()):
         if want.requires_grad:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"student {n}: {m}")
+
+
+def test_bench_step_replays_one_graph_per_routing():
+    """The benchmark step's replay cache (CPU-testable part): a letter is baked into its captured call,
+    per-sample ids are passed as a graph input, and each routing is captured once."""
+    from mosaic_fast.bench.cases_model import TrainStep
+
+    made, seen = [], []
+
+    def make(call):  # stands in for CUDAGraphTraining / CUDAGraphInference
+        made.append(call)
+        return call
+
+    def fn(x, e):
+        seen.append(e)
+        return x
+
+    cache, x, ids = {}, torch.zeros(2), torch.tensor([0, 1])
+    for routing in ("A", "A", ids, "C", ids):
+        TrainStep._replayed(cache, make, fn, x, routing)
+    assert len(made) == 3 and set(cache) == {"A", "C", "ids"}
+    assert seen[:2] == ["A", "A"] and seen[2] is ids and seen[3] == "C"
