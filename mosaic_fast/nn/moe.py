@@ -21,10 +21,20 @@ from ..ops.moe_adapter import moe_gated_update
 from ..ops.token_skip import skip_merge
 from ..reference.moe import check_pair, check_selection
 
+_ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
+
 
 def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(B, k) token indices -> (B·k,) row indices into the flattened (B·N, D) stream."""
-    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * num_tokens
+    """(B, k) token indices -> (B·k,) row indices into the flattened (B·N, D) stream.
+
+    The per-sample offsets (B, 1) are cached per (B, N, device) outside torch.compile (one add per call
+    instead of three kernels; DynaMer calls this twice per layer)."""
+    key = (idx.shape[0], num_tokens, idx.device)
+    offsets = None if torch.compiler.is_compiling() else _ROW_OFFSETS.get(key)
+    if offsets is None:
+        offsets = torch.arange(0, idx.shape[0] * num_tokens, num_tokens, device=idx.device).unsqueeze(1)
+        if not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _ROW_OFFSETS[key] = offsets
     return (idx.long() + offsets).reshape(-1)
 
 
