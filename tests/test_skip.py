@@ -76,6 +76,18 @@ def test_ties_keep_cls_and_agree():
         assert_parity(fast(x, update_fn), ref(x, update_fn), TOL_CPU_FWD)
 
 
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.99, 0.5])
+def test_fast_select_equals_reference(keep_ratio):
+    """The fast router's selection (the identity shortcut when every token is kept) returns exactly the
+    reference's indices and gates; ρ = 0.99 of 10 tokens keeps all 10 too."""
+    ref, fast = make(keep_ratio)
+    x = torch.randn(3, 10, D)
+    with torch.no_grad():
+        (i_ref, g_ref), (i_fast, g_fast) = ref.select(x), fast.select(x)
+    assert torch.equal(i_fast, i_ref) and i_fast.dtype == i_ref.dtype
+    assert torch.equal(g_fast, g_ref)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_merge_inplace_rows_only(request, backend):
     device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"

@@ -19,7 +19,7 @@ from ..ops._common import autocast_dtype
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.token_skip import skip_merge
-from ..reference.moe import check_pair, check_selection
+from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
 
@@ -106,7 +106,18 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
 
 
 class SkipRouter(reference.SkipRouter):
-    """Drop-in fast :class:`mosaic_fast.reference.SkipRouter`: the gated merge is one gather/scatter op."""
+    """Drop-in fast :class:`mosaic_fast.reference.SkipRouter`: the gated merge is one gather/scatter op, and
+    at ρ = 1 (every token kept) the selection is the identity, without the reference's top-k and sort."""
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
+        if n == 0 or num_kept(self.keep_ratio, n) < n:
+            return super().select(x)
+        check_tokens(x, self.d_model, "x")
+        s = self.scores(x)
+        # all N kept: the reference's ascending top-N indices are exactly 0..N-1, whatever the scores
+        idx = torch.arange(n, device=x.device).expand(x.shape[0], n)
+        return idx, torch.sigmoid(s)
 
     def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         check_selection(x, idx, gate, "x")
