@@ -28,13 +28,14 @@ def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, k) token indices -> (B·k,) row indices into the flattened (B·N, D) stream.
 
     The per-sample offsets (B, 1) are cached per (B, N, device) outside torch.compile (one add per call
-    instead of three kernels; DynaMer calls this twice per layer)."""
+    instead of three launches; DynaMer calls this twice per layer)."""
     key = (idx.shape[0], num_tokens, idx.device)
-    offsets = None if torch.compiler.is_compiling() else _ROW_OFFSETS.get(key)
+    compiling = torch.compiler.is_compiling()
+    offsets = None if compiling else _ROW_OFFSETS.get(key)
     if offsets is None:
         offsets = torch.arange(0, idx.shape[0] * num_tokens, num_tokens, device=idx.device).unsqueeze(1)
-        if not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _ROW_OFFSETS[key] = offsets
+        if not compiling and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _ROW_OFFSETS[key] = offsets  # (never a tensor of a graph's private pool)
     return (idx.long() + offsets).reshape(-1)
 
 
@@ -50,10 +51,7 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         return index, prob, coef
 
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        params = self.down_weight, self.down_bias, self.up_weight, self.up_bias
-        if autocast_dtype(x.device.type) is None:
-            return params
-        return tuple(p.to(x.dtype) for p in params)
+        return self._in_stream_dtype(x, self.down_weight, self.down_bias, self.up_weight, self.up_bias)
 
     @staticmethod
     def _in_stream_dtype(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
