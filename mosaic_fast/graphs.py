@@ -106,6 +106,8 @@ class CUDAGraphTraining:
     anything computed from the outputs replays the captured backward and accumulates the gradients of
     ``module``'s trainable parameters into ``.grad`` as usual, so the loss, gradient clipping, optimizer and
     EMA update stay eager code. Non-tensor arguments (a routing letter, a task id) belong in ``call``.
+    The outputs live in the graph's static buffers (make_graphed_callables returns them detached, not
+    copied): the next call overwrites them, so use them within the step or clone what must outlive it.
 
     One graph pair per input signature (shapes, dtypes, and the module's training flag), captured on first
     use by ``torch.cuda.make_graphed_callables`` (``warmup`` eager iterations on a side stream first, so
