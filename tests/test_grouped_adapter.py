@@ -504,8 +504,8 @@ def test_cuda_parity_real_shapes(cuda_device, dtype, routing):
 @pytest.mark.parametrize("routing", ["mixed", "single"])
 def test_cuda_forward_variants_match_fused(cuda_device, monkeypatch, routing):
     """The split variant computes the same rounded pre-activation (only the up-projection's summation
-    order differs); the one-pass variant folds the LayerNorm into the GEMM (other rounding, same bf16
-    accuracy). Also checked against float64."""
+    order differs); the one-pass variant folds the LayerNorm into the GEMM (other rounding). Every
+    variant's adapter output against float64 at the bf16 tolerance."""
     mosaic_fast.set_backend("triton")
     rs = [64, 96, 192] if routing == "mixed" else [192]
     weights = make_weights(768, rs, dtype=torch.bfloat16, device=cuda_device)
@@ -517,8 +517,8 @@ def test_cuda_forward_variants_match_fused(cuda_device, monkeypatch, routing):
         outs[variant] = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
     assert_parity(outs["split"], outs["fused"], 1e-2)
     want = reference(h.double(), [w.double() for w in weights], rs, ids, base=base.double()) - base.double()
-    err_fused = rel_err(outs["fused"].double() - base.double(), want)
-    assert rel_err(outs["onepass"].double() - base.double(), want) <= 2 * err_fused + 1e-6
+    for variant, out in outs.items():  # the adapter's own output (base subtracted) against float64
+        assert_parity(out.double() - base.double(), want, TOL_BF16, f"{variant} adapter output")
 
 
 @pytest.mark.cuda
