@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh graphs        # inference under CUDA-graph replay (extra columns)
 #   bash benchmarks/gpu_session.sh tune          # grouped-adapter forward: configs and cuBLAS pieces
 #   bash benchmarks/gpu_session.sh profile       # profiler tables of the cases that miss their targets
+#   bash benchmarks/gpu_session.sh model-eager   # the model suite without any torch.compile (faster)
+#   bash benchmarks/gpu_session.sh compiled      # only the torch.compile cases that matter for the targets
 #
 # Durations on an H200 (2026-11-30): start ~1.5 min; tests ~4 min with autotuning (which dominated; 170 s
 # was too short), so the tests stage now runs each kernel's first config only (MOSAIC_FAST_AUTOTUNE=0;
@@ -47,6 +49,12 @@ for stage in "$@"; do
              --filter moe_skip_rho1 --filter moe_skip_rho0.1 --filter mosaic_train_step_single \
              --filter mosaic_infer_single --filter dynamer_block_rho1 --out "$OUT/${tag}_profile.txt" \
              2>&1 | tail -30 ;;
+    compiled) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda \
+             --filter mosaic_infer_single --filter dynamer_block_rho1 --filter dynamer_block_rho0.5 \
+             --json "$OUT/${tag}_compiled.json" 2>"$OUT/bench_compiled.err" | tail -20 ;;
+    model-eager) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda --no-compile \
+             --json "$OUT/${tag}_model.json" --markdown "$OUT/${tag}_model.md" 2>"$OUT/bench_model.err" \
+             | tee "$OUT/bench_model.log" | tail -45 ;;
     ops|model) timeout "${BENCH_S:-300}" python3 benchmarks/run.py "$stage" --device cuda \
              --json "$OUT/${tag}_$stage.json" --markdown "$OUT/${tag}_$stage.md" 2>"$OUT/bench_$stage.err" \
              | tee "$OUT/bench_$stage.log" | tail -45 ;;

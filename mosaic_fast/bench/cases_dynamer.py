@@ -47,8 +47,30 @@ class _LazyPair:
         return self.models[which]
 
 
-def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
-    """Table-7 cases; with ``graphs`` also both models under CUDA-graph replay ("…+graphs" columns)."""
+#: ρ of the block-mode cases that also time ``torch.compile`` of the fast model (each ρ is a compile).
+COMPILED_RHOS = (1.0, 0.5)
+
+
+def _compiled_fast(pair: _LazyPair, rho: float):
+    """``torch.compile`` of the fast model at this ρ, built on first use ("fast+compiled": Inductor fuses
+    the routers' and blocks' small elementwise kernels, which bound the model at small ρ)."""
+    state: dict = {}
+
+    def run(x):
+        model = pair.get("fast")
+        model.keep_ratio = rho
+        if "fn" not in state:
+            state["fn"] = torch.compile(model)
+        with torch.no_grad():
+            return state["fn"](x)
+
+    return run
+
+
+def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False,
+          with_compile: bool = True) -> list[Case]:
+    """Table-7 cases; with ``graphs`` also both models under CUDA-graph replay ("…+graphs" columns); on CUDA
+    with ``with_compile``, block mode at ρ in COMPILED_RHOS also ``torch.compile`` of the fast model."""
     cfg = _config(quick)
     size = cfg["model"]["img_size"]
     out = []
@@ -79,7 +101,10 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = 
             out.append(Case("model", f"dynamer_{mode}_rho{rho:g}", params, make,
                             {"reference": impl("reference"), "fast": impl("fast"),
                              **({"reference+graphs": graphed("reference"), "fast+graphs": graphed("fast")}
-                                if graphs else {})},
+                                if graphs else {}),
+                             **({"fast+compiled": _compiled_fast(pair, rho)}
+                                if with_compile and device.type == "cuda" and mode == "block"
+                                and rho in COMPILED_RHOS else {})},
                             compile_reference=False,
                             notes="inference time per batch (Table 7 format); reference = fast=False model"))
     return out
