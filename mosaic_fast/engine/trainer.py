@@ -150,7 +150,10 @@ class Trainer:
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        # on CUDA the fused AdamW: one kernel per step instead of several per parameter group (the step is
+        # host-bound); same update rule and state_dict as the default implementation
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                           fused=info.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, RoundSchedule(settings.num_rounds, settings.warmup_rounds, settings.lr, settings.min_lr)
         )
