@@ -179,3 +179,32 @@ def test_bench_step_replays_one_graph_per_routing():
         TrainStep._replayed(cache, make, fn, x, routing)
     assert len(made) == 3 and set(cache) == {"A", "C", "ids"}
     assert seen[:2] == ["A", "A"] and seen[2] is ids and seen[3] == "C"
+
+
+def test_training_replay_captures_once_per_signature(monkeypatch):
+    """CPU-testable logic of CUDAGraphTraining (capture stubbed): one capture per input signature and
+    training flag, autocast's cache off during capture and restored after, the module's parameters
+    reachable by the captured callable, and the call's result returned."""
+    import mosaic_fast.graphs as graphs
+
+    captures = []
+
+    def fake_make_graphed_callables(module, samples, num_warmup_iters, allow_unused_input):
+        captures.append((torch.is_autocast_cache_enabled(), [s.shape for s in samples],
+                         {id(p) for p in module.parameters()}))
+        return module
+
+    monkeypatch.setattr(graphs, "_check_cuda_args", lambda args, who: None)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    model = torch.nn.Linear(4, 3)
+    replay = CUDAGraphTraining(model, lambda m, x: m(x) * 2)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(replay(x), model(x) * 2)
+    replay(torch.randn(5, 4))  # same signature: no new capture
+    replay(torch.randn(2, 4))  # new shape
+    model.eval()
+    replay(torch.randn(2, 4))  # new training flag
+    assert [c[1] for c in captures] == [[(5, 4)], [(2, 4)], [(2, 4)]]
+    assert all(c[2] == {id(model.weight), id(model.bias)} for c in captures)
+    assert torch.is_autocast_cache_enabled()
+    assert not any(c[0] for c in captures), "autocast's cache must be off while capturing"
