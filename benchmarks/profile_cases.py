@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from mosaic_fast.bench.run import DTYPES, SUITES, collect_cases
+from mosaic_fast.bench.run import DTYPES, SUITES, bench_dtype, collect_cases
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +63,7 @@ def profile_impl(fn, inputs, device: torch.device, calls: int, rows: int) -> str
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = bench_dtype(device, args.dtype)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     impls = args.impl or ["reference", "fast", "kernel"]
     cases = [c for c in collect_cases(suites, device, dtype, quick=device.type == "cpu", with_compile=False)

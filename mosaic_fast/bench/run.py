@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def bench_dtype(device: torch.device, name: str | None) -> torch.dtype:
+    """The ``--dtype`` given, else the default: bfloat16 on CUDA, float32 on CPU."""
+    if name:
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_results(paths: list[str]) -> dict:
     """Results of one or more JSON files (e.g. an ops and a model run on one GPU), records concatenated;
     the environment is the first file's, with each file's date kept in ``runs``."""
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mosaic-fast bench: --device cuda was requested but no CUDA device is available", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = bench_dtype(device, args.dtype)
     quick = device.type == "cpu" and not args.full
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.2 if quick else 0.5)
