@@ -1,9 +1,11 @@
 """Fast DynaMer / M4oE modules: same parameters and state_dict keys as :mod:`mosaic_fast.reference.moe`.
 
-* :class:`GatedMoEAdapter`: routing, probabilities and gates in torch (tiny GEMMs); everything D-wide in
-  one op (:func:`mosaic_fast.ops.moe_adapter.moe_gated_update`): only the chosen experts run, selected
-  rows only, in place on the residual stream in inference. Under autocast the routing follows autocast
-  and the fused update runs in the residual streams' dtype.
+* :class:`GatedMoEAdapter`: in inference on the Triton backend the whole forward is two launches for
+  both streams, routing included (:mod:`mosaic_fast.ops.moe_routed`), in place on the selected rows of
+  the residual streams. Otherwise (gradients, autocast, the torch backend) routing, probabilities and
+  gates run in torch (tiny GEMMs) and everything D-wide in one differentiable op
+  (:func:`mosaic_fast.ops.moe_adapter.moe_gated_update`): only the chosen experts run, selected rows
+  only. Under autocast the routing follows autocast and the update runs in the streams' dtype.
 * :class:`SkipRouter`: the merge is one gather/scatter op (:mod:`mosaic_fast.ops.token_skip`).
 * :class:`GatedSpecialistAdapter`: the specialists as one adapter of concatenated bottleneck with their
   LayerNorm affines folded into the down projection (:mod:`mosaic_fast.ops.gated_specialist`).
@@ -14,10 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from .. import backend, reference
 from ..ops._common import autocast_dtype
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
+from ..ops.moe_routed import moe_routed_update_
 from ..ops.token_skip import skip_merge
 from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 
@@ -62,8 +65,27 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
             return tensors
         return tuple(t.to(x.dtype) for t in tensors)
 
+    def _routed_inference(self, x: torch.Tensor, *others: torch.Tensor) -> bool:
+        """Whether the routing-fused inference op applies: Triton backend, no gradient to record, no
+        autocast, every parameter in the streams' dtype."""
+        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
+            return False
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *params)):
+            return False
+        return all(p.dtype == x.dtype for p in params)
+
+    def _routed_update_(self, xg, xm, idx_g=None, gate_g=None, idx_m=None, gate_m=None):
+        idx = [i.long() if i is not None else None for i in (idx_g, idx_m)]
+        return moe_routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, self.router_gen, self.router_med,
+                                  self.gate_gen, self.gate_med, self.down_weight, self.down_bias,
+                                  self.up_weight, self.up_bias, self.top_k)
+
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_pair(x_gen, x_med, self.d_model)
+        if self._routed_inference(x_gen, x_med):
+            fmt = torch.contiguous_format
+            return self._routed_update_(x_gen.clone(memory_format=fmt), x_med.clone(memory_format=fmt))
         xg, xm = x_gen.reshape(-1, self.d_model), x_med.reshape(-1, self.d_model)
         rows = torch.arange(xg.shape[0], device=xg.device)
         eg, pg, cg = self._routing(xg, 0)
@@ -87,6 +109,15 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         check_selection(x_med, idx_med, gate_med, "med")
         n = x_gen.shape[1]
         direct = inplace and x_gen.is_contiguous() and x_med.is_contiguous()
+        if self._routed_inference(x_gen, x_med, gate_gen, gate_med):
+            fmt = torch.contiguous_format
+            yg, ym = (x_gen, x_med) if direct else (x_gen.clone(memory_format=fmt), x_med.clone(memory_format=fmt))
+            self._routed_update_(yg, ym, idx_gen, gate_gen, idx_med, gate_med)
+            if inplace and not direct:
+                x_gen.copy_(yg)
+                x_med.copy_(ym)
+                return x_gen, x_med
+            return yg, ym
         xg, xm = x_gen.reshape(-1, self.d_model), x_med.reshape(-1, self.d_model)
         rows_g, rows_m = _flat_rows(idx_gen, n), _flat_rows(idx_med, n)
         eg, pg, cg = self._routing(xg.index_select(0, rows_g), 0, gate_gen.reshape(-1))

@@ -1,0 +1,84 @@
+"""Gated MoE adapter inference with the routing fused into the kernels: two launches for both streams.
+
+For stream s ∈ {gen, med} and its selected tokens (all of them when no selection is given):
+
+    p_s   = softmax over the top-k of router_s(x_s[row])        (ties: the lower expert index)
+    c_s   = σ(gate_s(x_s[row])) · skip_s                         (skip_s = 1 without a selection)
+    x_s[row] ← x_s[row] + c_s ⊙ (Σ_e p_e·expert_e([x_gen[row] ; x_med[row]]) − x_s[row])
+
+in place, reading both streams' rows before any is written. This is the whole of
+:meth:`mosaic_fast.nn.GatedMoEAdapter.forward_skip` in one op (kernels/moe_routed.py), for inference on
+the Triton backend: no gradients, no autocast, parameters in the streams' dtype. Training keeps the
+differentiable :mod:`mosaic_fast.ops.moe_adapter` op with routing in torch. Registered as
+``mosaic_fast::moe_routed_update_`` so ``torch.compile`` keeps it whole; eagerly the launcher is called
+directly (no custom-op dispatch cost). No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .token_skip import _interpret_upcast
+
+
+def _launch(
+    x_gen: Tensor, x_med: Tensor, idx_gen: Tensor | None, skip_gen: Tensor | None, idx_med: Tensor | None,
+    skip_med: Tensor | None, wr_gen: Tensor, br_gen: Tensor, wr_med: Tensor, br_med: Tensor, wg_gen: Tensor,
+    bg_gen: Tensor, wg_med: Tensor, bg_med: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+    top_k: int,
+) -> None:
+    from mosaic_fast.kernels.moe_routed import moe_routed_update as kernel
+
+    floats = [skip_gen, skip_med, wr_gen, br_gen, wr_med, br_med, wg_gen, bg_gen, wg_med, bg_med,
+              w_down, b_down, w_up, b_up]
+    if _interpret_upcast(x_gen, *[t for t in floats if t is not None]):
+        xg, xm = x_gen.float(), x_med.float()
+        f = [t.float() if t is not None else None for t in floats]
+        kernel(xg, xm, xg, xm, idx_gen, f[0], idx_med, f[1], (f[2], f[3]), (f[4], f[5]), (f[6], f[7]),
+               (f[8], f[9]), f[10], f[11], f[12], f[13], top_k)
+        x_gen.copy_(xg)
+        x_med.copy_(xm)
+        return
+    kernel(x_gen, x_med, x_gen, x_med, idx_gen, skip_gen, idx_med, skip_med, (wr_gen, br_gen), (wr_med, br_med),
+           (wg_gen, bg_gen), (wg_med, bg_med), w_down, b_down, w_up, b_up, top_k)
+
+
+@torch.library.custom_op("mosaic_fast::moe_routed_update_", mutates_args=("x_gen", "x_med"))
+def _routed_op(
+    x_gen: Tensor, x_med: Tensor, idx_gen: Tensor | None, skip_gen: Tensor | None, idx_med: Tensor | None,
+    skip_med: Tensor | None, wr_gen: Tensor, br_gen: Tensor, wr_med: Tensor, br_med: Tensor, wg_gen: Tensor,
+    bg_gen: Tensor, wg_med: Tensor, bg_med: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+    top_k: int,
+) -> None:
+    _launch(x_gen, x_med, idx_gen, skip_gen, idx_med, skip_med, wr_gen, br_gen, wr_med, br_med, wg_gen, bg_gen,
+            wg_med, bg_med, w_down, b_down, w_up, b_up, top_k)
+
+
+@_routed_op.register_fake
+def _(x_gen, x_med, idx_gen, skip_gen, idx_med, skip_med, wr_gen, br_gen, wr_med, br_med, wg_gen, bg_gen,
+      wg_med, bg_med, w_down, b_down, w_up, b_up, top_k) -> None:
+    return None
+
+
+def moe_routed_update_(
+    x_gen: Tensor, x_med: Tensor, idx_gen: Tensor | None, skip_gen: Tensor | None, idx_med: Tensor | None,
+    skip_med: Tensor | None, router_gen: torch.nn.Linear, router_med: torch.nn.Linear, gate_gen: torch.nn.Linear,
+    gate_med: torch.nn.Linear, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, top_k: int,
+) -> tuple[Tensor, Tensor]:
+    """Update both (B, N, D) streams in place (see the module docstring) and return them.
+
+    x_gen/x_med contiguous, one dtype; idx_* (B, KEPT_s) int64 token indices without repeats (any
+    strides) and skip_* (B, KEPT_s) gates, or all four None for every token; the Linear layers and
+    expert weights (n, r, 2D), (n, r), (n, D, r), (n, D) in the streams' dtype. The caller checks shapes
+    (:meth:`mosaic_fast.nn.GatedMoEAdapter.forward_skip` does)."""
+    skips = [s.to(x_gen.dtype).contiguous() if s is not None else None for s in (skip_gen, skip_med)]
+    weights = [t.contiguous() for t in (router_gen.weight, router_gen.bias, router_med.weight, router_med.bias,
+                                        gate_gen.weight, gate_gen.bias, gate_med.weight, gate_med.bias,
+                                        w_down, b_down, w_up, b_up)]
+    args = (x_gen, x_med, idx_gen, skips[0], idx_med, skips[1], *weights, top_k)
+    if torch.compiler.is_compiling():
+        torch.ops.mosaic_fast.moe_routed_update_(*args)
+    else:
+        _launch(*args)
+    return x_gen, x_med
