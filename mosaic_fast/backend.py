@@ -12,6 +12,7 @@ The environment variable ``MOSAIC_FAST_BACKEND`` sets the default.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -40,8 +41,10 @@ def get_backend() -> str:
     return _backend
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported."""
+    """True when the ``triton`` package can be imported (looked up once: every fast op asks, and a module
+    search costs tens of microseconds of host time per call)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -65,27 +65,32 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
             return tensors
         return tuple(t.to(x.dtype) for t in tensors)
 
-    def _routed_inference(self, x: torch.Tensor, *others: torch.Tensor) -> bool:
-        """Whether the routing-fused inference op applies: Triton backend, no gradient to record, no
-        autocast, every parameter in the streams' dtype."""
-        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
-            return False
-        params = list(self.parameters())
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *params)):
-            return False
-        return all(p.dtype == x.dtype for p in params)
+    def _routed_weights(self) -> tuple[torch.Tensor, ...]:
+        """Every parameter, in the order of :func:`mosaic_fast.ops.moe_routed.moe_routed_update_`."""
+        return (self.router_gen.weight, self.router_gen.bias, self.router_med.weight, self.router_med.bias,
+                self.gate_gen.weight, self.gate_gen.bias, self.gate_med.weight, self.gate_med.bias,
+                self.down_weight, self.down_bias, self.up_weight, self.up_bias)
 
-    def _routed_update_(self, xg, xm, idx_g=None, gate_g=None, idx_m=None, gate_m=None):
+    def _routed_inference(self, x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The parameters when the routing-fused inference op applies (Triton backend, no gradient to
+        record, no autocast, every parameter in the streams' dtype), else None."""
+        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
+            return None
+        weights = self._routed_weights()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *weights)):
+            return None
+        return weights if all(w.dtype == x.dtype for w in weights) else None
+
+    def _routed_update_(self, weights, xg, xm, idx_g=None, gate_g=None, idx_m=None, gate_m=None):
         idx = [i.long() if i is not None else None for i in (idx_g, idx_m)]
-        return moe_routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, self.router_gen, self.router_med,
-                                  self.gate_gen, self.gate_med, self.down_weight, self.down_bias,
-                                  self.up_weight, self.up_bias, self.top_k)
+        return moe_routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, *weights, self.top_k)
 
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_pair(x_gen, x_med, self.d_model)
-        if self._routed_inference(x_gen, x_med):
+        weights = self._routed_inference(x_gen, x_med)
+        if weights is not None:
             fmt = torch.contiguous_format
-            return self._routed_update_(x_gen.clone(memory_format=fmt), x_med.clone(memory_format=fmt))
+            return self._routed_update_(weights, x_gen.clone(memory_format=fmt), x_med.clone(memory_format=fmt))
         xg, xm = x_gen.reshape(-1, self.d_model), x_med.reshape(-1, self.d_model)
         rows = torch.arange(xg.shape[0], device=xg.device)
         eg, pg, cg = self._routing(xg, 0)
@@ -109,10 +114,11 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         check_selection(x_med, idx_med, gate_med, "med")
         n = x_gen.shape[1]
         direct = inplace and x_gen.is_contiguous() and x_med.is_contiguous()
-        if self._routed_inference(x_gen, x_med, gate_gen, gate_med):
+        weights = self._routed_inference(x_gen, x_med, gate_gen, gate_med)
+        if weights is not None:
             fmt = torch.contiguous_format
             yg, ym = (x_gen, x_med) if direct else (x_gen.clone(memory_format=fmt), x_med.clone(memory_format=fmt))
-            self._routed_update_(yg, ym, idx_gen, gate_gen, idx_med, gate_med)
+            self._routed_update_(weights, yg, ym, idx_gen, gate_gen, idx_med, gate_med)
             if inplace and not direct:
                 x_gen.copy_(yg)
                 x_med.copy_(ym)

@@ -63,18 +63,19 @@ def _(x_gen, x_med, idx_gen, skip_gen, idx_med, skip_med, wr_gen, br_gen, wr_med
 
 def moe_routed_update_(
     x_gen: Tensor, x_med: Tensor, idx_gen: Tensor | None, skip_gen: Tensor | None, idx_med: Tensor | None,
-    skip_med: Tensor | None, router_gen: torch.nn.Linear, router_med: torch.nn.Linear, gate_gen: torch.nn.Linear,
-    gate_med: torch.nn.Linear, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, top_k: int,
+    skip_med: Tensor | None, wr_gen: Tensor, br_gen: Tensor, wr_med: Tensor, br_med: Tensor, wg_gen: Tensor,
+    bg_gen: Tensor, wg_med: Tensor, bg_med: Tensor, w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+    top_k: int,
 ) -> tuple[Tensor, Tensor]:
     """Update both (B, N, D) streams in place (see the module docstring) and return them.
 
     x_gen/x_med contiguous, one dtype; idx_* (B, KEPT_s) int64 token indices without repeats (any
-    strides) and skip_* (B, KEPT_s) gates, or all four None for every token; the Linear layers and
-    expert weights (n, r, 2D), (n, r), (n, D, r), (n, D) in the streams' dtype. The caller checks shapes
-    (:meth:`mosaic_fast.nn.GatedMoEAdapter.forward_skip` does)."""
+    strides) and skip_* (B, KEPT_s) gates, or all four None for every token; router (n, D), (n,) and gate
+    (G, D), (G,) weights and biases per stream, expert weights (n, r, 2D), (n, r), (n, D, r), (n, D), all
+    in the streams' dtype. The caller checks shapes (:meth:`mosaic_fast.nn.GatedMoEAdapter.forward_skip`
+    does)."""
     skips = [s.to(x_gen.dtype).contiguous() if s is not None else None for s in (skip_gen, skip_med)]
-    weights = [t.contiguous() for t in (router_gen.weight, router_gen.bias, router_med.weight, router_med.bias,
-                                        gate_gen.weight, gate_gen.bias, gate_med.weight, gate_med.bias,
+    weights = [t.contiguous() for t in (wr_gen, br_gen, wr_med, br_med, wg_gen, bg_gen, wg_med, bg_med,
                                         w_down, b_down, w_up, b_up)]
     args = (x_gen, x_med, idx_gen, skips[0], idx_med, skips[1], *weights, top_k)
     if torch.compiler.is_compiling():
