@@ -1,8 +1,11 @@
-"""Triton kernel of top-k token skipping: gather the selected rows, gated update, scatter in place.
+"""Triton kernels of top-k token skipping: the selection, and the gated merge in place.
 
-``out[rows[t]] = x[rows[t]] + coef[t] ⊙ (update[t] − x[rows[t]])`` for the T selected rows only: the
-prologue gathers x through the index, the epilogue scatters to the same rows (out may be x), so the
-unselected rows of the residual stream are neither read nor written and the cost is ∝ T.
+* :func:`skip_select`: the router's score (GELU and last Linear over its first Linear's output), the top
+  ⌈ρN⌉ tokens with CLS kept, in ascending order, and their gates σ(s): one launch for the batch.
+* :func:`skip_merge`: ``out[rows[t]] = x[rows[t]] + coef[t] ⊙ (update[t] − x[rows[t]])`` for the T
+  selected rows only: the prologue gathers x through the index, the epilogue scatters to the same rows
+  (out may be x), so the unselected rows of the residual stream are neither read nor written and the
+  cost is ∝ T.
 """
 
 from __future__ import annotations
@@ -46,3 +49,68 @@ def skip_merge(x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, update: t
     bm, bn = (16, 64) if _INTERPRET else (16, 256)
     grid = (triton.cdiv(t, bm), triton.cdiv(d, bn))
     _skip_merge_kernel[grid](x, out, rows, update, coef, t, d, g, d // g, BM=bm, BN=bn)
+
+
+@triton.jit
+def _skip_select_kernel(
+    h_ptr, w2_ptr, b2_ptr, rank_ptr, idx_ptr, gate_ptr,
+    N, F, KEPT,
+    BLOCK_N: tl.constexpr, BF: tl.constexpr, BJ: tl.constexpr, ALL: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    ii = tl.arange(0, BLOCK_N)
+    imask = ii < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        ff = f0 + tl.arange(0, BF)
+        fmask = ff < F
+        h = tl.load(h_ptr + (b * N + ii)[:, None] * F + ff[None, :], mask=imask[:, None] & fmask[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w2_ptr + ff, mask=fmask, other=0.0).to(tl.float32)
+        acc += tl.sum(0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476)) * w[None, :], axis=1)
+    # the reference's score is the output of its last Linear, in the streams' dtype
+    s = (acc + tl.load(b2_ptr).to(tl.float32)).to(h_ptr.dtype.element_ty).to(tl.float32)
+    gate = tl.sigmoid(s).to(gate_ptr.dtype.element_ty)
+    if ALL:
+        tl.store(idx_ptr + b * N + ii, ii.to(tl.int64), mask=imask)
+        tl.store(gate_ptr + b * N + ii, gate, mask=imask)
+    else:
+        # rank = how many tokens come first in (score descending, index ascending) order, with the CLS
+        # token first and NaN scores counted as +inf (as torch.topk orders them)
+        ranked = tl.where((ii == 0) | (s != s), float("inf"), s)
+        ranked = tl.where(imask, ranked, float("-inf"))
+        tl.store(rank_ptr + b * BLOCK_N + ii, ranked)
+        tl.debug_barrier()
+        rank = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for j0 in range(0, BLOCK_N, BJ):
+            jj = j0 + tl.arange(0, BJ)
+            rj = tl.load(rank_ptr + b * BLOCK_N + jj)
+            first = (rj[None, :] > ranked[:, None]) | ((rj[None, :] == ranked[:, None]) & (jj[None, :] < ii[:, None]))
+            rank += tl.sum(first.to(tl.int32), axis=1)
+        keep = (rank < KEPT) & imask
+        pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1  # kept tokens in ascending index order
+        tl.store(idx_ptr + b * KEPT + pos, ii.to(tl.int64), mask=keep)
+        tl.store(gate_ptr + b * KEPT + pos, gate, mask=keep)
+
+
+def skip_select(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``kept`` tokens of each sample by the score ``s = GELU(h) · w2 + b2``, CLS (token 0) always kept.
+
+    h (B, N, F) contiguous (the router's first Linear), w2 (1, F), b2 (1,). Returns the kept token
+    indices (B, kept) int64 in ascending order and their gates σ(s) (B, kept) in h's dtype. Equal scores
+    go to the lower token index. One program per sample: the scores stay on chip, ranks by pairwise
+    comparison (no sort), positions by a prefix sum."""
+    b, n, f = h.shape
+    idx = torch.empty(b, kept, device=h.device, dtype=torch.int64)
+    gate = torch.empty(b, kept, device=h.device, dtype=h.dtype)
+    if b == 0:
+        return idx, gate
+    block_n = max(16, triton.next_power_of_2(n))
+    ranked = torch.empty(b, block_n, device=h.device, dtype=torch.float32)
+    bf = 16 if _INTERPRET else max(8, min(64, 8192 // block_n))
+    _skip_select_kernel[(b,)](
+        h, w2, b2, ranked, idx, gate, n, f, kept,
+        BLOCK_N=block_n, BF=bf, BJ=min(block_n, 16 if _INTERPRET else 64), ALL=kept == n,
+        num_warps=4 if block_n <= 256 else 8,
+    )
+    return idx, gate

@@ -53,6 +53,35 @@ def test_parity_triton_inference(triton_backend, skip_mode):
                       TOL_INTERPRETER)
 
 
+@pytest.mark.parametrize("skip_mode", ["adapter", "block"])
+@pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
+def test_cuda_fast_inference_runs_the_fused_ops(cuda_device, monkeypatch, skip_mode, keep_ratio):
+    """On a GPU, inference takes the fused selection and the routed MoE op in every layer (fp32: no
+    score ties) and matches the reference."""
+    from mosaic_fast.ops import moe_routed, token_skip
+
+    calls = {"select": 0, "moe": 0}
+
+    def count(module, name, key):
+        real = getattr(module, name)
+
+        def counted(*args):
+            calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+
+    count(token_skip, "_select", "select")
+    count(moe_routed, "_launch", "moe")
+    ref, fast = pair(skip_mode, keep_ratio)
+    x = torch.randn(3, 3, 32, 32, device=cuda_device)
+    with torch.no_grad():
+        got = fast.to(cuda_device)(x)
+        want = ref.to(cuda_device)(x)
+    assert calls == {"select": 2 * SMALL["depth"], "moe": SMALL["depth"]}
+    assert_parity(got, want, 3e-3)
+
+
 def test_block_mode_skips_the_block_for_unselected_tokens():
     """At the smallest ρ only the CLS token runs the blocks: the patch tokens of the last layer's input
     equal the embedding wherever no layer selected them."""

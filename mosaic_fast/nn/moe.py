@@ -21,7 +21,7 @@ from ..ops._common import autocast_dtype
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import moe_routed_update_
-from ..ops.token_skip import skip_merge
+from ..ops.token_skip import skip_merge, skip_select
 from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
@@ -141,11 +141,30 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
 
 
 class SkipRouter(reference.SkipRouter):
-    """Drop-in fast :class:`mosaic_fast.reference.SkipRouter`: the gated merge is one gather/scatter op, and
-    at ρ = 1 (every token kept) the selection is the identity, without the reference's top-k and sort."""
+    """Drop-in fast :class:`mosaic_fast.reference.SkipRouter`: the gated merge is one gather/scatter op. In
+    inference on the Triton backend the selection is the first Linear plus one kernel (score, top-k, sort,
+    gates); otherwise it is the reference's, except that at ρ = 1 (every token kept) the selection is the
+    identity, without the top-k and sort. Equal scores go to the lower token index in the kernel and to
+    ``torch.topk``'s choice (unspecified) otherwise."""
+
+    def _fused_select(self, x: torch.Tensor) -> bool:
+        """Whether :func:`mosaic_fast.ops.token_skip.skip_select` applies: Triton backend, no gradient to
+        record, no autocast, exact GELU, parameters in x's dtype, at most 4,096 tokens."""
+        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None or x.shape[1] > 4096:
+            return False
+        if not isinstance(self.act, torch.nn.GELU) or self.act.approximate != "none":
+            return False
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+            return False
+        return all(p.dtype == x.dtype for p in params)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
+        if n and self._fused_select(x):
+            check_tokens(x, self.d_model, "x")
+            h = F.linear(x, self.fc1.weight, self.fc1.bias)
+            return skip_select(h, self.fc2.weight, self.fc2.bias, num_kept(self.keep_ratio, n))
         if n == 0 or num_kept(self.keep_ratio, n) < n:
             return super().select(x)
         check_tokens(x, self.d_model, "x")

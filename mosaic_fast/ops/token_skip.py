@@ -1,8 +1,12 @@
-"""Top-k token skipping merge: ``x[rows] ← x[rows] + coef ⊙ (update − x[rows])``, unselected rows untouched.
+"""Top-k token skipping: the merge ``x[rows] ← x[rows] + coef ⊙ (update − x[rows])`` (unselected rows
+untouched) and, for inference, the selection itself.
 
-Triton on CUDA (one gather/scatter kernel, in place when asked, cost ∝ number of selected rows); a torch
-fallback (index_select/index_copy) elsewhere. Registered as ``mosaic_fast::skip_merge`` (functional,
+Merge: Triton on CUDA (one gather/scatter kernel, in place when asked, cost ∝ number of selected rows); a
+torch fallback (index_select/index_copy) elsewhere. Registered as ``mosaic_fast::skip_merge`` (functional,
 differentiable) and ``mosaic_fast::skip_merge_`` (in place, inference).
+Selection (:func:`skip_select`, Triton only, no gradient): the router's score, top-k with CLS kept, the
+indices in ascending order and the gates σ(s) in one launch instead of ~8 torch ops; registered as
+``mosaic_fast::skip_select``.
 """
 
 from __future__ import annotations
@@ -116,3 +120,36 @@ def skip_merge(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor, inplace: b
         x.copy_(out)
         return x
     return out
+
+
+def _select(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    from mosaic_fast.kernels.token_skip import skip_select as kernel
+
+    if _interpret_upcast(h, w2, b2):
+        idx, gate = kernel(h.float(), w2.float(), b2.float(), kept)
+        return idx, gate.to(h.dtype)
+    return kernel(h, w2, b2, kept)
+
+
+@torch.library.custom_op("mosaic_fast::skip_select", mutates_args=())
+def _skip_select_op(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    return _select(h, w2, b2, kept)
+
+
+@_skip_select_op.register_fake
+def _(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    return h.new_empty(h.shape[0], kept, dtype=torch.int64), h.new_empty(h.shape[0], kept)
+
+
+def skip_select(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    """Kept token indices (B, kept) ascending and gates σ(s) (B, kept) from the router's hidden ``h``.
+
+    ``s = GELU(h) · w2ᵀ + b2`` per token (h (B, N, F): the router's first Linear applied; w2 (1, F) and
+    b2 (1,): its last), the top ``kept`` tokens by s with token 0 (CLS) always kept; equal scores go to
+    the lower token index. Triton backend only, for inference (no gradient flows to the router)."""
+    if not 1 <= kept <= h.shape[1]:
+        raise ValueError(f"kept: expected 1 <= kept <= N={h.shape[1]}, got {kept}")
+    h, w2, b2 = h.contiguous(), w2.contiguous(), b2.contiguous()
+    if torch.compiler.is_compiling():
+        return torch.ops.mosaic_fast.skip_select(h, w2, b2, kept)
+    return _select(h, w2, b2, kept)
