@@ -121,13 +121,12 @@ def _moe_route_down_kernel(
         top = tl.max(tl.where(chosen > 0, logits, float("-inf")), axis=1)
         num = tl.where(chosen > 0, tl.exp(logits - top[:, None]), 0.0)
         prob = num / tl.sum(num, axis=1)[:, None]
-        expert_of_col = cols // R
-        p_col = tl.zeros((BM, BH), dtype=tl.float32)
-        for e in range(n_exp):
-            p_e = tl.sum(tl.where(eo[None, :] == e, prob, 0.0), axis=1)
-            p_col += tl.where((expert_of_col == e)[None, :], p_e[:, None], 0.0)
         b = tl.load(bd_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        hw = p_col * tl.maximum(acc + b[None, :], 0.0)
+        hw = tl.maximum(acc + b[None, :], 0.0)
+        expert_of_col = cols // R
+        for e in range(n_exp):  # scale each expert's columns by its probability (0 when not picked)
+            p_e = tl.sum(tl.where(eo[None, :] == e, prob, 0.0), axis=1)
+            hw = tl.where((expert_of_col == e)[None, :], hw * p_e[:, None], hw)
         tl.store(hw_ptr + out_t[:, None] * H + cols[None, :], hw.to(hw_ptr.dtype.element_ty),
                  mask=tmask[:, None] & cmask[None, :])
         if pid_c == 0:
