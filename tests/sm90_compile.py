@@ -1,0 +1,92 @@
+"""Compile the DynaMer Triton kernels for Hopper (sm_90) without a GPU: `python tests/sm90_compile.py`.
+
+Triton's interpreter (how CI runs the kernels) checks their arithmetic but not that they compile: type
+mismatches between branches, unsupported ops or too much shared memory only show on a GPU. This script
+compiles every autotuning config of each kernel ahead of time for sm_90 (Triton's bundled ptxas), with
+the argument types the launchers pass, in bf16 and in fp32 with IEEE dots, and prints one JSON line per
+kernel and config: shared memory bytes, or the error. Run by tests/test_sm90_compile.py in a process
+without TRITON_INTERPRET (the interpreter replaces the kernels when it is set).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mosaic_fast.kernels import moe_adapter, moe_routed, token_skip
+
+TARGET = GPUTarget("cuda", 90, 32)
+INT64_PTRS = {"idxg_ptr", "idxm_ptr", "idx_ptr", "rows_ptr", "eidx_ptr"}
+INT32_PTRS = {"order_ptr", "offs_ptr", "tcum_ptr"}
+FP32_PTRS = {"p_ptr", "coef_ptr", "rank_ptr"}
+
+
+def _types(fn, dtype: str, fp32_probs: bool) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in INT64_PTRS:
+            sig[name] = "*i64"
+        elif name in INT32_PTRS:
+            sig[name] = "*i32"
+        elif name in FP32_PTRS and fp32_probs:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _compile(fn, constexprs: dict, dtype: str, fp32_probs: bool, options: dict) -> dict:
+    sig = _types(fn, dtype, fp32_probs)
+    sig.update({name: "constexpr" for name in constexprs})
+    entry = {"kernel": fn.__name__, "dtype": dtype, "constexprs": {k: str(v) for k, v in constexprs.items()},
+             **options}
+    try:
+        compiled = triton.compile(ASTSource(fn, sig, constexprs), target=TARGET, options=options)
+        entry["shared"] = compiled.metadata.shared
+    except Exception as exc:  # reported, and the test fails on it
+        entry["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+    return entry
+
+
+def _options(config: triton.Config | None) -> dict:
+    if config is None:  # launched without a config: the launcher's num_warps (token_skip.skip_select)
+        return {"num_warps": 4}
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def main() -> None:
+    jobs = []
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        configs = moe_routed._route_down_configs() if dtype == "bf16" else moe_routed._route_down_configs()[:1]
+        for i, cfg in enumerate(configs):
+            for identity in ((False, True) if i == 0 else (False,)):
+                jobs.append((moe_routed._moe_route_down_kernel,
+                             dict(IDENTITY=identity, HAS_SKIP=not identity, BLOCK_E=16, DOT_PRECISION=precision,
+                                  **cfg.kwargs), dtype, True, _options(cfg)))
+        configs = moe_routed._combine_configs() if dtype == "bf16" else moe_routed._combine_configs()[:1]
+        for cfg in configs:
+            jobs.append((moe_routed._moe_gate_combine_kernel,
+                         dict(IDENTITY=False, DOT_PRECISION=precision, **cfg.kwargs), dtype, True,
+                         _options(cfg)))
+        for all_tokens in (False, True):
+            jobs.append((token_skip._skip_select_kernel, dict(BLOCK_N=256, BF=32, BJ=64, ALL=all_tokens),
+                         dtype, True, _options(None)))
+        cfg = moe_adapter._down_configs()[0]
+        jobs.append((moe_adapter._moe_down_kernel, dict(BM=moe_adapter._DOWN_BM, BLOCK_R=64, BLOCK_E=8,
+                                                        DOT_PRECISION=precision, **cfg.kwargs),
+                     dtype, False, _options(cfg)))
+        cfg = moe_adapter._combine_configs()[0]
+        jobs.append((moe_adapter._moe_combine_kernel, dict(BLOCK_R=64, STORE_MIX=True, DOT_PRECISION=precision,
+                                                           **cfg.kwargs), dtype, False, _options(cfg)))
+    for fn, constexprs, dtype, fp32_probs, options in jobs:
+        print(json.dumps(_compile(fn, constexprs, dtype, fp32_probs, options)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
