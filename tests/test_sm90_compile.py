@@ -1,4 +1,5 @@
-"""The DynaMer kernels compile for Hopper (sm_90), every autotuning config, without a GPU (see sm90_compile.py)."""
+"""Kernels not yet run on a GPU compile for Hopper (sm_90), every autotuning config, without a GPU
+(see sm90_compile.py): the DynaMer kernels and the grouped-adapter forward's one-pass variant."""
 
 import importlib.util
 import json
@@ -13,7 +14,7 @@ import pytest
 HOPPER_SHARED_BYTES = 232_448
 
 
-def test_dynamer_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -22,7 +23,7 @@ def test_dynamer_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     entries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     kernels = {e["kernel"] for e in entries}
-    assert {"_moe_route_down_kernel", "_moe_gate_combine_kernel", "_skip_select_kernel"} <= kernels
+    assert {"_moe_route_down_kernel", "_moe_gate_combine_kernel", "_skip_select_kernel", "_fwd_kernel"} <= kernels
     failed = [e for e in entries if "error" in e]
     assert not failed, json.dumps(failed, indent=1)[:3000]
     seen = set()
