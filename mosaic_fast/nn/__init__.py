@@ -8,7 +8,7 @@ from .adapter import Adapter, MoSAdapter
 from .convert import convert
 from .moe import GatedMoEAdapter, GatedSpecialistAdapter, SkipRouter
 from .patch_embed import PatchEmbed3D
-from .vit import Attention, Block
+from .vit import Attention, Block, Mlp
 
 __all__ = [
     "Adapter",
@@ -16,6 +16,7 @@ __all__ = [
     "Block",
     "GatedMoEAdapter",
     "GatedSpecialistAdapter",
+    "Mlp",
     "MoSAdapter",
     "PatchEmbed3D",
     "SkipRouter",

@@ -1,4 +1,7 @@
-"""Fast ViT pieces: SDPA attention and the block whose adapter adds into the residual in one kernel."""
+"""Fast ViT pieces: SDPA attention, the MLP and the block whose adapter adds into the residual in one kernel.
+
+Attention and MLP use their frozen weights' autocast casts once per weight, not once per call
+(:mod:`mosaic_fast.nn.frozen_cast`)."""
 
 from __future__ import annotations
 
@@ -6,16 +9,29 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from .frozen_cast import linear
 
 
 class Attention(reference.Attention):
     """Same parameters as the reference; computed with ``scaled_dot_product_attention`` (flash/mem-eff)."""
 
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        qkv = linear(self, self.qkv, x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return linear(self, self.proj, out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(reference.Mlp):
+    """Same parameters and arithmetic as the reference (exact GELU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self, self.fc2, self.act(linear(self, self.fc1, x)))
 
 
 class Block(reference.Block):
