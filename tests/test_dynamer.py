@@ -58,21 +58,7 @@ def test_parity_triton_inference(triton_backend, skip_mode):
 def test_cuda_fast_inference_runs_the_fused_ops(cuda_device, monkeypatch, skip_mode, keep_ratio):
     """On a GPU, inference takes the fused selection and the routed MoE op in every layer (fp32: no
     score ties) and matches the reference."""
-    from mosaic_fast.ops import moe_routed, token_skip
-
-    calls = {"select": 0, "moe": 0}
-
-    def count(module, name, key):
-        real = getattr(module, name)
-
-        def counted(*args):
-            calls[key] += 1
-            return real(*args)
-
-        monkeypatch.setattr(module, name, counted)
-
-    count(token_skip, "_select", "select")
-    count(moe_routed, "_launch", "moe")
+    calls = _count_fused_ops(monkeypatch)
     ref, fast = pair(skip_mode, keep_ratio)
     x = torch.randn(3, 3, 32, 32, device=cuda_device)
     with torch.no_grad():
@@ -144,6 +130,42 @@ def test_load_npz_and_state_dict(tmp_path):
         model.load_backbone("gen", tmp_path / "nope.npz")
     with pytest.raises(ValueError, match="stream"):
         model.load_backbone("x", state)
+
+
+def _count_fused_ops(monkeypatch) -> dict[str, int]:
+    """Calls of the routed MoE op's and the fused selection's kernel launchers."""
+    from mosaic_fast.ops import moe_routed, token_skip
+
+    calls = {"select": 0, "moe": 0}
+
+    def count(module, name, key):
+        real = getattr(module, name)
+
+        def counted(*args):
+            calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+
+    count(token_skip, "_select", "select")
+    count(moe_routed, "_launch", "moe")
+    return calls
+
+
+def test_torch_compile_fullgraph_of_the_fused_inference_ops(triton_backend, monkeypatch):
+    """torch.compile keeps the routed MoE op and the fused selection whole (custom ops, no graph break),
+    runs them in every layer and matches eager (the interpreter runs the kernels inside the graph)."""
+    _, fast = pair("block", 0.5)
+    fast = fast.to(triton_backend).eval()
+    x = torch.randn(2, 3, 32, 32, device=triton_backend)
+    with torch.no_grad():
+        want = fast(x)
+        compiled = torch.compile(fast, fullgraph=True)
+        compiled(x)
+        calls = _count_fused_ops(monkeypatch)
+        got = compiled(x)
+    assert calls == {"select": 2 * SMALL["depth"], "moe": SMALL["depth"]}
+    assert_parity(got, want, TOL_INTERPRETER)
 
 
 def test_bad_arguments():
