@@ -4,18 +4,20 @@ Both DynaMer streams in one launch each (grid axis 2 is the stream s; stream s h
 selected rows, row(t) = (t // KEPT_s)·N + idx_s[t], or row(t) = t for the full forward). Notation as in
 :mod:`kernels.moe_adapter`: u = [x_gen[row] ; x_med[row]] (2D wide), n experts of bottleneck r, H = n·r.
 
-1. :func:`moe_route_down`, per tile of rows and per chunk of output columns:
+1. ``_moe_route_down_kernel``, per tile of rows and per chunk of output columns:
    * hidden chunks: ``hw[t, e·r + j] = p_e(t) · relu(u_t · W_down[e, j] + b_down[e, j])`` for every
      expert, where p(t) is the softmax over the top-k router scores of stream s (router logits
      ``x_s[row] W_router_sᵀ + b`` accumulate in the same loop over D; ties go to the lower expert index)
      and p_e = 0 for the experts the row did not pick. The hidden is H wide (r/2D of the input), never D.
    * gate chunks: ``coef[t, g] = σ(x_s[row] · W_gate_s[g] + b_gate_s[g]) · skip_s[t]``.
-   Dense over the n experts: n/k times the sparse down FLOPs, but no sort, no tile tables, u read once.
-2. :func:`moe_gate_combine`, per tile of rows and columns: ``mix = hw[t] @ W_up_catᵀ + Σ_e p_e b_up[e]``
+   Dense over the n experts: n/k times the sparse down FLOPs, but no sort and no tile tables, and u is
+   read once per hidden chunk (once when BH ≥ H), not once per (row, expert) pair.
+2. ``_moe_gate_combine_kernel``, per tile of rows and columns: ``mix = hw[t] @ W_up_catᵀ + Σ_e p_e b_up[e]``
    (one dot chain of depth H), then ``out[row] = x[row] + coef ⊙ (mix − x[row])`` (out may be x: every
    program reads and writes only its own (rows, columns) block, after launch 1 has read all inputs).
 Only selected rows are read or written. The routing scores, probabilities and gates never leave the chip
-except as the (T, n) probabilities and (T, G) gates the second launch needs.
+except as the (T, n) probabilities and (T, G) gates the second launch needs. :func:`moe_routed_update`
+launches both.
 """
 
 from __future__ import annotations
