@@ -93,6 +93,15 @@ def _skip_select_kernel(
         tl.store(gate_ptr + b * KEPT + pos, gate, mask=keep)
 
 
+def select_meta(block_n: int) -> dict:
+    """Block sizes and warps of the selection kernel for ``block_n`` (padded) tokens: the (BLOCK_N, BF)
+    hidden tiles and (BLOCK_N, BJ) comparison tiles are kept at ~8-16 K elements per program."""
+    if _INTERPRET:
+        return dict(BLOCK_N=block_n, BF=16, BJ=min(block_n, 16), num_warps=4)
+    return dict(BLOCK_N=block_n, BF=max(8, min(64, 8192 // block_n)), BJ=max(16, min(64, 16384 // block_n)),
+                num_warps=4 if block_n <= 256 else 8)
+
+
 def skip_select(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``kept`` tokens of each sample by the score ``s = GELU(h) · w2 + b2``, CLS (token 0) always kept.
 
@@ -107,10 +116,8 @@ def skip_select(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, kept: int) 
         return idx, gate
     block_n = max(16, triton.next_power_of_2(n))
     ranked = torch.empty(b, block_n, device=h.device, dtype=torch.float32)
-    bf = 16 if _INTERPRET else max(8, min(64, 8192 // block_n))
     _skip_select_kernel[(b,)](
-        h, w2, b2, ranked, idx, gate, n, f, kept,
-        BLOCK_N=block_n, BF=bf, BJ=min(block_n, 16 if _INTERPRET else 64), ALL=kept == n,
-        num_warps=4 if block_n <= 256 else 8,
+        h, w2, b2, ranked, idx, gate, n, f, kept, **select_meta(block_n),
+        ALL=kept == n,
     )
     return idx, gate

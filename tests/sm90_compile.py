@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mosaic_fast.kernels import grouped_adapter, moe_adapter, moe_routed, token_skip
+from mosaic_fast.ops.token_skip import SELECT_MAX_TOKENS
 
 TARGET = GPUTarget("cuda", 90, 32)
 INT64_PTRS = {"idxg_ptr", "idxm_ptr", "idx_ptr", "rows_ptr", "eidx_ptr"}
@@ -58,9 +59,7 @@ def _compile(fn, constexprs: dict, dtype: str, fp32_probs: bool, options: dict, 
     return entry
 
 
-def _options(config: triton.Config | None) -> dict:
-    if config is None:  # launched without a config: the launcher's num_warps (token_skip.skip_select)
-        return {"num_warps": 4}
+def _options(config: triton.Config) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
@@ -97,9 +96,11 @@ def main() -> None:
             jobs.append((moe_routed._moe_gate_combine_kernel,
                          dict(IDENTITY=False, DOT_PRECISION=precision, **cfg.kwargs), dtype, True,
                          _options(cfg)))
-        for all_tokens in (False, True):
-            jobs.append((token_skip._skip_select_kernel, dict(BLOCK_N=256, BF=32, BJ=64, ALL=all_tokens),
-                         dtype, True, _options(None)))
+        for block_n in (256, 1024, SELECT_MAX_TOKENS):
+            meta = token_skip.select_meta(block_n)
+            warps = {"num_warps": meta.pop("num_warps")}
+            for all_tokens in (False, True) if block_n == 256 else (False,):
+                jobs.append((token_skip._skip_select_kernel, dict(ALL=all_tokens, **meta), dtype, True, warps))
         cfg = moe_adapter._down_configs()[0]
         jobs.append((moe_adapter._moe_down_kernel, dict(BM=moe_adapter._DOWN_BM, BLOCK_R=64, BLOCK_E=8,
                                                         DOT_PRECISION=precision, **cfg.kwargs),

@@ -150,6 +150,18 @@ def test_fused_select_only_without_gradients(triton_backend, select_launches):
                            torch.randn(1, device=triton_backend), 4), test_utils=("test_schema", "test_faketensor"))
 
 
+def test_fused_select_falls_back_beyond_its_token_limit(triton_backend, select_launches):
+    from mosaic_fast.ops.token_skip import SELECT_MAX_TOKENS, skip_select
+
+    ref, fast = make(0.01)
+    x = torch.randn(1, SELECT_MAX_TOKENS + 1, D, device=triton_backend)
+    with torch.no_grad():
+        assert torch.equal(fast.select(x)[0], copy.deepcopy(ref).to(triton_backend).select(x)[0])
+    assert select_launches[0] == 0
+    with pytest.raises(ValueError, match="tokens"):
+        skip_select(torch.randn(1, SELECT_MAX_TOKENS + 1, 4), torch.randn(1, 4), torch.randn(1), 3)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_merge_inplace_rows_only(request, backend):
     device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"

@@ -21,7 +21,7 @@ from ..ops._common import autocast_dtype
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import moe_routed_update_
-from ..ops.token_skip import skip_merge, skip_select
+from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
 from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
@@ -149,8 +149,8 @@ class SkipRouter(reference.SkipRouter):
 
     def _fused_select(self, x: torch.Tensor) -> bool:
         """Whether :func:`mosaic_fast.ops.token_skip.skip_select` applies: Triton backend, no gradient to
-        record, no autocast, exact GELU, parameters in x's dtype, at most 4,096 tokens."""
-        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None or x.shape[1] > 4096:
+        record, no autocast, exact GELU, parameters in x's dtype, at most ``SELECT_MAX_TOKENS`` tokens."""
+        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None or x.shape[1] > SELECT_MAX_TOKENS:
             return False
         if not isinstance(self.act, torch.nn.GELU) or self.act.approximate != "none":
             return False

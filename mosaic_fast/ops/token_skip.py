@@ -122,6 +122,11 @@ def skip_merge(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor, inplace: b
     return out
 
 
+#: Most tokens per sample :func:`skip_select` takes (the kernel keeps a sample's scores and ranks in
+#: registers); the fast SkipRouter falls back to the torch selection beyond.
+SELECT_MAX_TOKENS = 2048
+
+
 def _select(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, Tensor]:
     from mosaic_fast.kernels.token_skip import skip_select as kernel
 
@@ -149,6 +154,8 @@ def skip_select(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, T
     the lower token index. Triton backend only, for inference (no gradient flows to the router)."""
     if not 1 <= kept <= h.shape[1]:
         raise ValueError(f"kept: expected 1 <= kept <= N={h.shape[1]}, got {kept}")
+    if h.shape[1] > SELECT_MAX_TOKENS:
+        raise ValueError(f"h: at most {SELECT_MAX_TOKENS} tokens per sample, got {h.shape[1]}")
     h, w2, b2 = h.contiguous(), w2.contiguous(), b2.contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.mosaic_fast.skip_select(h, w2, b2, kept)
