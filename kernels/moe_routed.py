@@ -35,15 +35,31 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _stream_rows(t, tmask, idx_ptr, KEPT, N, SB, SK, IDENTITY: tl.constexpr):
-    """Row of the flattened (B·N, D) stream for selected-row number t (idx (B, KEPT) with strides SB, SK)."""
+def _of_stream(s, gen_value, med_value):
+    """``gen_value`` for stream 0 (gen), ``med_value`` for stream 1 (med); s is a runtime program id."""
+    if s == 0:
+        value = gen_value
+    else:
+        value = med_value
+    return value
+
+
+@triton.jit
+def _tile_rows(pid_m, s, T_G, T_M, idxg_ptr, idxm_ptr, KEPT_G, KEPT_M, N, SB_G, SK_G, SB_M, SK_M,
+               BM: tl.constexpr, IDENTITY: tl.constexpr):
+    """Selected-row numbers t of tile pid_m of stream s, their mask, and their rows in the flattened
+    (B·N, D) stream: row = (t // KEPT)·N + idx[t // KEPT, t % KEPT] (idx with strides SB, SK), or t."""
+    t = pid_m * BM + tl.arange(0, BM)
+    tmask = t < _of_stream(s, T_G, T_M)
     if IDENTITY:
         row = t.to(tl.int64)
     else:
-        b = (t // KEPT).to(tl.int64)
-        tok = tl.load(idx_ptr + b * SB + (t % KEPT) * SK, mask=tmask, other=0).to(tl.int64)
+        kept = _of_stream(s, KEPT_G, KEPT_M)
+        b = (t // kept).to(tl.int64)
+        offset = b * _of_stream(s, SB_G, SB_M) + (t % kept) * _of_stream(s, SK_G, SK_M)
+        tok = tl.load(_of_stream(s, idxg_ptr, idxm_ptr) + offset, mask=tmask, other=0).to(tl.int64)
         row = b * N + tok
-    return row
+    return t, tmask, row
 
 
 # Row counts are never specialised to the constant 1: the per-stream scalars are chosen by a runtime branch
@@ -63,31 +79,8 @@ def _moe_route_down_kernel(
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     s = tl.program_id(2)
-    if s == 0:
-        T = T_G
-        KEPT = KEPT_G
-        SB = SB_G
-        SK = SK_G
-        idx_ptr = idxg_ptr
-        sk_ptr = skg_ptr
-        wr_ptr = wrg_ptr
-        br_ptr = brg_ptr
-        wg_ptr = wgg_ptr
-        bg_ptr = bgg_ptr
-    else:
-        T = T_M
-        KEPT = KEPT_M
-        SB = SB_M
-        SK = SK_M
-        idx_ptr = idxm_ptr
-        sk_ptr = skm_ptr
-        wr_ptr = wrm_ptr
-        br_ptr = brm_ptr
-        wg_ptr = wgm_ptr
-        bg_ptr = bgm_ptr
-    t = pid_m * BM + tl.arange(0, BM)
-    tmask = t < T
-    row = _stream_rows(t, tmask, idx_ptr, KEPT, N, SB, SK, IDENTITY)
+    t, tmask, row = _tile_rows(pid_m, s, T_G, T_M, idxg_ptr, idxm_ptr, KEPT_G, KEPT_M, N, SB_G, SK_G, SB_M, SK_M,
+                               BM, IDENTITY)
     out_t = (s * T_MAX + t).to(tl.int64)  # row of the (2, T_MAX, ·) scratch buffers
     hidden_chunks = tl.cdiv(H, BH)
     if pid_c < hidden_chunks:
@@ -108,11 +101,11 @@ def _moe_route_down_kernel(
             acc += tl.dot(ug, w, input_precision=DOT_PRECISION)
             w = tl.load(wd_ptr + cols[None, :] * (2 * D) + (kk + D)[:, None], mask=wmask, other=0.0)
             acc += tl.dot(um, w, input_precision=DOT_PRECISION)
-            wr = tl.load(wr_ptr + eo[None, :] * D + kk[:, None], mask=kmask[:, None] & emask[None, :], other=0.0)
+            wr = tl.load(_of_stream(s, wrg_ptr, wrm_ptr) + eo[None, :] * D + kk[:, None], mask=kmask[:, None] & emask[None, :], other=0.0)
             logits += tl.dot(tl.where(s == 0, ug, um), wr, input_precision=DOT_PRECISION)
-        br = tl.load(br_ptr + eo, mask=emask, other=0.0).to(tl.float32)
-        # the reference's router output is rounded to the streams' dtype before its top-k
-        logits = (logits + br[None, :]).to(xg_ptr.dtype.element_ty).to(tl.float32)
+        br = tl.load(_of_stream(s, brg_ptr, brm_ptr) + eo, mask=emask, other=0.0).to(tl.float32)
+        # fp32 scores: a bf16 reference rounds them first and ties more often (8 mantissa bits)
+        logits = logits + br[None, :]
         logits = tl.where(emask[None, :], logits, float("-inf"))
         chosen = tl.zeros((BM, BLOCK_E), dtype=tl.int32)
         for _ in range(TOPK):
@@ -134,10 +127,8 @@ def _moe_route_down_kernel(
         if pid_c == 0:
             tl.store(p_ptr + out_t[:, None] * n_exp + eo[None, :], prob, mask=tmask[:, None] & emask[None, :])
     else:
-        if s == 0:
-            xs_ptr = xg_ptr
-        else:
-            xs_ptr = xm_ptr
+        xs_ptr = _of_stream(s, xg_ptr, xm_ptr)
+        wg_ptr = _of_stream(s, wgg_ptr, wgm_ptr)
         gcols = (pid_c - hidden_chunks) * BH + tl.arange(0, BH)
         gmask = gcols < G
         acc = tl.zeros((BM, BH), dtype=tl.float32)
@@ -147,10 +138,10 @@ def _moe_route_down_kernel(
             x = tl.load(xs_ptr + row[:, None] * D + kk[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(wg_ptr + gcols[None, :] * D + kk[:, None], mask=kmask[:, None] & gmask[None, :], other=0.0)
             acc += tl.dot(x, w, input_precision=DOT_PRECISION)
-        bg = tl.load(bg_ptr + gcols, mask=gmask, other=0.0).to(tl.float32)
+        bg = tl.load(_of_stream(s, bgg_ptr, bgm_ptr) + gcols, mask=gmask, other=0.0).to(tl.float32)
         coef = tl.sigmoid(acc + bg[None, :])
         if HAS_SKIP:
-            coef = coef * tl.load(sk_ptr + t, mask=tmask, other=0.0).to(tl.float32)[:, None]
+            coef = coef * tl.load(_of_stream(s, skg_ptr, skm_ptr) + t, mask=tmask, other=0.0).to(tl.float32)[:, None]
         tl.store(coef_ptr + out_t[:, None] * G + gcols[None, :], coef, mask=tmask[:, None] & gmask[None, :])
 
 
@@ -164,25 +155,10 @@ def _moe_gate_combine_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     s = tl.program_id(2)
-    if s == 0:
-        T = T_G
-        KEPT = KEPT_G
-        SB = SB_G
-        SK = SK_G
-        idx_ptr = idxg_ptr
-        x_ptr = xg_ptr
-        out_ptr = outg_ptr
-    else:
-        T = T_M
-        KEPT = KEPT_M
-        SB = SB_M
-        SK = SK_M
-        idx_ptr = idxm_ptr
-        x_ptr = xm_ptr
-        out_ptr = outm_ptr
-    t = pid_m * BM + tl.arange(0, BM)
-    tmask = t < T
-    row = _stream_rows(t, tmask, idx_ptr, KEPT, N, SB, SK, IDENTITY)
+    t, tmask, row = _tile_rows(pid_m, s, T_G, T_M, idxg_ptr, idxm_ptr, KEPT_G, KEPT_M, N, SB_G, SK_G, SB_M, SK_M,
+                               BM, IDENTITY)
+    x_ptr = _of_stream(s, xg_ptr, xm_ptr)
+    out_ptr = _of_stream(s, outg_ptr, outm_ptr)
     src_t = (s * T_MAX + t).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < D

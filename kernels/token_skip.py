@@ -68,8 +68,8 @@ def _skip_select_kernel(
                     other=0.0).to(tl.float32)
         w = tl.load(w2_ptr + ff, mask=fmask, other=0.0).to(tl.float32)
         acc += tl.sum(0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476)) * w[None, :], axis=1)
-    # the reference's score is the output of its last Linear, in the streams' dtype
-    s = (acc + tl.load(b2_ptr).to(tl.float32)).to(h_ptr.dtype.element_ty).to(tl.float32)
+    # fp32 scores: a bf16 reference rounds them to 8 mantissa bits first, and ties far more often
+    s = acc + tl.load(b2_ptr).to(tl.float32)
     gate = tl.sigmoid(s).to(gate_ptr.dtype.element_ty)
     if ALL:
         tl.store(idx_ptr + b * N + ii, ii.to(tl.int64), mask=imask)
