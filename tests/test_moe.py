@@ -207,17 +207,19 @@ def test_cuda_fp32_and_bf16(cuda_device):
     fast = fast.to(cuda_device)
     check(ref, fast, full, pair(b=4, n=33, device=cuda_device), TOL_CUDA_TF32, TOL_CUDA_TF32)
     mosaic_fast.set_backend("auto")
-    xg, xm = (torch.randn(4, 33, D, device=cuda_device) for _ in range(2))
-    ref32 = copy.deepcopy(ref).to(cuda_device)
+    # bf16 (the routed inference op): against a float64 model of the same bf16 weights and inputs, since
+    # bf16 rounding of the weights alone flips near-tied expert choices against the fp32 originals
+    xg, xm = (torch.randn(4, 33, D, device=cuda_device).bfloat16() for _ in range(2))
     with torch.no_grad():
-        want = ref32(xg, xm)
         fast_bf = copy.deepcopy(fast).bfloat16()
-        ref_bf = copy.deepcopy(ref32).bfloat16()
-        got = fast_bf(xg.bfloat16(), xm.bfloat16())
-        base = ref_bf(xg.bfloat16(), xm.bfloat16())
+        ref_bf = copy.deepcopy(ref).to(cuda_device).bfloat16()
+        ref64 = copy.deepcopy(ref_bf).double()
+        want = ref64(xg.double(), xm.double())
+        got = fast_bf(xg, xm)
+        base = ref_bf(xg, xm)
     for g, b, w in zip(got, base, want):
         assert_parity(g.float(), w, TOL_BF16)
-        assert (g.float() - w).norm() <= 2 * (b.float() - w).norm() + 1e-6
+        assert (g.double() - w).norm() <= 2 * (b.double() - w).norm() + 1e-6
 
 
 def test_cuda_inplace_skip_is_applied_once_while_autotuning(cuda_device, monkeypatch):
