@@ -81,7 +81,12 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
             return None
         return weights if all(w.dtype == x.dtype for w in weights) else None
 
-    def _routed_update_(self, weights, xg, xm, idx_g=None, gate_g=None, idx_m=None, gate_m=None):
+    def _routed_update_(
+        self, weights: tuple[torch.Tensor, ...], xg: torch.Tensor, xm: torch.Tensor,
+        idx_g: torch.Tensor | None = None, gate_g: torch.Tensor | None = None,
+        idx_m: torch.Tensor | None = None, gate_m: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both contiguous streams updated in place by the routed op (every token when no selection)."""
         idx = [i.long() if i is not None else None for i in (idx_g, idx_m)]
         return moe_routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, *weights, self.top_k)
 
