@@ -60,12 +60,25 @@ def _graphed_features(model: MosaicModel, mixed: bool):
     return lambda x, expert: replay(x)
 
 
+def _cudnn_attention(fn):
+    """``fn`` with SDPA restricted to cuDNN's attention ("fast+cudnn-attn"): on Hopper it may beat the
+    flash kernel at 197 tokens (unmeasured so far); SDPA raises where cuDNN cannot run, and the runner
+    records that as the column's error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(*args):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return fn(*args)
+
+    return run
+
+
 def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False,
                     with_compile: bool = True) -> list[Case]:
     """Inference of the reference and fast models; with ``graphs``, the fast model under CUDA-graph replay
-    ("fast+graphs"); on CUDA with ``with_compile``, ``torch.compile`` of the fast model too
-    ("fast+compiled": the eager fast forward is device-bound, and compile fuses its LayerNorm, GELU and
-    residual adds)."""
+    ("fast+graphs"); on CUDA the fast model with cuDNN's attention ("fast+cudnn-attn") and, with
+    ``with_compile``, ``torch.compile`` of the fast model too ("fast+compiled": the eager fast forward is
+    device-bound, and compile fuses its LayerNorm, GELU and residual adds)."""
     cfg = _config(quick)
     ref, fast = _pair(cfg, device)
     ref, fast = ref.to(dtype).eval(), fast.to(dtype).eval()
@@ -87,6 +100,7 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
             make_inputs=lambda i, mixed=mixed: (_images(b, device, dtype, i), _ids(b, device, i, mixed)),
             impls={"reference": ref_fwd(ref), "fast": ref_fwd(fast),
                    **({"fast+graphs": _graphed_features(fast, mixed)} if graphs else {}),
+                   **({"fast+cudnn-attn": _cudnn_attention(ref_fwd(fast))} if device.type == "cuda" else {}),
                    **({"fast+compiled": torch.compile(ref_fwd(fast))}
                       if with_compile and device.type == "cuda" else {})},
             items_per_call=b, notes="items_per_s = images/s",
