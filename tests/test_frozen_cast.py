@@ -48,6 +48,9 @@ def test_same_bits_as_autocast_and_fewer_casts():
         counts[name] = mode.counts["_to_copy"]
     assert counts["ref"] - counts["fast"] == 4, counts  # fc1/fc2 weight and bias, cast once already
     assert out.dtype == torch.bfloat16 and torch.equal(out, run(ref, x))
+    casts = frozen_cast.cached_casts(fast)  # what the benchmark counts as memory the model holds
+    assert sorted(t.numel() for t in casts) == sorted(p.numel() for p in fast.parameters())
+    assert all(t.dtype == torch.bfloat16 for t in casts)
 
 
 def test_cast_follows_in_place_updates_devices_and_dtypes():

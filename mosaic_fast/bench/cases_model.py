@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mosaic_fast.bench.core import Case, on_triton_backend
 from mosaic_fast.graphs import CUDAGraphInference, CUDAGraphTraining
 from mosaic_fast.models import EMATeacher, MosaicModel
+from mosaic_fast.nn.frozen_cast import cached_casts
 
 
 def _config(quick: bool) -> dict:
@@ -190,9 +191,10 @@ class TrainStep:
 
 
 def _resident_bytes(step: TrainStep) -> int:
-    """Bytes a training setup keeps between steps: student and teacher weights/buffers, optimizer state."""
+    """Bytes a training setup keeps between steps: student and teacher weights/buffers, optimizer state and
+    the fast modules' cached autocast casts of frozen weights."""
     tensors = [*step.model.parameters(), *step.model.buffers(), *step.teacher.model.parameters(),
-               *step.teacher.model.buffers()]
+               *step.teacher.model.buffers(), *cached_casts(step.model), *cached_casts(step.teacher.model)]
     tensors += [t for state in step.opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
     seen: dict[int, int] = {}
     for t in tensors:

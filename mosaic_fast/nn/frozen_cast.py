@@ -45,6 +45,11 @@ def cast_frozen(owner: nn.Module, p: torch.Tensor | None) -> torch.Tensor | None
     return cast
 
 
+def cached_casts(model: nn.Module) -> list[torch.Tensor]:
+    """The casts kept for ``model`` and its submodules (memory the model holds beyond its parameters)."""
+    return [entry[2] for module in model.modules() for entry in _CASTS.get(module, {}).values()]
+
+
 def linear(owner: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` with its frozen weight and bias cast once for autocast (see the module docstring)."""
     return F.linear(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias))
