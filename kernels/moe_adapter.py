@@ -9,8 +9,8 @@ Expert e maps the pair u = [x_gen[row] ; x_med[row]] (2D wide) to up_e(relu(down
    the grouped GEMM ``hidden[a] = relu(u[row(a)] @ W_down[e]ᵀ + b_down[e])``; each program finds its
    expert and first assignment from a tiny cumulative tile table, gathers its rows in the prologue and
    writes the r-wide hidden (r/2D of the input, kept for the backward) at the unsorted assignment id.
-2. :func:`moe_combine`: per tile of one stream's selected rows, ``mix = Σ_k p_k (h_k @ W_up[e_k]ᵀ +
-   b_up[e_k])`` (the tile loops over the experts its rows use, skipping absent ones), then the epilogue
+2. :func:`moe_combine`: per tile of one stream's selected rows, ``mix = Σ_e (Σ_k [e_k = e] p_k h_k) @
+   W_up[e]ᵀ + p_e b_up[e]`` (one dot per expert the tile's rows use, absent ones skipped), then the epilogue
    gathers x[row] and writes ``x + c ⊙ (mix − x)`` to out[row] (out may be x: in place). Only selected
    rows are read or written; there is no (T×n×D) or (T×K×D) intermediate.
 """
@@ -90,19 +90,24 @@ def _moe_combine_kernel(
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < R
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for j in range(K):
-        ex = tl.load(eidx_ptr + t * K + j, mask=tmask, other=-1)
-        p = tl.load(p_ptr + t * K + j, mask=tmask, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + (t * K + j).to(tl.int64)[:, None] * R + rr[None, :],
-                    mask=tmask[:, None] & rmask[None, :], other=0.0)
-        for e in range(n_exp):
-            sel = ex == e
-            if tl.max(sel.to(tl.int32), axis=0) > 0:
-                w = tl.load(wu_ptr + e * D * R + cols[None, :] * R + rr[:, None],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0)
-                b = tl.load(bu_ptr + e * D + cols, mask=cmask, other=0.0).to(tl.float32)
-                y = tl.dot(tl.where(sel[:, None], h, tl.zeros_like(h)), w, input_precision=DOT_PRECISION) + b[None, :]
-                acc += tl.where(sel, p, 0.0)[:, None] * y
+    for e in range(n_exp):
+        # the rows' probability-weighted hidden units for expert e (zero where a row did not pick it):
+        # one dot per expert, not one per (expert, slot)
+        p_e = tl.zeros((BM,), dtype=tl.float32)
+        h_e = tl.zeros((BM, BLOCK_R), dtype=tl.float32)
+        for j in range(K):
+            ex = tl.load(eidx_ptr + t * K + j, mask=tmask, other=-1)
+            p = tl.where(ex == e, tl.load(p_ptr + t * K + j, mask=tmask, other=0.0).to(tl.float32), 0.0)
+            if tl.max(p != 0.0, axis=0):
+                h = tl.load(h_ptr + (t * K + j).to(tl.int64)[:, None] * R + rr[None, :],
+                            mask=tmask[:, None] & rmask[None, :], other=0.0)
+                h_e += p[:, None] * h.to(tl.float32)
+                p_e += p
+        if tl.max(p_e != 0.0, axis=0):
+            w = tl.load(wu_ptr + e * D * R + cols[None, :] * R + rr[:, None],
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
+            b = tl.load(bu_ptr + e * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc += tl.dot(h_e.to(w.dtype), w, input_precision=DOT_PRECISION) + p_e[:, None] * b[None, :]
     row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
     m2 = tmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + row[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
