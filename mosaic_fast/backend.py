@@ -12,7 +12,6 @@ The environment variable ``MOSAIC_FAST_BACKEND`` sets the default.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -41,11 +40,13 @@ def get_backend() -> str:
     return _backend
 
 
-@functools.cache
+#: Looked up once at import: every fast op asks, and a module search costs tens of microseconds.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (looked up once: every fast op asks, and a module
-    search costs tens of microseconds of host time per call)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package can be imported."""
+    return _TRITON_FOUND
 
 
 def use_triton(x: torch.Tensor) -> bool:
