@@ -1,7 +1,8 @@
 """Where the grouped-adapter forward and backward spend their time, in one GPU call (benchmarks/NOTES.md).
 
 Times, on the same rotating bf16 inputs (D = 768, 197 tokens per image): the fused kernel with each of
-its forward configs forced in turn, the autotuned fused kernel, the split (two kernels) and one-pass variants, the
+its forward configs (two-pass and one-pass LayerNorm) forced in turn, the autotuned kernel (variant "auto":
+the autotuner's pick among all of them), the split (two kernels) and one-pass-only variants, the
 cuBLAS path (LayerNorm, addmm, ReLU, addmm, add) and that path's pieces alone, and prints each as ms and
 % of the roofline floor measured against this device's copy bandwidth and GEMM rate. Then the
 backward: both Triton kernels, the dh kernel alone, and (one group) autograd through the cuBLAS path.
@@ -43,7 +44,7 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
     def kernel(i):
         return ga.grouped_adapter(h_sets[i], *weights, rs, base=base_sets[i], expert_id=ids)
 
-    out["kernel (autotuned)"] = kernel
+    out["kernel (autotuned)"] = kernel  # FORWARD_VARIANT "auto": two-pass and one-pass configs
 
     def variant(name):
         def run(i):
@@ -66,7 +67,8 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
             finally:
                 kernels._fwd.configs, kernels._fwd.cache = saved
         kw = cfg.kwargs
-        out[f"kernel BM{kw['BM']} BK{kw['BK']} BN{kw['BN']} w{cfg.num_warps} s{cfg.num_stages}"] = forced
+        ln = "one-pass" if kw["ONEPASS"] else "two-pass"
+        out[f"kernel {ln} BM{kw['BM']} BK{kw['BK']} BN{kw['BN']} w{cfg.num_warps} s{cfg.num_stages}"] = forced
     if ids is None:  # the cuBLAS path and its pieces (one group)
         d = h_sets[0].shape[-1]
         y0 = F.layer_norm(h_sets[0], (d,), ln_w[0], ln_b[0]).view(-1, d)

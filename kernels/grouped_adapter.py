@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .precision import dot_precision
-from .tuning import tuned_configs
+from .tuning import AUTOTUNE, tuned_configs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -82,9 +82,12 @@ WGRAD_SPLIT: int | None = None
 #: and every loop over D is a pipelined dot loop (the statistics pass has no dot, so Triton does not
 #: pipeline its loads): ``LN(h) Wdᵀ = rstd (h - c) (w∘Wd)ᵀ - rstd (mean - c) (Wd w) + Wd b`` with the
 #: row sums of (h - c) and (h - c)² accumulated in the same loop, c a per-row shift (the mean of the first
-#: chunk) against cancellation. Unmeasured on a GPU; parity-tested in the interpreter.
-FORWARD_VARIANT = "fused"
-FORWARD_VARIANTS = ("fused", "split", "onepass")
+#: chunk) against cancellation. Unmeasured on a GPU; parity-tested in the interpreter and compiled for sm_90.
+#: "auto" (default): the fused kernel with the two-pass or the one-pass LayerNorm, whichever the autotuner
+#: times faster for the shape (with MOSAIC_FAST_AUTOTUNE=0 and in the interpreter: two-pass).
+FORWARD_VARIANT = "auto"
+FORWARD_VARIANTS = ("auto", "fused", "split", "onepass")
+_VARIANT_CODE = {name: i for i, name in enumerate(FORWARD_VARIANTS)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,7 +229,7 @@ def _fwd_kernel(
     h_ptr, base_ptr, out_ptr, a_ptr, mean_ptr, rstd_ptr,
     lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, meta_ptr,
     ids_ptr, perm_ptr, cnt_ptr,
-    D, S, L, G, T_BUCKET,
+    D, S, L, G, T_BUCKET, VARIANT,
     stride_h, stride_base, stride_out, stride_a,
     stride_lnw, stride_lnb, stride_wd, stride_wu, stride_bu,
     scale, eps,
@@ -617,29 +620,49 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def _fwd_configs() -> list[triton.Config]:
+    """Two-pass LayerNorm configs, then one-pass ones (ONEPASS is a config key, so the "auto" forward
+    variant lets the autotuner time both)."""
     if INTERPRET:
-        return [triton.Config({"BM": 16, "BK": 16, "BN": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BM": 16, "BK": 16, "BN": 16, "ONEPASS": onepass}, num_warps=4, num_stages=1)
+                for onepass in (False, True)]
     # BN is the up-projection chunk. Every config is tried for every bottleneck: on an H200 (bf16, r = 192,
     # R_BLOCK = 256, 2026-11-30) the fastest forced configs were BM 128/BN 32 (172 us, mixed, B = 128) and
     # BM 64/BN 64 (188 us, single) -- the very ones a register-budget pruning (from an offline ptxas sweep)
-    # had excluded, leaving the autotuner 225-290 us choices (benchmarks/NOTES.md).
+    # had excluded, leaving the autotuner 225-290 us choices (benchmarks/NOTES.md). The one-pass variant
+    # gets those two tile shapes and the first.
+    two_pass = [(64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (128, 64, 64, 8, 3),
+                (32, 64, 32, 8, 3), (64, 128, 32, 8, 2), (64, 32, 32, 8, 3)]
+    one_pass = [(64, 64, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3)]
     return [
-        triton.Config({"BM": bm, "BK": bk, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bk, bn, w, s in [
-            (64, 64, 32, 8, 3),
-            (64, 64, 64, 8, 3),
-            (128, 64, 32, 8, 3),
-            (128, 64, 64, 8, 3),
-            (32, 64, 32, 8, 3),
-            (64, 128, 32, 8, 2),
-            (64, 32, 32, 8, 3),
-        ]
+        triton.Config({"BM": bm, "BK": bk, "BN": bn, "ONEPASS": onepass}, num_warps=w, num_stages=st)
+        for tiles, onepass in ((two_pass, False), (one_pass, True))
+        for bm, bk, bn, w, st in tiles
     ]
 
 
+def _prune_by_variant(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs of the requested forward variant: "onepass" one-pass only, "fused"/"split" two-pass
+    only, "auto" both (two-pass only where nothing is timed: the interpreter, MOSAIC_FAST_AUTOTUNE=0)."""
+    variant = FORWARD_VARIANTS[named_args["VARIANT"]]
+    if variant == "auto" and (INTERPRET or not AUTOTUNE):
+        variant = "fused"
+    if variant == "auto":
+        return configs
+    return [c for c in configs if c.kwargs["ONEPASS"] == (variant == "onepass")]
+
+
+def _autotuned_fwd_configs() -> list[triton.Config]:
+    """:func:`_fwd_configs` as MOSAIC_FAST_AUTOTUNE leaves them, per LayerNorm variant (each keeps a config)."""
+    configs = _fwd_configs()
+    two_pass = [c for c in configs if not c.kwargs["ONEPASS"]]
+    one_pass = [c for c in configs if c.kwargs["ONEPASS"]]
+    return tuned_configs(two_pass) + tuned_configs(one_pass)
+
+
 _fwd = triton.autotune(
-    configs=tuned_configs(_fwd_configs()),
-    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET"],
+    configs=_autotuned_fwd_configs(),
+    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET", "VARIANT"],
+    prune_configs_by={"early_config_prune": _prune_by_variant},
 )(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(_fwd_kernel))
 
 
@@ -801,13 +824,12 @@ def forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scal
             h, base_arg, out, a, mean, rstd,
             ln_w, ln_b, wd, bd, wu, bu, meta,
             ids_t, perm, counts,
-            D, S, L, G, _t_bucket(T),
+            D, S, L, G, _t_bucket(T), _VARIANT_CODE[FORWARD_VARIANT],
             h.stride(0), base_stride, out.stride(0), r_max,
             ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
             float(scale), float(eps),
             MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, SAVE=bool(save), SAVE_A=save_a or split,
-            R_BLOCK=_pow2(r_max), UP=not split, ONEPASS=FORWARD_VARIANT == "onepass",
-            DOT_PRECISION=dot_precision(wd.dtype),
+            R_BLOCK=_pow2(r_max), UP=not split, DOT_PRECISION=dot_precision(wd.dtype),
         )
         if split:
             grid_up = lambda m: (triton.cdiv(T, m["BM"]) + G + 1, triton.cdiv(D, m["BN"]))

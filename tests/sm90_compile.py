@@ -64,21 +64,20 @@ def _options(config: triton.Config) -> dict:
 
 
 def _grouped_forward_jobs() -> list[tuple]:
-    """The grouped-adapter forward (kernels/grouped_adapter.py: ``forward``): every config with the
-    one-pass LayerNorm (off by default, never run on a GPU), the first with the two-pass one, bf16,
-    bottleneck up to 192 (R_BLOCK 256), segment routing (ids) and permuted routing (ids, perm, counts)."""
+    """The grouped-adapter forward (kernels/grouped_adapter.py: ``forward``): every config, two-pass and
+    one-pass LayerNorm (the one-pass never run on a GPU yet), bf16, bottleneck up to 192 (R_BLOCK 256),
+    segment routing (ids) and, for the first config, permuted routing (ids, perm, counts)."""
     ga = grouped_adapter
     fp32 = {"mean_ptr": "*fp32", "rstd_ptr": "*fp32", "meta_ptr": "*i32", "scale": "fp32", "eps": "fp32"}
     routing = {ga.MODE_SEG: {"ids_ptr": "*i64", "perm_ptr": "*i64", "cnt_ptr": "*i64"},
                ga.MODE_PERM: {"ids_ptr": "*i64", "perm_ptr": "*i32", "cnt_ptr": "*i32"}}
     jobs = []
-    for i, cfg in enumerate(ga._fwd_configs()):
-        for onepass in (True, False) if i == 0 else (True,):
-            for mode in (ga.MODE_SEG, ga.MODE_PERM) if i == 0 else (ga.MODE_SEG,):
-                constexprs = dict(MODE=mode, S_BLOCK=64 if mode == ga.MODE_SEG else 16, HAS_BASE=True,
-                                  SAVE=True, SAVE_A=False, R_BLOCK=256, EVEN_D=True, UP=True, ONEPASS=onepass,
-                                  DOT_PRECISION="tf32", **cfg.kwargs)
-                jobs.append((ga._fwd_kernel, constexprs, "bf16", False, _options(cfg), {**fp32, **routing[mode]}))
+    for i, cfg in enumerate(ga._fwd_configs()):  # two-pass then one-pass configs (ONEPASS in cfg.kwargs)
+        for mode in (ga.MODE_SEG, ga.MODE_PERM) if i == 0 else (ga.MODE_SEG,):
+            constexprs = dict(MODE=mode, S_BLOCK=64 if mode == ga.MODE_SEG else 16, HAS_BASE=True,
+                              SAVE=True, SAVE_A=False, R_BLOCK=256, EVEN_D=True, UP=True,
+                              DOT_PRECISION="tf32", **cfg.kwargs)
+            jobs.append((ga._fwd_kernel, constexprs, "bf16", False, _options(cfg), {**fp32, **routing[mode]}))
     return jobs
 
 

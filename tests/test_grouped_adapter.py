@@ -562,13 +562,15 @@ def test_fp32_dots_follow_torch_matmul_precision():
 
 
 def test_autotune_can_be_switched_off():
-    """MOSAIC_FAST_AUTOTUNE=0 leaves each autotuned kernel one config (a quick CUDA test run)."""
+    """MOSAIC_FAST_AUTOTUNE=0 leaves each autotuned kernel one config (a quick CUDA test run); the forward
+    keeps one per LayerNorm variant and runs exactly one for each FORWARD_VARIANT ("auto": two-pass)."""
     import os
     import subprocess
     import sys
 
     code = ("import mosaic_fast.kernels.grouped_adapter as g, mosaic_fast.kernels.patch_embed3d as p; "
-            "print(len(g._fwd.configs), len(g._up.configs), len(g._bwd_dh.configs), len(g._bwd_w.configs), "
+            "fwd = [len(g._prune_by_variant(g._fwd.configs, {'VARIANT': i})) for i in range(len(g.FORWARD_VARIANTS))]; "
+            "print(max(fwd), len(g._up.configs), len(g._bwd_dh.configs), len(g._bwd_w.configs), "
             "len(p._TUNED_CONFIGS))")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOSAIC_FAST_AUTOTUNE")}
 
@@ -579,3 +581,23 @@ def test_autotune_can_be_switched_off():
 
     assert all(n > 1 for n in counts())
     assert counts(MOSAIC_FAST_AUTOTUNE="0") == [1] * 5
+
+
+def test_forward_variant_auto_times_both_layernorm_variants(monkeypatch):
+    """On a GPU with autotuning, "auto" offers the autotuner the two-pass and the one-pass configs; each
+    explicit variant gets only its own; without timing (interpreter, MOSAIC_FAST_AUTOTUNE=0) "auto" is
+    the two-pass kernel."""
+    k = _kernels()
+    configs = k._fwd_configs()
+    code = k._VARIANT_CODE
+
+    def kinds(variant):
+        return sorted({c.kwargs["ONEPASS"] for c in k._prune_by_variant(configs, {"VARIANT": code[variant]})})
+
+    monkeypatch.setattr(k, "INTERPRET", False)
+    monkeypatch.setattr(k, "AUTOTUNE", True)
+    assert kinds("auto") == [False, True]
+    assert kinds("onepass") == [True] and kinds("fused") == [False] and kinds("split") == [False]
+    monkeypatch.setattr(k, "AUTOTUNE", False)
+    assert kinds("auto") == [False]
+    assert k.FORWARD_VARIANT == "auto"
