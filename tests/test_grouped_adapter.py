@@ -511,11 +511,17 @@ def test_cuda_forward_variants_match_fused(cuda_device, monkeypatch, routing):
     weights = make_weights(768, rs, dtype=torch.bfloat16, device=cuda_device)
     h, base = make_inputs((32, 197, 768), dtype=torch.bfloat16, device=cuda_device)
     ids = (torch.arange(32, device=cuda_device) % 3) if routing == "mixed" else None
-    outs = {}
-    for variant in ("fused", "split", "onepass"):
+    outs, grads = {}, {}
+    dout = torch.randn_like(h)
+    for variant in ("fused", "split", "onepass", "auto"):
         monkeypatch.setattr(_kernels(), "FORWARD_VARIANT", variant)
-        outs[variant] = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
+        x = h.detach().requires_grad_()
+        outs[variant] = ga.grouped_adapter(x, *weights, rs, base=base, expert_id=ids)
+        outs[variant].backward(dout)  # the backward reads the forward's saved LayerNorm statistics
+        grads[variant] = x.grad
     assert_parity(outs["split"], outs["fused"], 1e-2)
+    for variant in ("split", "onepass", "auto"):
+        assert_parity(grads[variant], grads["fused"], TOL_BF16, f"{variant} input gradient")
     want = reference(h.double(), [w.double() for w in weights], rs, ids, base=base.double()) - base.double()
     for variant, out in outs.items():  # the adapter's own output (base subtracted) against float64
         assert_parity(out.double() - base.double(), want, TOL_BF16, f"{variant} adapter output")
