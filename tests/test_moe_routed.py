@@ -200,3 +200,30 @@ def test_cuda_bf16_two_x_rule_and_autotuned_in_place(cuda_device):
             assert (g.double() - w).norm() <= 2 * (bse.double() - w).norm() + 1e-6
     finally:
         kernels._moe_gate_combine = real
+
+
+def test_bad_input_names_the_argument(triton_backend):
+    _, fast = make(device=triton_backend)
+    weights = [t.detach() for t in fast._routed_weights()]
+    x = torch.randn(2, 5, D, device=triton_backend)
+    idx = torch.tensor([[0, 3], [1, 4]], device=triton_backend)
+    gate = torch.rand(2, 2, device=triton_backend)
+
+    def call(*, xg=x, xm=x, ig=idx, sg=gate, im=idx, sm=gate, w=weights, k=2):
+        moe_routed.moe_routed_update_(xg.clone(), xm.clone(), ig, sg, im, sm, *w, k)
+
+    call()  # valid
+    with pytest.raises(ValueError, match="x_gen/x_med"):
+        call(xm=torch.randn(2, 4, D, device=triton_backend))
+    with pytest.raises(ValueError, match="w_down"):
+        call(w=[*weights[:8], weights[8][:, :, :-1], *weights[9:]])
+    with pytest.raises(TypeError, match="b_up"):
+        call(w=[*weights[:11], weights[11].double()])
+    with pytest.raises(ValueError, match="top_k"):
+        call(k=5)
+    with pytest.raises(ValueError, match="all given or all None"):
+        call(ig=None)
+    with pytest.raises(ValueError, match="idx_med"):
+        call(im=idx.int())
+    with pytest.raises(ValueError, match="skip_gen"):
+        call(sg=gate[:, :1])

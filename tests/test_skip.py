@@ -160,6 +160,12 @@ def test_fused_select_falls_back_beyond_its_token_limit(triton_backend, select_l
     assert select_launches[0] == 0
     with pytest.raises(ValueError, match="tokens"):
         skip_select(torch.randn(1, SELECT_MAX_TOKENS + 1, 4), torch.randn(1, 4), torch.randn(1), 3)
+    with pytest.raises(ValueError, match="w2/b2"):
+        skip_select(torch.randn(1, 9, 4), torch.randn(4), torch.randn(1), 3)
+    with pytest.raises(TypeError, match="w2/b2"):
+        skip_select(torch.randn(1, 9, 4), torch.randn(1, 4).double(), torch.randn(1), 3)
+    with pytest.raises(ValueError, match="h:"):
+        skip_select(torch.randn(9, 4), torch.randn(1, 4), torch.randn(1), 3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -20,7 +20,7 @@ from .. import backend, reference
 from ..ops._common import autocast_dtype
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
-from ..ops.moe_routed import moe_routed_update_
+from ..ops.moe_routed import routed_update_
 from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
 from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 
@@ -88,7 +88,8 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both contiguous streams updated in place by the routed op (every token when no selection)."""
         idx = [i.long() if i is not None else None for i in (idx_g, idx_m)]
-        return moe_routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, *weights, self.top_k)
+        # (the module's own checks and parameters leave nothing for the op's checks to catch)
+        return routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, weights, self.top_k)
 
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_pair(x_gen, x_med, self.d_model)

@@ -152,6 +152,13 @@ def skip_select(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, T
     ``s = GELU(h) · w2ᵀ + b2`` per token (h (B, N, F): the router's first Linear applied; w2 (1, F) and
     b2 (1,): its last), the top ``kept`` tokens by s with token 0 (CLS) always kept; equal scores go to
     the lower token index. Triton backend only, for inference (no gradient flows to the router)."""
+    if h.dim() != 3 or not h.is_floating_point():
+        raise ValueError(f"h: expected a floating (B, N, F) tensor, got {h.dtype} {tuple(h.shape)}")
+    if tuple(w2.shape) != (1, h.shape[2]) or tuple(b2.shape) != (1,):
+        raise ValueError(f"w2/b2: expected shapes (1, {h.shape[2]}) and (1,), got {tuple(w2.shape)} and "
+                         f"{tuple(b2.shape)}")
+    if w2.dtype != h.dtype or b2.dtype != h.dtype or w2.device != h.device or b2.device != h.device:
+        raise TypeError(f"w2/b2 must be {h.dtype} on {h.device} like h")
     if not 1 <= kept <= h.shape[1]:
         raise ValueError(f"kept: expected 1 <= kept <= N={h.shape[1]}, got {kept}")
     if h.shape[1] > SELECT_MAX_TOKENS:
