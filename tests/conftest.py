@@ -57,3 +57,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda_device" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cuda)
+
+
+@pytest.fixture
+def fused_op_calls(monkeypatch):
+    """Calls of the inference-only fused ops' kernel launchers: {"select": skip selections, "moe": routed
+    MoE updates} (so a test can tell that the fused path, not a fallback, ran)."""
+    from mosaic_fast.ops import moe_routed, token_skip
+
+    calls = {"select": 0, "moe": 0}
+
+    def count(module, name, key):
+        real = getattr(module, name)
+
+        def counted(*args):
+            calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+
+    count(token_skip, "_select", "select")
+    count(moe_routed, "_launch", "moe")
+    return calls

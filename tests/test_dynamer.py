@@ -55,16 +55,15 @@ def test_parity_triton_inference(triton_backend, skip_mode):
 
 @pytest.mark.parametrize("skip_mode", ["adapter", "block"])
 @pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
-def test_cuda_fast_inference_runs_the_fused_ops(cuda_device, monkeypatch, skip_mode, keep_ratio):
+def test_cuda_fast_inference_runs_the_fused_ops(cuda_device, fused_op_calls, skip_mode, keep_ratio):
     """On a GPU, inference takes the fused selection and the routed MoE op in every layer (fp32: no
     score ties) and matches the reference."""
-    calls = _count_fused_ops(monkeypatch)
     ref, fast = pair(skip_mode, keep_ratio)
     x = torch.randn(3, 3, 32, 32, device=cuda_device)
     with torch.no_grad():
         got = fast.to(cuda_device)(x)
         want = ref.to(cuda_device)(x)
-    assert calls == {"select": 2 * SMALL["depth"], "moe": SMALL["depth"]}
+    assert fused_op_calls == {"select": 2 * SMALL["depth"], "moe": SMALL["depth"]}
     assert_parity(got, want, 3e-3)
 
 
@@ -132,27 +131,7 @@ def test_load_npz_and_state_dict(tmp_path):
         model.load_backbone("x", state)
 
 
-def _count_fused_ops(monkeypatch) -> dict[str, int]:
-    """Calls of the routed MoE op's and the fused selection's kernel launchers."""
-    from mosaic_fast.ops import moe_routed, token_skip
-
-    calls = {"select": 0, "moe": 0}
-
-    def count(module, name, key):
-        real = getattr(module, name)
-
-        def counted(*args):
-            calls[key] += 1
-            return real(*args)
-
-        monkeypatch.setattr(module, name, counted)
-
-    count(token_skip, "_select", "select")
-    count(moe_routed, "_launch", "moe")
-    return calls
-
-
-def test_torch_compile_fullgraph_of_the_fused_inference_ops(triton_backend, monkeypatch):
+def test_torch_compile_fullgraph_of_the_fused_inference_ops(triton_backend, fused_op_calls):
     """torch.compile keeps the routed MoE op and the fused selection whole (custom ops, no graph break),
     runs them in every layer and matches eager (the interpreter runs the kernels inside the graph)."""
     _, fast = pair("block", 0.5)
@@ -162,8 +141,9 @@ def test_torch_compile_fullgraph_of_the_fused_inference_ops(triton_backend, monk
         want = fast(x)
         compiled = torch.compile(fast, fullgraph=True)
         compiled(x)
-        calls = _count_fused_ops(monkeypatch)
+        before = dict(fused_op_calls)
         got = compiled(x)
+    calls = {k: fused_op_calls[k] - before[k] for k in before}
     assert calls == {"select": 2 * SMALL["depth"], "moe": SMALL["depth"]}
     assert_parity(got, want, TOL_INTERPRETER)
 

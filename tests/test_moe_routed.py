@@ -1,6 +1,6 @@
 """The gated MoE adapter's inference op with routing fused in (ops/moe_routed.py, kernels/moe_routed.py).
 
-Each test checks that the routed op really ran (``launches``) and compares against the float64 reference
+Each test checks that the routed op really ran (``fused_op_calls``) and compares against the float64 reference
 module, in Triton's interpreter on CPU (compiled on a GPU)."""
 
 import copy
@@ -14,20 +14,6 @@ from mosaic_fast import reference
 from mosaic_fast.ops import moe_routed
 
 D, R = 32, 16
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """How many times the routed op launched its kernels."""
-    count = [0]
-    real = moe_routed._launch
-
-    def counted(*args):
-        count[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(moe_routed, "_launch", counted)
-    return count
 
 
 def make(num_experts=4, top_k=2, gate_dim=D, seed=0, device="cpu"):
@@ -44,20 +30,20 @@ def selection(b, n, kept, seed, device):
 
 
 @pytest.mark.parametrize(("num_experts", "top_k", "gate_dim"), [(4, 2, D), (4, 1, 1), (3, 3, D // 2), (8, 2, D // 4)])
-def test_full_forward(triton_backend, launches, num_experts, top_k, gate_dim):
+def test_full_forward(triton_backend, fused_op_calls, num_experts, top_k, gate_dim):
     ref, fast = make(num_experts, top_k, gate_dim, device=triton_backend)
     xg, xm = (torch.randn(2, 7, D, device=triton_backend) for _ in range(2))
     with torch.no_grad():
         want = ref(xg.double(), xm.double())
         got = fast(xg, xm)
-    assert launches[0] == 1
+    assert fused_op_calls["moe"] == 1
     assert_parity(got[0], want[0], TOL_INTERPRETER, "gen")
     assert_parity(got[1], want[1], TOL_INTERPRETER, "med")
 
 
 @pytest.mark.parametrize(("kept_g", "kept_m"), [(3, 5), (1, 7), (7, 1), (7, 7)])
 @pytest.mark.parametrize("inplace", [True, False])
-def test_skip_in_place_and_out_of_place(triton_backend, launches, kept_g, kept_m, inplace):
+def test_skip_in_place_and_out_of_place(triton_backend, fused_op_calls, kept_g, kept_m, inplace):
     """Different kept counts per stream (k = 1 and k = N included), unordered indices; in place only the
     selected rows change."""
     b, n = 3, 7
@@ -69,7 +55,7 @@ def test_skip_in_place_and_out_of_place(triton_backend, launches, kept_g, kept_m
         want = ref.forward_skip(xg.double(), xm.double(), idx_g, gate_g.double(), idx_m, gate_m.double())
         yg, ym = xg.clone(), xm.clone()
         got = fast.forward_skip(yg, ym, idx_g, gate_g, idx_m, gate_m, inplace=inplace)
-    assert launches[0] == 1
+    assert fused_op_calls["moe"] == 1
     assert (got[0] is yg) == inplace and (got[1] is ym) == inplace
     if not inplace:
         assert torch.equal(yg, xg) and torch.equal(ym, xm), "out of place wrote into its inputs"
@@ -80,7 +66,7 @@ def test_skip_in_place_and_out_of_place(triton_backend, launches, kept_g, kept_m
         assert torch.equal(y[untouched], x[untouched]), "an unselected row changed"
 
 
-def test_expanded_identity_selection_and_batch_of_one(triton_backend, launches):
+def test_expanded_identity_selection_and_batch_of_one(triton_backend, fused_op_calls):
     """The fast SkipRouter's ρ = 1 selection is an expanded arange (stride 0 over the batch)."""
     n = 5
     ref, fast = make(device=triton_backend)
@@ -93,10 +79,10 @@ def test_expanded_identity_selection_and_batch_of_one(triton_backend, launches):
             got = fast.forward_skip(xg.clone(), xm.clone(), idx, gate, idx, gate, inplace=True)
         assert_parity(got[0], want[0], TOL_INTERPRETER, "gen")
         assert_parity(got[1], want[1], TOL_INTERPRETER, "med")
-    assert launches[0] == 2
+    assert fused_op_calls["moe"] == 2
 
 
-def test_router_ties_go_to_the_lower_expert(triton_backend, launches):
+def test_router_ties_go_to_the_lower_expert(triton_backend, fused_op_calls):
     """Equal router scores at the top-k boundary: the routed op takes the lower expert index. Scores
     (1, .5, .5, 0) with k = 2 must act as (1, .5, .4, 0): experts 0 and 1, the same probabilities."""
     ref, fast = make(device=triton_backend)
@@ -108,12 +94,12 @@ def test_router_ties_go_to_the_lower_expert(triton_backend, launches):
         xg, xm = (torch.randn(2, 4, D, device=triton_backend) for _ in range(2))
         want = ref(xg.double(), xm.double())
         got = fast(xg, xm)
-    assert launches[0] == 1
+    assert fused_op_calls["moe"] == 1
     assert_parity(got[0], want[0], TOL_INTERPRETER, "gen")
     assert_parity(got[1], want[1], TOL_INTERPRETER, "med")
 
 
-def test_bf16_runs_upcast_in_the_interpreter(triton_backend, launches):
+def test_bf16_runs_upcast_in_the_interpreter(triton_backend, fused_op_calls):
     """bf16 module and inputs against the float64 reference of those same bf16 values (against the fp32
     originals, bf16 rounding alone flips near-tied expert choices, for the bf16 reference as well)."""
     if triton_backend == "cuda":
@@ -125,26 +111,26 @@ def test_bf16_runs_upcast_in_the_interpreter(triton_backend, launches):
     with torch.no_grad():
         want = ref(xg.double(), xm.double())
         got = fast(xg, xm)
-    assert launches[0] == 1 and got[0].dtype == torch.bfloat16
+    assert fused_op_calls["moe"] == 1 and got[0].dtype == torch.bfloat16
     assert_parity(got[0].float(), want[0], TOL_BF16, "gen")
     assert_parity(got[1].float(), want[1], TOL_BF16, "med")
 
 
-def test_gradients_autocast_and_torch_backend_take_the_differentiable_path(triton_backend, launches):
+def test_gradients_autocast_and_torch_backend_take_the_differentiable_path(triton_backend, fused_op_calls):
     _, fast = make(device=triton_backend)
     xg, xm = (torch.randn(2, 5, D, device=triton_backend, requires_grad=True) for _ in range(2))
     out = fast(xg, xm)
     out[0].sum().backward()
-    assert xg.grad is not None and launches[0] == 0
+    assert xg.grad is not None and fused_op_calls["moe"] == 0
     with torch.no_grad(), torch.autocast(xg.device.type, dtype=torch.bfloat16):
         fast(xg, xm)
-    assert launches[0] == 0
+    assert fused_op_calls["moe"] == 0
     import mosaic_fast
 
     mosaic_fast.set_backend("torch")
     with torch.no_grad():
         fast(xg, xm)
-    assert launches[0] == 0
+    assert fused_op_calls["moe"] == 0
 
 
 def test_opcheck(triton_backend):

@@ -88,24 +88,8 @@ def test_fast_select_equals_reference(keep_ratio):
     assert torch.equal(g_fast, g_ref)
 
 
-@pytest.fixture
-def select_launches(monkeypatch):
-    """How many times the fused selection op ran its kernel."""
-    from mosaic_fast.ops import token_skip
-
-    count = [0]
-    real = token_skip._select
-
-    def counted(*args):
-        count[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(token_skip, "_select", counted)
-    return count
-
-
 @pytest.mark.parametrize(("b", "n", "keep_ratio"), [(3, 10, 0.5), (1, 7, 0.1), (2, 5, 1.0), (2, 37, 0.3)])
-def test_fused_select_equals_reference(triton_backend, select_launches, b, n, keep_ratio):
+def test_fused_select_equals_reference(triton_backend, fused_op_calls, b, n, keep_ratio):
     """Inference on the Triton backend: one kernel gives the reference's indices (k = 1 and k = N
     included; N = 37 spans several comparison chunks in the interpreter) and gates."""
     ref, fast = make(keep_ratio)
@@ -114,12 +98,12 @@ def test_fused_select_equals_reference(triton_backend, select_launches, b, n, ke
     with torch.no_grad():
         i_ref, g_ref = copy.deepcopy(ref).to(triton_backend).select(x)
         i_fast, g_fast = fast.select(x)
-    assert select_launches[0] == 1
+    assert fused_op_calls["select"] == 1
     assert torch.equal(i_fast, i_ref) and i_fast.dtype == torch.int64
     assert_parity(g_fast, g_ref, TOL_INTERPRETER, "gates")
 
 
-def test_fused_select_ties_go_to_the_lower_index(triton_backend, select_launches):
+def test_fused_select_ties_go_to_the_lower_index(triton_backend, fused_op_calls):
     """Equal scores: CLS, then the lowest token indices (torch.topk's choice among ties is unspecified)."""
     _, fast = make(0.5)
     fast.to(triton_backend)
@@ -127,20 +111,20 @@ def test_fused_select_ties_go_to_the_lower_index(triton_backend, select_launches
         fast.fc2.weight.zero_()
         x = torch.randn(2, 9, D, device=triton_backend)
         idx, gate = fast.select(x)
-    assert select_launches[0] == 1
+    assert fused_op_calls["select"] == 1
     assert torch.equal(idx.cpu(), torch.arange(5).expand(2, 5))
     assert torch.allclose(gate, torch.sigmoid(fast.fc2.bias).expand(2, 5))
 
 
-def test_fused_select_only_without_gradients(triton_backend, select_launches):
+def test_fused_select_only_without_gradients(triton_backend, fused_op_calls):
     _, fast = make(0.5)
     fast.to(triton_backend)
     x = torch.randn(2, 9, D, device=triton_backend)
     _, gate = fast.select(x)
-    assert gate.requires_grad and select_launches[0] == 0
+    assert gate.requires_grad and fused_op_calls["select"] == 0
     with torch.no_grad():
         fast.select(x)
-    assert select_launches[0] == 1
+    assert fused_op_calls["select"] == 1
     with pytest.raises(ValueError, match="kept"):
         from mosaic_fast.ops.token_skip import skip_select
 
@@ -150,14 +134,14 @@ def test_fused_select_only_without_gradients(triton_backend, select_launches):
                            torch.randn(1, device=triton_backend), 4), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_fused_select_falls_back_beyond_its_token_limit(triton_backend, select_launches):
+def test_fused_select_falls_back_beyond_its_token_limit(triton_backend, fused_op_calls):
     from mosaic_fast.ops.token_skip import SELECT_MAX_TOKENS, skip_select
 
     ref, fast = make(0.01)
     x = torch.randn(1, SELECT_MAX_TOKENS + 1, D, device=triton_backend)
     with torch.no_grad():
         assert torch.equal(fast.select(x)[0], copy.deepcopy(ref).to(triton_backend).select(x)[0])
-    assert select_launches[0] == 0
+    assert fused_op_calls["select"] == 0
     with pytest.raises(ValueError, match="tokens"):
         skip_select(torch.randn(1, SELECT_MAX_TOKENS + 1, 4), torch.randn(1, 4), torch.randn(1), 3)
     with pytest.raises(ValueError, match="w2/b2"):
