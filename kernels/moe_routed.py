@@ -186,7 +186,9 @@ def _route_down_configs() -> list[triton.Config]:
     return [
         triton.Config({"BM": bm, "BH": bh, "BK": bk}, num_warps=w, num_stages=st)
         for bm, bh, bk, w, st in [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
-                                  (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)]
+                                  (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
+                                  # few rows (small ρ): more programs, half the serial steps over D
+                                  (32, 64, 128, 4, 2), (16, 64, 128, 4, 2)]
     ]
 
 
@@ -196,7 +198,8 @@ def _combine_configs() -> list[triton.Config]:
     return [
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
         for bm, bn, bk, w, st in [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
-                                  (32, 128, 64, 4, 3), (32, 64, 64, 4, 4), (128, 64, 64, 4, 3)]
+                                  (32, 128, 64, 4, 3), (32, 64, 64, 4, 4), (128, 64, 64, 4, 3),
+                                  (32, 64, 128, 4, 2), (16, 64, 128, 4, 2)]
     ]
 
 
