@@ -27,6 +27,16 @@ from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
 
 
+def _fused_inference(x: torch.Tensor, params: tuple[torch.Tensor, ...], *others: torch.Tensor) -> bool:
+    """Whether an inference-only fused op may run on ``x``: Triton backend, no autocast, no gradient to
+    record (for x, ``others`` or ``params``), every parameter in x's dtype."""
+    if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *params)):
+        return False
+    return all(p.dtype == x.dtype for p in params)
+
+
 def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, k) token indices -> (B·k,) row indices into the flattened (B·N, D) stream.
 
@@ -74,12 +84,8 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
     def _routed_inference(self, x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The parameters when the routing-fused inference op applies (Triton backend, no gradient to
         record, no autocast, every parameter in the streams' dtype), else None."""
-        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
-            return None
         weights = self._routed_weights()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *weights)):
-            return None
-        return weights if all(w.dtype == x.dtype for w in weights) else None
+        return weights if _fused_inference(x, weights, *others) else None
 
     def _routed_update_(
         self, weights: tuple[torch.Tensor, ...], xg: torch.Tensor, xm: torch.Tensor,
@@ -156,14 +162,9 @@ class SkipRouter(reference.SkipRouter):
     def _fused_select(self, x: torch.Tensor) -> bool:
         """Whether :func:`mosaic_fast.ops.token_skip.skip_select` applies: Triton backend, no gradient to
         record, no autocast, exact GELU, parameters in x's dtype, at most ``SELECT_MAX_TOKENS`` tokens."""
-        if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None or x.shape[1] > SELECT_MAX_TOKENS:
-            return False
-        if not isinstance(self.act, torch.nn.GELU) or self.act.approximate != "none":
-            return False
+        exact_gelu = isinstance(self.act, torch.nn.GELU) and self.act.approximate == "none"
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
-            return False
-        return all(p.dtype == x.dtype for p in params)
+        return exact_gelu and x.shape[1] <= SELECT_MAX_TOKENS and _fused_inference(x, params)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
