@@ -131,6 +131,22 @@ def test_load_npz_and_state_dict(tmp_path):
         model.load_backbone("x", state)
 
 
+def test_fused_inference_can_be_switched_off(triton_backend, fused_op_calls, monkeypatch):
+    """nn.moe.FUSED_INFERENCE = False: inference through the differentiable ops, same result."""
+    from mosaic_fast.nn import moe
+
+    _, fast = pair("block", 0.5)
+    fast = fast.to(triton_backend).eval()
+    x = torch.randn(2, 3, 32, 32, device=triton_backend)
+    with torch.no_grad():
+        fused = fast(x)
+        monkeypatch.setattr(moe, "FUSED_INFERENCE", False)
+        before = dict(fused_op_calls)
+        plain = fast(x)
+    assert fused_op_calls == before
+    assert_parity(fused, plain, TOL_INTERPRETER)
+
+
 def test_torch_compile_fullgraph_of_the_fused_inference_ops(triton_backend, fused_op_calls):
     """torch.compile keeps the routed MoE op and the fused selection whole (custom ops, no graph break),
     runs them in every layer and matches eager (the interpreter runs the kernels inside the graph)."""

@@ -26,11 +26,15 @@ from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
 
+#: Inference on the Triton backend through the routed MoE op and the fused selection (True), or through
+#: the differentiable ops as in training (False: e.g. to bisect a numerical difference).
+FUSED_INFERENCE = True
+
 
 def _fused_inference(x: torch.Tensor, params: tuple[torch.Tensor, ...], *others: torch.Tensor) -> bool:
-    """Whether an inference-only fused op may run on ``x``: Triton backend, no autocast, no gradient to
-    record (for x, ``others`` or ``params``), every parameter in x's dtype."""
-    if not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
+    """Whether an inference-only fused op may run on ``x``: :data:`FUSED_INFERENCE`, Triton backend, no
+    autocast, no gradient to record (for x, ``others`` or ``params``), every parameter in x's dtype."""
+    if not FUSED_INFERENCE or not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *params)):
         return False
