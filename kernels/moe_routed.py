@@ -101,7 +101,8 @@ def _moe_route_down_kernel(
             acc += tl.dot(ug, w, input_precision=DOT_PRECISION)
             w = tl.load(wd_ptr + cols[None, :] * (2 * D) + (kk + D)[:, None], mask=wmask, other=0.0)
             acc += tl.dot(um, w, input_precision=DOT_PRECISION)
-            wr = tl.load(_of_stream(s, wrg_ptr, wrm_ptr) + eo[None, :] * D + kk[:, None], mask=kmask[:, None] & emask[None, :], other=0.0)
+            wr = tl.load(_of_stream(s, wrg_ptr, wrm_ptr) + eo[None, :] * D + kk[:, None],
+                         mask=kmask[:, None] & emask[None, :], other=0.0)
             logits += tl.dot(tl.where(s == 0, ug, um), wr, input_precision=DOT_PRECISION)
         br = tl.load(_of_stream(s, brg_ptr, brm_ptr) + eo, mask=emask, other=0.0).to(tl.float32)
         # fp32 scores: a bf16 reference rounds them first and ties more often (8 mantissa bits)
@@ -228,10 +229,11 @@ def moe_routed_update(
     """Route, gate and update the selected rows of both streams into out_gen/out_med (which may be x).
 
     x_*/out_* (B, N, D) contiguous, one dtype; idx_* (B, KEPT_s) int64 token indices (any strides, e.g.
-    an expanded arange), ascending or not, without repeats (None together with skip_* None: every token, row order); skip_* (B, KEPT_s) skip
-    gates (contiguous) multiplying the sigmoid gate; router_* (weight (n, D), bias (n,)), gate_* (weight (G, D),
-    bias (G,)) with G | D; w_down (n, r, 2D), b_down (n, r), w_up (n, D, r), b_up (n, D). All contiguous
-    and in x's dtype. No host synchronisation."""
+    an expanded arange), ascending or not, without repeats, and skip_* (B, KEPT_s) contiguous skip gates
+    multiplying the sigmoid gate (all four None: every token in row order, no skip gate); router_*
+    (weight (n, D), bias (n,)), gate_* (weight (G, D), bias (G,)) with G | D; w_down (n, r, 2D),
+    b_down (n, r), w_up (n, D, r), b_up (n, D). All contiguous and in x's dtype. No host synchronisation.
+    """
     b, n_tok, d = x_gen.shape
     n, r, _ = w_down.shape
     h, g = n * r, gate_gen[0].shape[0]
