@@ -41,7 +41,7 @@ for stage in "$@"; do
              2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
     tune) timeout "${BENCH_S:-300}" python3 benchmarks/tune_grouped_adapter.py --json "$OUT/${tag}_tune.json" \
              2>&1 | tee "$OUT/tune.log" | tail -45 ;;
-    graphs) timeout "${BENCH_S:-300}" python3 benchmarks/run.py all --device cuda --graphs --no-compile \
+    graphs) timeout "${BENCH_S:-300}" python3 benchmarks/run.py all --device cuda --graphs --no-compile --targets \
              --filter moe_skip --filter infer --filter train_step --filter dynamer \
              --json "$OUT/${tag}_graphs.json" --markdown "$OUT/${tag}_graphs.md" 2>"$OUT/bench_graphs.err" \
              | tee "$OUT/bench_graphs.log" | tail -45 ;;
@@ -49,13 +49,13 @@ for stage in "$@"; do
              --filter moe_skip_rho1 --filter moe_skip_rho0.1 --filter mosaic_train_step_single \
              --filter mosaic_infer_single --filter dynamer_block_rho1 --out "$OUT/${tag}_profile.txt" \
              2>&1 | tail -30 ;;
-    compiled) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda \
+    compiled) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda --targets \
              --filter mosaic_infer_single --filter dynamer_block_rho1 --filter dynamer_block_rho0.5 \
              --json "$OUT/${tag}_compiled.json" 2>"$OUT/bench_compiled.err" | tail -20 ;;
-    model-eager) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda --no-compile \
+    model-eager) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda --no-compile --targets \
              --json "$OUT/${tag}_model.json" --markdown "$OUT/${tag}_model.md" 2>"$OUT/bench_model.err" \
              | tee "$OUT/bench_model.log" | tail -45 ;;
-    ops|model) timeout "${BENCH_S:-300}" python3 benchmarks/run.py "$stage" --device cuda \
+    ops|model) timeout "${BENCH_S:-300}" python3 benchmarks/run.py "$stage" --device cuda --targets \
              --json "$OUT/${tag}_$stage.json" --markdown "$OUT/${tag}_$stage.md" 2>"$OUT/bench_$stage.err" \
              | tee "$OUT/bench_$stage.log" | tail -45 ;;
   esac

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="only cases whose name contains TEXT (repeat for any of several)")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds of timing per measurement")
+    p.add_argument("--targets", action="store_true",
+                   help="also check the results against the issues' performance targets (GPU or CPU ones)")
     p.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
                    help="time nothing: re-render results JSON file(s) (merged in order) as tables, "
                         "--markdown, --plot and --json")
@@ -58,20 +60,30 @@ def bench_dtype(device: torch.device, name: str | None) -> torch.dtype:
 
 
 def load_results(paths: list[str]) -> dict:
-    """Results of one or more JSON files (e.g. an ops and a model run on one GPU), records concatenated;
-    the environment is the first file's, with each file's date kept in ``runs``."""
+    """Results of one or more JSON files (e.g. an ops and a model run on one GPU), records concatenated and
+    tagged with their run (``"run"``: ratios between cases are only taken within one run); the environment
+    is the first file's, with each file's date kept in ``runs``."""
+    from mosaic_fast.bench.targets import split_runs
+
     merged: dict = {"environment": None, "records": [], "runs": []}
     for path in paths:
         with open(path) as f:
             results = json.load(f)
         merged["environment"] = merged["environment"] or results["environment"]
-        merged["records"] += results["records"]
-        merged["runs"].append({"file": os.path.basename(path), "date": results["environment"].get("date")})
+        for run in split_runs(results["records"]):
+            tag = len(merged["runs"])
+            merged["records"] += [{**record, "run": tag} for record in run]
+            merged["runs"].append({"file": os.path.basename(path), "date": results["environment"].get("date")})
     return merged
 
 
 def write_outputs(results: dict, args: argparse.Namespace) -> None:
-    """--json, --markdown and --plot of ``results``."""
+    """--targets, --json, --markdown and --plot of ``results``."""
+    if args.targets:
+        from mosaic_fast.bench.targets import check_targets, format_targets
+
+        print("\n== targets ==")
+        print(format_targets(check_targets(results)))
     if args.json_path:
         write_json(results, args.json_path)
         print(f"\nwrote {args.json_path}")

@@ -1,0 +1,62 @@
+"""`mosaic-fast bench --targets`: the issues' targets checked against committed benchmark results."""
+
+from pathlib import Path
+
+import pytest
+
+from mosaic_fast.bench.run import load_results, main
+from mosaic_fast.bench.targets import check_targets, format_targets, split_runs
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+H200 = RESULTS / "2026-11-30_h200_run2.json"
+CPU = RESULTS / "2026-11-30_cpu-2core.json"
+
+
+def find(checks, target, case, column, run=None):
+    hits = [c for c in checks if c.target.startswith(target) and c.case == case and c.column == column
+            and (run is None or c.run == run)]
+    assert hits, f"no check {target!r} on {case}/{column}"
+    return hits[-1]
+
+
+def test_gpu_targets_from_the_h200_run():
+    """The verdicts README states for GPU session 2, recomputed from its JSON (two runs merged in it)."""
+    checks = check_targets(load_results([str(H200)]))
+    assert {c.run for c in checks} == {0, 1}
+    single = find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=0)
+    assert single.value == pytest.approx(1.71, abs=0.01) and not single.met
+    assert find(checks, "inference ≥ 2×", "mosaic_infer_mixedAB_b64", "fast", run=0).met
+    assert find(checks, "inference ≥ 1.2×", "mosaic_infer_single_b64", "fast").met
+    step = find(checks, "training step", "mosaic_train_step_single_b64", "fast")
+    assert step.value == pytest.approx(0.88, abs=0.01) and not step.met
+    memory = find(checks, "training peak memory", "mosaic_train_step_single_b64", "fast")
+    assert memory.value == pytest.approx(0.71, abs=0.01) and memory.met and not memory.at_least
+    skip = find(checks, "skip op", "moe_skip_rho0.1", "fast+graphs")
+    assert skip.value == pytest.approx(0.213 / 0.409, abs=0.01) and skip.bound == pytest.approx(0.2)
+    assert find(checks, "DynaMer ≥ 2×", "dynamer_adapter_rho1", "fast+graphs").met
+    assert not find(checks, "DynaMer block mode", "dynamer_block_rho0.5", "fast+graphs").met
+    assert find(checks, "3D patch embed ≥ 1.5×", "patch_embed3d B=8 64^3 p8", "fast").met
+    assert not [c for c in checks if c.target.startswith("CPU")]
+
+
+def test_cpu_targets_and_the_cli(capsys):
+    checks = check_targets(load_results([str(CPU)]))
+    assert {c.target for c in checks} == {"CPU: fast model ≥ 1.0× reference", "CPU: 3D patch embed ≥ 1.3× at B=8, 64³"}
+    assert {c.column for c in checks} == {"fast"}
+    assert main(["--from-json", str(CPU), "--targets"]) == 0
+    out = capsys.readouterr().out
+    assert "== targets ==" in out and "#5" in out and "mosaic_train_step_single_b8" in out
+
+
+def test_runs_split_by_tag_or_by_repeated_names():
+    untagged = [{"name": "a"}, {"name": "b"}, {"name": "a"}, {"name": "c"}]
+    assert [[r["name"] for r in run] for run in split_runs(untagged)] == [["a", "b"], ["a", "c"]]
+    tagged = [{"name": "a", "run": 0}, {"name": "a", "run": 1}, {"name": "b", "run": 0}]
+    assert [[r["name"] for r in run] for run in split_runs(tagged)] == [["a", "b"], ["a"]]
+    assert format_targets([]) == "no target applies to these results"
+
+
+def test_merged_files_keep_their_runs_apart():
+    merged = load_results([str(CPU), str(H200)])
+    assert len(merged["runs"]) == 3 and {r["run"] for r in merged["records"]} == {0, 1, 2}
+    assert [r["file"] for r in merged["runs"]] == [CPU.name, H200.name, H200.name]
