@@ -1,4 +1,5 @@
-"""Op suite, DynaMer/M4oE part: the gated MoE adapter, and the adapter + token skipping at ρ ∈ {1, .5, .3, .1}.
+"""Op suite, DynaMer/M4oE part: the gated MoE adapter, the adapter + token skipping at ρ ∈ {1, .5, .3, .1},
+and the M4oE gated specialist adapter (both gate kinds).
 
 CUDA (real shapes): B = 32 images × 197 tokens, D = 768, n = 4 experts, k = 2, r = 64. CPU (quick):
 B = 4 × 65 tokens, D = 192. Reference: the dense reference module (every expert on every token, then
@@ -64,7 +65,7 @@ def _floor(cfg: dict, rows: float, dtype: torch.dtype) -> tuple[float, float]:
 
 
 def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
-    """MoE adapter and skipping cases; with ``graphs`` the fast skip op also under CUDA-graph replay
+    """MoE adapter, skipping and M4oE cases; with ``graphs`` the fast skip op also under CUDA-graph replay
     ("fast+graphs": the op's device time without the launch overhead that dominates at B = 32)."""
     cfg = _config(quick)
     ref, fast = _modules(cfg, device, dtype)
@@ -102,4 +103,41 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = 
                          **({"fast+graphs": CUDAGraphInference(skipped(fast, True))} if graphs else {})},
                         floor_bytes=fb, floor_flops=ff,
                         notes="adapter on the kept tokens of both streams; fast: in place, kept rows only"))
+    return out + m4oe_cases(device, dtype, quick)
+
+
+def m4oe_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """The M4oE gated specialist adapter (bottlenecks 64/96/192, dense mixture): reference = every
+    specialist as its own adapter, fast = one adapter of concatenated bottleneck with the gate applied to
+    the hidden units (or the channels)."""
+    batch, tokens, dim = (4, 65, 192) if quick else (32, 197, 768)
+    bottlenecks = (64, 96, 192)
+    rows = batch * tokens
+    elt = torch.finfo(dtype).bits // 8
+    r_total = sum(bottlenecks)
+    out = []
+    for gate in ("expert", "channel"):
+        ref = reference.GatedSpecialistAdapter(dim, bottlenecks, gate=gate)
+        with torch.no_grad():
+            for p in ref.parameters():  # non-trivial weights (up projections and gate start at zero)
+                p.normal_(0.0, 0.05)
+        fast = fast_nn.convert(copy.deepcopy(ref))
+        ref, fast = ref.to(device, dtype).eval(), fast.to(device, dtype).eval()
+
+        def run(module):
+            def call(h):
+                with torch.no_grad():
+                    return module(h)
+            return call
+
+        def make(i):
+            g = torch.Generator().manual_seed(300 + i)
+            return [torch.randn(batch, tokens, dim, generator=g).to(device, dtype)]
+
+        gate_flops = 2 * rows * dim * (len(bottlenecks) if gate == "expert" else dim)
+        out.append(Case("ops", f"m4oe_adapter_{gate}", dict(B=batch, N=tokens, D=dim, bottlenecks=bottlenecks,
+                                                            gate=gate), make,
+                        {"reference": run(ref), "fast": run(fast)},
+                        floor_bytes=2 * rows * dim * elt, floor_flops=2 * rows * dim * r_total * 2 + gate_flops,
+                        notes="M4oE: dense mixture of the three specialists, gate over experts or channels"))
     return out
