@@ -62,6 +62,34 @@ def test_single_token_and_fp16_interpreter(triton_backend):
     assert_parity(got, ref(h), 5e-3, "fp16")
 
 
+@pytest.mark.parametrize("gate", ["expert", "channel"])
+def test_inference_folds_once_and_follows_weight_updates(monkeypatch, gate):
+    """Inference keeps the folded weights between calls; an in-place update refolds; with gradients the
+    fold is recomputed every call (and differentiable)."""
+    ref, fast = make(gate)
+    folds = [0]
+    real = fast._fold
+
+    def counted():
+        folds[0] += 1
+        return real()
+
+    monkeypatch.setattr(fast, "_fold", counted)
+    h = torch.randn(2, 5, D)
+    with torch.no_grad():
+        assert_parity(fast(h), ref(h), TOL_CPU_FWD)
+        fast(h)
+        assert folds[0] == 1
+        for m in (ref, fast):
+            m.expert_b.down_proj.weight.mul_(-1.5)
+            m.expert_c.layer_norm.bias.add_(0.3)
+        assert_parity(fast(h), ref(h), TOL_CPU_FWD, "after an in-place update")
+        assert folds[0] == 2
+    fast(h.requires_grad_()).sum().backward()
+    fast(h).sum().backward()
+    assert folds[0] == 4 and fast.expert_a.up_proj.weight.grad is not None
+
+
 def test_load_from_mos_adapter():
     mos = randomize_(reference.MoSAdapter(D, *BOTTLENECKS), seed=4)
     gated = reference.GatedSpecialistAdapter.from_mos_adapter(mos)

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,9 @@ from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
 from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
+#: GatedSpecialistAdapter -> (parameter stamp, folded weights), for inference (kept outside the module so
+#: deepcopy and pickling do not carry it along).
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: Inference on the Triton backend through the routed MoE op and the fused selection (True), or through
 #: the differentiable ops as in training (False: e.g. to bisect a numerical difference).
@@ -207,6 +212,33 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
                                        enumerate(self.bottlenecks)]).to(device)
         return cache[device]
 
+    def _fold(self) -> tuple[torch.Tensor, ...]:
+        """(w_fold, b_fold, w_up, b_up, scales): the specialists as one adapter of bottleneck Σ r_e, their
+        LayerNorm affines folded into the down projection, and their scalars as an (E,) vector."""
+        experts = self.experts
+        w_fold = torch.cat([e.down_proj.weight * e.layer_norm.weight for e in experts])
+        b_fold = torch.cat([e.down_proj.weight @ e.layer_norm.bias + e.down_proj.bias for e in experts])
+        w_up = torch.cat([e.up_proj.weight for e in experts], dim=1)
+        b_up = torch.stack([e.up_proj.bias for e in experts])
+        scales = torch.cat([w_up.new_full((1,), float(e.scale)) for e in experts])  # on the device: no copy
+        return w_fold, b_fold, w_up, b_up, scales
+
+    def _folded(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`_fold`, kept between inference calls while the parameters are unchanged (same storage and
+        version counters): the ~14 small ops of the fold then run once, not per call. Recomputed (and
+        differentiable) when a gradient is recorded, under torch.compile and during CUDA-graph capture."""
+        params = [p for e in self.experts for p in (e.layer_norm.weight, e.layer_norm.bias, e.down_proj.weight,
+                                                     e.down_proj.bias, e.up_proj.weight, e.up_proj.bias)]
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling() \
+                or (h.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._fold()
+        stamp = (tuple((p.data_ptr(), p._version) for p in params), tuple(float(e.scale) for e in self.experts),
+                 torch.is_inference_mode_enabled())
+        entry = _FOLDED.get(self)
+        if entry is None or entry[0] != stamp:
+            entry = _FOLDED[self] = (stamp, self._fold())
+        return entry[1]
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts = self.experts
         dropout_active = self.training and any(e.dropout.p > 0 for e in experts)
@@ -215,18 +247,14 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
         if h.dim() < 2 or h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected shape (..., {self.d_model}), got {tuple(h.shape)}")
         h2 = h.reshape(-1, self.d_model)
-        w_fold = torch.cat([e.down_proj.weight * e.layer_norm.weight for e in experts])
-        b_fold = torch.cat([e.down_proj.weight @ e.layer_norm.bias + e.down_proj.bias for e in experts])
+        w_fold, b_fold, w_up, b_up, scales = self._folded(h)
         logits = self.gate(h2)
         if self.gate_kind == "expert":
-            probs = F.softmax(logits, dim=-1)
-            scale = torch.stack([probs[:, i] * e.scale for i, e in enumerate(experts)], dim=1)
+            scale = F.softmax(logits, dim=-1) * scales
             channel_weight = None
         else:
-            scale = torch.cat([h2.new_full((h2.shape[0], 1), e.scale) for e in experts], dim=1)
+            scale = scales.to(h2.dtype).expand(h2.shape[0], -1).contiguous()
             channel_weight = F.softmax(logits, dim=-1)
-        w_up = torch.cat([e.up_proj.weight for e in experts], dim=1)
-        b_up = torch.stack([e.up_proj.bias for e in experts])
         out = gated_specialist(h2, w_fold, b_fold, self._unit_expert(h.device), scale, w_up, b_up,
                                channel_weight, experts[0].layer_norm.eps)
         return out.view(h.shape)
