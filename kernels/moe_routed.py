@@ -181,27 +181,28 @@ def _moe_gate_combine_kernel(
     tl.store(out_ptr + row[:, None] * D + cols[None, :], (x + c * (acc - x)).to(out_ptr.dtype.element_ty), mask=m2)
 
 
-def _route_down_configs() -> list[triton.Config]:
+# (BM, column block, BK, warps, stages). The last two of each: few rows (small ρ), more programs and half
+# the serial steps over D (route-and-down) or H (combine).
+_ROUTE_DOWN_TILES = [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (32, 128, 64, 4, 3),
+                     (64, 64, 64, 4, 4), (128, 256, 32, 8, 3), (32, 64, 128, 4, 2), (16, 64, 128, 4, 2)]
+_COMBINE_TILES = [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (32, 128, 64, 4, 3),
+                  (32, 64, 64, 4, 4), (128, 64, 64, 4, 3), (32, 64, 128, 4, 2), (16, 64, 128, 4, 2)]
+
+
+def _configs(column_block: str, tiles: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Autotuning configs over ``tiles``; the column block is "BH" (route-and-down) or "BN" (combine)."""
     if _INTERPRET:
-        return [triton.Config({"BM": 16, "BH": 32, "BK": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BM": bm, "BH": bh, "BK": bk}, num_warps=w, num_stages=st)
-        for bm, bh, bk, w, st in [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
-                                  (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
-                                  # few rows (small ρ): more programs, half the serial steps over D
-                                  (32, 64, 128, 4, 2), (16, 64, 128, 4, 2)]
-    ]
+        return [triton.Config({"BM": 16, column_block: 32, "BK": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BM": bm, column_block: bc, "BK": bk}, num_warps=w, num_stages=st)
+            for bm, bc, bk, w, st in tiles]
+
+
+def _route_down_configs() -> list[triton.Config]:
+    return _configs("BH", _ROUTE_DOWN_TILES)
 
 
 def _combine_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BM": 16, "BN": 32, "BK": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [(64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
-                                  (32, 128, 64, 4, 3), (32, 64, 64, 4, 4), (128, 64, 64, 4, 3),
-                                  (32, 64, 128, 4, 2), (16, 64, 128, 4, 2)]
-    ]
+    return _configs("BN", _COMBINE_TILES)
 
 
 # The first config of each list is what MOSAIC_FAST_AUTOTUNE=0 keeps. The combine may write in place
