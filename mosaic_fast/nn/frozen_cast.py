@@ -15,9 +15,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops import cpu_gemm
 from ..ops._common import autocast_dtype
 
 #: Per owning module: id(parameter) -> (weak reference, stamp, cast). Kept outside the module so that
@@ -51,5 +51,11 @@ def cached_casts(model: nn.Module) -> list[torch.Tensor]:
 
 
 def linear(owner: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` with its frozen weight and bias cast once for autocast (see the module docstring)."""
-    return F.linear(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias))
+    """``layer(x)`` with its frozen weight and bias cast once for autocast (see the module docstring);
+    fp32 on CPU through oneDNN (:mod:`mosaic_fast.ops.cpu_gemm`)."""
+    return cpu_gemm.linear(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias))
+
+
+def linear_gelu(owner: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``gelu(layer(x))`` (exact GELU), cast as :func:`linear`; the GELU is fused into the CPU GEMM."""
+    return cpu_gemm.linear_gelu(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias))

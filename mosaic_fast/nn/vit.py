@@ -1,7 +1,7 @@
 """Fast ViT pieces: SDPA attention, the MLP and the block whose adapter adds into the residual in one kernel.
 
 Attention and MLP use their frozen weights' autocast casts once per weight, not once per call
-(:mod:`mosaic_fast.nn.frozen_cast`)."""
+(:mod:`mosaic_fast.nn.frozen_cast`), and run fp32 on CPU through oneDNN (:mod:`mosaic_fast.ops.cpu_gemm`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from .frozen_cast import linear
+from .frozen_cast import linear, linear_gelu
 
 
 class Attention(reference.Attention):
@@ -28,10 +28,12 @@ class Attention(reference.Attention):
 
 
 class Mlp(reference.Mlp):
-    """Same parameters and arithmetic as the reference (exact GELU)."""
+    """Same parameters and arithmetic as the reference (exact GELU, fused into fc1 on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self, self.fc2, self.act(linear(self, self.fc1, x)))
+        exact_gelu = isinstance(self.act, torch.nn.GELU) and self.act.approximate == "none"
+        hidden = linear_gelu(self, self.fc1, x) if exact_gelu else self.act(linear(self, self.fc1, x))
+        return linear(self, self.fc2, hidden)
 
 
 class Block(reference.Block):

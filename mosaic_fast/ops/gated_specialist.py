@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
+from . import cpu_gemm
 from .token_skip import _interpret_upcast
 
 
 def _torch_gated_specialist(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expert: Tensor, scale: Tensor,
                             w_up: Tensor, b_up: Tensor, channel_weight: Tensor | None, eps: float) -> Tensor:
     xhat = F.layer_norm(h, (h.shape[-1],), eps=eps)
-    hid = torch.relu(F.linear(xhat, w_fold, b_fold)) * scale.index_select(1, unit_expert.long())
-    out = torch.addmm(scale @ b_up, hid, w_up.T)
+    hid = torch.relu(cpu_gemm.linear(xhat, w_fold, b_fold)) * scale.index_select(1, unit_expert.long())
+    out = cpu_gemm.linear(hid, w_up).add_(scale @ b_up)
     return out * channel_weight if channel_weight is not None else out
 
 

@@ -38,8 +38,8 @@ backend "triton"), the torch fallback otherwise. One exception, from measurement
 (``expert_id`` None) backend "auto" runs the torch ops (cuBLAS) on CUDA too, because on an H200 (bf16,
 2026-11-30) the fused kernel took 1.4-2.0x cuBLAS's time for one specialist, while for mixed batches it
 was 2-4x faster than the reference; backend "triton" still runs the kernel for one group.
-The fallback sorts samples by group with a stable argsort and runs one LayerNorm + two addmm per group over
-the gathered rows (a mixed batch with base starts from a copy of base and index_add_s each group's scaled
+The fallback sorts samples by group with a stable argsort and runs one LayerNorm + two GEMMs per group
+(oneDNN for fp32 on CPU, :mod:`mosaic_fast.ops.cpu_gemm`) over the gathered rows (a mixed batch with base starts from a copy of base and index_add_s each group's scaled
 output); it reads the group sizes on the host (fine on CPU, a sync on CUDA, where the Triton path is the
 default). Bad ids: on CPU tensors, ids outside [0, G) raise ValueError (as does the torch fallback on CUDA).
 The Triton kernels on CUDA cannot raise without a host sync: rows routed to an invalid id come out as NaN
@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend
+from . import cpu_gemm
 from ._common import check_ids, check_ids_range, check_tensor, resolve_compute_dtype
 
 __all__ = ["adapter_torch", "group_offsets", "grouped_adapter", "pack_adapters", "run_adapter", "run_packed",
@@ -157,16 +158,12 @@ def _torch_forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottleneck
         r, o = bottlenecks[g], offs[g]
         x = _gather(h, idx, seg_len)
         y, mu, rs = _layer_norm(x, ln_w[g], ln_b[g], eps)
-        a = torch.addmm(bd[o : o + r], y.to(ct), wd[o : o + r].t())
+        a = cpu_gemm.addmm(bd[o : o + r], y.to(ct), wd[o : o + r].t())
         z = torch.relu(a) if save else a.relu_()
         wu_g = wu[:, o : o + r].t()
         if single:
-            if base is None:
-                out = torch.addmm(bu[g], z, wu_g).mul_(scale)
-            elif base.dtype == ct:
-                out = torch.addmm(base, z, wu_g, alpha=scale).add_(bu[g], alpha=scale)
-            else:
-                out = torch.add(base, torch.addmm(bu[g], z, wu_g).to(h.dtype), alpha=scale)
+            res = cpu_gemm.addmm(bu[g], z, wu_g)
+            out = res.mul_(scale) if base is None else torch.add(base, res.to(h.dtype), alpha=scale)
             out = out if out.dtype == h.dtype else out.to(h.dtype)
             if save:
                 mean, rstd, preact = mu.float(), rs.float(), a
@@ -174,7 +171,7 @@ def _torch_forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottleneck
                 mean, rstd = h.new_empty(0, dtype=torch.float32), h.new_empty(0, dtype=torch.float32)
                 preact = h.new_empty((0, r_max), dtype=ct)
             continue
-        res = torch.addmm(bu[g], z, wu_g)
+        res = cpu_gemm.addmm(bu[g], z, wu_g)
         view = out.view(-1, seg_len, D)
         if base is None:
             view.index_copy_(0, idx, res.mul_(scale).to(h.dtype).view(-1, seg_len, D))
@@ -222,26 +219,26 @@ def _torch_backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenec
         if have_a:
             a = _gather(preact[:, :r] if r < preact.shape[1] else preact, idx, seg_len)
         else:
-            a = torch.addmm(bd[o : o + r], y.to(ct), wd[o : o + r].t())
+            a = cpu_gemm.addmm(bd[o : o + r], y.to(ct), wd[o : o + r].t())
         do = _gather(dout, idx, seg_len).to(ct)
-        dz = torch.mm(do, wu[:, o : o + r]).mul_(scale)
+        dz = cpu_gemm.mm(do, wu[:, o : o + r]).mul_(scale)
         da = torch.ops.aten.threshold_backward(dz, a, 0)
-        dy = torch.mm(da, wd[o : o + r])
+        dy = cpu_gemm.mm(da, wd[o : o + r])
         dx, dlw, dlb = torch.ops.aten.native_layer_norm_backward(
             dy.to(x.dtype), x, [D], mu.view(-1, 1), rs.view(-1, 1), ln_w[g].to(x.dtype), ln_b[g].to(x.dtype),
             [bool(need_dh), bool(need_w), bool(need_w)],
         )
         if need_w:
-            dwu = torch.mm(do.t(), torch.relu(a)).mul_(scale)
+            dwu = cpu_gemm.mm(do.t(), torch.relu(a)).mul_(scale)
             dbu = do.sum(0).mul_(scale)
             dbd = da.sum(0)
             if y is None:
                 da_s = da * rs.view(-1, 1)
-                dwd = torch.mm(da_s.t(), x.to(ct))
+                dwd = cpu_gemm.mm(da_s.t(), x.to(ct))
                 dwd.sub_(torch.mv(da_s.t(), mu.to(ct)).view(-1, 1)).mul_(ln_w[g].view(1, -1))
                 dwd.addr_(dbd, ln_b[g])
             else:
-                dwd = torch.mm(da.t(), y.to(ct))
+                dwd = cpu_gemm.mm(da.t(), y.to(ct))
             dlw, dlb = dlw.to(ct), dlb.to(ct)
             if single:
                 grads = [dlw.view(1, D), dlb.view(1, D), dwd, dbd, dwu, dbu.view(1, D)]
@@ -412,7 +409,8 @@ grouped_adapter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def adapter_torch(h: Tensor, base: Tensor | None, ln_w: Tensor, ln_b: Tensor, down_w: Tensor, down_b: Tensor,
                   up_w: Tensor, up_b: Tensor, scale: float, eps: float) -> Tensor:
-    """One adapter, ``[base +] scale * up(relu(down(LN(h))))``, with the reference's own torch ops.
+    """One adapter, ``[base +] scale * up(relu(down(LN(h))))``, with the reference's own torch ops
+    (fp32 Linear on CPU through oneDNN, :mod:`mosaic_fast.ops.cpu_gemm`).
 
     What backend "auto" runs for one specialist (cuBLAS on CUDA, differentiated by torch's C++ autograd):
     the reference's ops, minus its separate scale multiply when ``base`` is given (one add with
@@ -421,7 +419,7 @@ def adapter_torch(h: Tensor, base: Tensor | None, ln_w: Tensor, ln_b: Tensor, do
     act in place on fresh GEMM outputs, which autograd allows (neither GEMM's backward reads its output).
     """
     y = F.layer_norm(h, (h.shape[-1],), ln_w, ln_b, eps)
-    out = F.linear(F.linear(y, down_w, down_b).relu_(), up_w, up_b)
+    out = cpu_gemm.linear(cpu_gemm.linear(y, down_w, down_b).relu_(), up_w, up_b)
     if base is None:
         return out.mul_(scale)
     return torch.add(base, out, alpha=scale)

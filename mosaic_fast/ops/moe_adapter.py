@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
+from . import cpu_gemm
 from .token_skip import _interpret_upcast, expand_coef
 
 
@@ -53,9 +54,10 @@ def _torch_mixes(
     for rows_s, eidx_s, p_s in zip(rows, eidx, probs):
         if hidden is None or not same_rows:  # the expert input is the same pair for both streams
             u = torch.cat([x_gen.index_select(0, rows_s), x_med.index_select(0, rows_s)], dim=1)
-            hidden = torch.relu(torch.addmm(b_down_cat, u, w_down_cat.T)).view(-1, n, r)
+            hidden = torch.relu(cpu_gemm.linear(u, w_down_cat, b_down_cat)).view(-1, n, r)
         p_dense = p_s.new_zeros(p_s.shape[0], n).scatter(1, eidx_s.long(), p_s).to(hidden.dtype)
-        mixes.append(torch.addmm(p_dense @ b_up, (hidden * p_dense.unsqueeze(-1)).view(-1, n * r), w_up_cat.T))
+        mix = cpu_gemm.linear((hidden * p_dense.unsqueeze(-1)).view(-1, n * r), w_up_cat)
+        mixes.append(mix.add_(p_dense @ b_up))
     return mixes
 
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import backend
+from . import cpu_gemm
 
 try:
     from .. import _C
@@ -324,7 +324,8 @@ def patch_embed3d(
     """Projection of a 3D patch embedding: ``Conv3d(x·scale + shift).flatten(2).transpose(1, 2)``.
 
     Dispatch (``backend.use_triton(x)``): the fused Triton kernel when it handles the dtypes, otherwise
-    :func:`patchify3d` (C++ on CPU) followed by ``F.linear`` in the weight dtype. Returns (B, L, E).
+    :func:`patchify3d` (C++ on CPU) followed by a Linear in the weight dtype (fp32 on CPU through oneDNN,
+    :mod:`mosaic_fast.ops.cpu_gemm`). Returns (B, L, E).
     """
     global _warned_no_extension
     patch = _check_patch(patch_size)
@@ -346,7 +347,5 @@ def patch_embed3d(
     if p.dtype != weight.dtype:
         p = p.to(weight.dtype)
     w2d = weight.reshape(weight.shape[0], -1)
-    if bias is None:
-        return F.linear(p, w2d)
-    # one addmm on the 2-D patch matrix: F.linear on the 3-D tensor adds a copy on CPU
-    return torch.addmm(bias, p.reshape(-1, p.shape[-1]), w2d.t()).view(*p.shape[:-1], w2d.shape[0])
+    # on the 2-D patch matrix: a Linear on the 3-D tensor adds a copy on CPU
+    return cpu_gemm.linear(p.reshape(-1, p.shape[-1]), w2d, bias).view(*p.shape[:-1], w2d.shape[0])

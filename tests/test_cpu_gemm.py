@@ -1,0 +1,150 @@
+"""fp32 CPU Linear through oneDNN (mosaic_fast.ops.cpu_gemm): parity with F.linear against float64,
+forward and backward, the fused GELU, the non-differentiable products, and every fallback condition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_fast import reference
+from mosaic_fast.nn import convert
+from mosaic_fast.ops import cpu_gemm
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="this torch build has no oneDNN linear")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    assert b.norm() > 1e-3, "reference too small to compare"
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the calls that reach oneDNN's Linear."""
+    calls = []
+    real = cpu_gemm._ONEDNN_LINEAR
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", spy)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(37, 48), (3, 29, 48)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_forward_backward_match_float64(shape, with_bias, onednn_calls):
+    x = torch.randn(*shape, requires_grad=True)
+    w = (torch.randn(80, 48) / 7).requires_grad_()
+    b = torch.randn(80, requires_grad=True) if with_bias else None
+    out = cpu_gemm.linear(x, w, b)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    leaves = [t for t in (x, w, b) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_bias else None)
+    ref.backward(grad.double())
+    assert rel(out, ref) <= 1e-5
+    for mine, theirs in zip(leaves, ref_leaves):
+        assert rel(mine.grad, theirs.grad) <= 1e-4
+    assert len(onednn_calls) == 3  # forward, grad_x, grad_w
+
+
+def test_linear_output_may_be_modified_in_place_under_autograd():
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    out = cpu_gemm.linear(x, w).relu_()
+    out.sum().backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.linear(xr, wr).relu().sum().backward()
+    assert rel(x.grad, xr.grad) <= 1e-4 and rel(w.grad, wr.grad) <= 1e-4
+
+
+def test_linear_non_contiguous_input_and_inference_mode(onednn_calls):
+    x = torch.randn(48, 37).t()
+    w, b = torch.randn(20, 48), torch.randn(20)
+    with torch.inference_mode():
+        out = cpu_gemm.linear(x, w, b)
+    assert rel(out, F.linear(x.double(), w.double(), b.double())) <= 1e-5
+    assert onednn_calls == ["none"]
+
+
+def test_linear_gelu_fuses_without_grad_and_differentiates_with_grad(onednn_calls):
+    x, w, b = torch.randn(4, 33, 24), torch.randn(96, 24) / 5, torch.randn(96) / 5
+    ref = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    with torch.no_grad():
+        fused = cpu_gemm.linear_gelu(x, w, b)
+    assert rel(fused, ref) <= 1e-5
+    assert onednn_calls == ["gelu"]
+    xg = x.clone().requires_grad_()
+    out = cpu_gemm.linear_gelu(xg, w, b)
+    out.sum().backward()
+    xr = x.double().requires_grad_()
+    F.gelu(F.linear(xr, w.double(), b.double())).sum().backward()
+    assert rel(out, ref) <= 1e-5 and rel(xg.grad, xr.grad) <= 1e-4
+    assert onednn_calls[1:] == ["none", "none"]  # forward and grad_x, GELU in torch
+
+
+def test_mm_and_addmm_match_float64(onednn_calls):
+    a, wt, bias = torch.randn(50, 24), torch.randn(16, 24), torch.randn(16)
+    got = cpu_gemm.addmm(bias, a, wt.t())
+    assert rel(got, torch.addmm(bias.double(), a.double(), wt.t().double())) <= 1e-5
+    b = torch.randn(24, 31)  # a row-major right operand (its transpose is the strided one)
+    assert rel(cpu_gemm.mm(a, b), a.double() @ b.double()) <= 1e-5
+    c = torch.randn(50, 7)
+    assert rel(cpu_gemm.mm(a.t(), c), a.t().double() @ c.double()) <= 1e-5  # transposed left operand
+    assert len(onednn_calls) == 3
+
+
+@pytest.mark.parametrize(
+    "case", ["float64", "bfloat16", "autocast", "compiling", "mkl", "empty", "vector"]
+)
+def test_fallbacks_run_plain_torch(case, onednn_calls, monkeypatch):
+    x, w, b = torch.randn(6, 12), torch.randn(5, 12), torch.randn(5)
+    if case in ("float64", "bfloat16"):
+        dtype = getattr(torch, case)
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    if case == "mkl":
+        monkeypatch.setattr(cpu_gemm, "_library", "onednn")
+        cpu_gemm.set_cpu_gemm("mkl")
+    if case == "empty":
+        x = x[:0]
+    if case == "vector":
+        x = x[0]
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = cpu_gemm.linear(x, w, b), F.linear(x, w, b)
+        assert out.dtype == torch.bfloat16
+    else:
+        out, ref = cpu_gemm.linear(x, w, b), F.linear(x, w, b)
+    assert torch.equal(out, ref)
+    assert onednn_calls == []
+
+
+def test_set_cpu_gemm_rejects_unknown_library(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_library", "onednn")
+    with pytest.raises(ValueError, match="library must be one of"):
+        cpu_gemm.set_cpu_gemm("openblas")
+    cpu_gemm.set_cpu_gemm("mkl")
+    assert not cpu_gemm.onednn_enabled()
+    cpu_gemm.set_cpu_gemm("onednn")
+    assert cpu_gemm.onednn_enabled()
+
+
+def test_fast_vit_block_runs_its_linears_through_onednn(onednn_calls):
+    """The fast Attention and Mlp (the frozen backbone, ~70 % of a CPU forward) take the oneDNN path,
+    with the GELU fused into fc1, and still equal the reference."""
+    torch.manual_seed(0)
+    ref_attn, ref_mlp = reference.Attention(48, num_heads=4), reference.Mlp(48, 96)
+    x = torch.randn(2, 17, 48)
+    with torch.no_grad():
+        want = ref_mlp(x + ref_attn(x))
+        fast_attn, fast_mlp = convert(ref_attn), convert(ref_mlp)
+        got = fast_mlp(x + fast_attn(x))
+    assert rel(got, want.double()) <= 1e-5
+    assert sorted(onednn_calls) == ["gelu", "none", "none", "none"]  # qkv, proj, fc1+GELU, fc2
