@@ -39,10 +39,11 @@ backend "triton"), the torch fallback otherwise. One exception, from measurement
 2026-11-30) the fused kernel took 1.4-2.0x cuBLAS's time for one specialist, while for mixed batches it
 was 2-4x faster than the reference; backend "triton" still runs the kernel for one group.
 The fallback sorts samples by group with a stable argsort and runs one LayerNorm + two GEMMs per group
-(oneDNN for fp32 on CPU, :mod:`mosaic_fast.ops.cpu_gemm`) over the gathered rows (a mixed batch with base starts from a copy of base and index_add_s each group's scaled
-output); it reads the group sizes on the host (fine on CPU, a sync on CUDA, where the Triton path is the
-default). Bad ids: on CPU tensors, ids outside [0, G) raise ValueError (as does the torch fallback on CUDA).
-The Triton kernels on CUDA cannot raise without a host sync: rows routed to an invalid id come out as NaN
+(oneDNN for fp32 on CPU, :mod:`mosaic_fast.ops.cpu_gemm`) over the gathered rows (a mixed batch with
+base starts from a copy of base and index_add_s each group's scaled output); it reads the group sizes on
+the host (fine on CPU, a sync on CUDA, where the Triton path is the default). Bad ids: on CPU tensors,
+ids outside [0, G) raise ValueError (as does the torch fallback on CUDA). The Triton kernels on CUDA
+cannot raise without a host sync: rows routed to an invalid id come out as NaN
 (never a silently plausible value).
 """
 
