@@ -27,6 +27,8 @@ def onednn_calls(monkeypatch):
     real = cpu_gemm._ONEDNN_LINEAR
 
     def spy(*args):
+        for operand in args[:2]:  # oneDNN is slow on any layout but row- or column-major
+            assert operand.is_contiguous() or (operand.dim() == 2 and operand.t().is_contiguous())
         calls.append(args[3])
         return real(*args)
 
@@ -97,6 +99,17 @@ def test_mm_and_addmm_match_float64(onednn_calls):
     c = torch.randn(50, 7)
     assert rel(cpu_gemm.mm(a.t(), c), a.t().double() @ c.double()) <= 1e-5  # transposed left operand
     assert len(onednn_calls) == 3
+
+
+def test_column_slices_are_multiplied_correctly(onednn_calls):
+    """Operands that are neither row- nor column-major (a group's columns of a packed weight) are copied
+    to a dense layout first (the spy checks every operand's layout)."""
+    packed, z = torch.randn(40, 64 + 96), torch.randn(30, 96)
+    got = cpu_gemm.addmm(None, z, packed[:, 64:].t())
+    assert rel(got, z.double() @ packed[:, 64:].t().double()) <= 1e-5
+    x, w = torch.randn(12, 2 * 40)[:, 40:], packed[:, :40]
+    assert rel(cpu_gemm.linear(x, w), F.linear(x.double(), w.double())) <= 1e-5
+    assert len(onednn_calls) == 2
 
 
 @pytest.mark.parametrize(
