@@ -20,6 +20,7 @@ def collect() -> dict[str, str]:
 
     import mosaic_fast
     from mosaic_fast.backend import INTERPRET, get_backend, triton_available
+    from mosaic_fast.ops.cpu_gemm import onednn_enabled
 
     try:
         from mosaic_fast import _C  # noqa: F401
@@ -47,6 +48,7 @@ def collect() -> dict[str, str]:
         ),
         "C++ extension (mosaic_fast._C)": ext,
         "float32 matmul precision": torch.get_float32_matmul_precision(),  # the kernels' fp32 dots follow it
+        "CPU float32 GEMMs (fast modules)": "oneDNN" if onednn_enabled() else "MKL/BLAS (F.linear)",
     }
 
 
