@@ -53,14 +53,14 @@ def set_cpu_gemm(library: str) -> None:
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
-        onednn_enabled()
-        and x.device.type == "cpu"
+        x.is_cpu  # first: on CUDA tensors this is the only check paid
+        and onednn_enabled()
         and x.dtype == torch.float32
         and x.dim() >= 2
         and weight.dtype == torch.float32
         and weight.dim() == 2
-        and weight.device.type == "cpu"
-        and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
+        and weight.is_cpu
+        and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
@@ -109,7 +109,7 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; fp32 on CPU through oneDNN (see the module docstring)."""
-    if x.numel() == 0 or not _use_onednn(x, weight, bias):
+    if not _use_onednn(x, weight, bias) or x.numel() == 0:
         return F.linear(x, weight, bias)
     if _needs_grad(x, weight, bias):
         # 2-D inside the Function: oneDNN returns a view for N-D inputs, which autograd would not let
@@ -122,7 +122,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias))`` (exact GELU); on the oneDNN path without gradients the GELU
     runs in the GEMM's epilogue, saving a pass over the 4·D-wide activation."""
-    if _needs_grad(x, weight, bias) or x.numel() == 0 or not _use_onednn(x, weight, bias):
+    if not _use_onednn(x, weight, bias) or x.numel() == 0 or _needs_grad(x, weight, bias):
         return F.gelu(linear(x, weight, bias))
     return _onednn_mm(x, weight, bias, "gelu")
 
@@ -130,7 +130,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b + bias`` for 2-D ``a``, ``b`` and a 1-D ``bias`` (or None), not differentiable; fp32 on CPU
     through oneDNN. ``b`` is typically a transposed weight (``W.t()``), which oneDNN reads as it is."""
-    if a.numel() == 0 or b.numel() == 0 or not _use_onednn(a, b.t(), bias):
+    if not _use_onednn(a, b.t(), bias) or a.numel() == 0 or b.numel() == 0:
         return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
     return _onednn_mm(a, b.t(), bias)
 
