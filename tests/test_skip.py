@@ -79,13 +79,14 @@ def test_ties_keep_cls_and_agree():
 @pytest.mark.parametrize("keep_ratio", [1.0, 0.99, 0.5])
 def test_fast_select_equals_reference(keep_ratio):
     """The fast router's selection (the identity shortcut when every token is kept) returns exactly the
-    reference's indices and gates; ρ = 0.99 of 10 tokens keeps all 10 too."""
+    reference's indices, and its gates to fp32 rounding (on CPU the scores' Linears run in oneDNN, which
+    sums in another order); ρ = 0.99 of 10 tokens keeps all 10 too."""
     ref, fast = make(keep_ratio)
     x = torch.randn(3, 10, D)
     with torch.no_grad():
         (i_ref, g_ref), (i_fast, g_fast) = ref.select(x), fast.select(x)
     assert torch.equal(i_fast, i_ref) and i_fast.dtype == i_ref.dtype
-    assert torch.equal(g_fast, g_ref)
+    assert_parity(g_fast, g_ref, TOL_CPU_FWD)
 
 
 @pytest.mark.parametrize(("b", "n", "keep_ratio"), [(3, 10, 0.5), (1, 7, 0.1), (2, 5, 1.0), (2, 37, 0.3)])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend, reference
+from ..ops import cpu_gemm
 from ..ops._common import autocast_dtype
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
@@ -65,12 +66,13 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
     """Drop-in fast :class:`mosaic_fast.reference.GatedMoEAdapter` (top-k experts only, fused update)."""
 
     def _routing(self, x_sel: torch.Tensor, stream: int, skip_gate: torch.Tensor | None = None):
-        index, prob = self.route(x_sel, stream)
-        gate = self.gate_gen if stream == 0 else self.gate_med
-        coef = torch.sigmoid(gate(x_sel))
+        """The reference's :meth:`route` and gate (fp32 CPU Linears through oneDNN), times the skip gate."""
+        router, gate = (self.router_gen, self.gate_gen) if stream == 0 else (self.router_med, self.gate_med)
+        top, index = cpu_gemm.linear(x_sel, router.weight, router.bias).topk(self.top_k, dim=-1)
+        coef = torch.sigmoid(cpu_gemm.linear(x_sel, gate.weight, gate.bias))
         if skip_gate is not None:
             coef = coef * skip_gate.unsqueeze(1)
-        return index, prob, coef
+        return index, top.softmax(dim=-1), coef
 
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._in_stream_dtype(x, self.down_weight, self.down_bias, self.up_weight, self.up_bias)
@@ -174,6 +176,15 @@ class SkipRouter(reference.SkipRouter):
         exact_gelu = isinstance(self.act, torch.nn.GELU) and self.act.approximate == "none"
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return exact_gelu and x.shape[1] <= SELECT_MAX_TOKENS and _fused_inference(x, params)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's router logits (B, N), fp32 CPU Linears through oneDNN with the GELU fused."""
+        exact_gelu = isinstance(self.act, torch.nn.GELU) and self.act.approximate == "none"
+        if exact_gelu:
+            hidden = cpu_gemm.linear_gelu(x, self.fc1.weight, self.fc1.bias)
+        else:
+            hidden = self.act(cpu_gemm.linear(x, self.fc1.weight, self.fc1.bias))
+        return cpu_gemm.linear(hidden, self.fc2.weight, self.fc2.bias).squeeze(-1)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
