@@ -65,6 +65,25 @@ def test_linear_output_may_be_modified_in_place_under_autograd():
     assert rel(x.grad, xr.grad) <= 1e-4 and rel(w.grad, wr.grad) <= 1e-4
 
 
+def test_linear_double_backward_matches_float64(onednn_calls):
+    """A gradient penalty (the gradient's own gradient) goes through oneDNN and equals F.linear's."""
+    x, w = torch.randn(5, 2, 12), torch.randn(7, 12) / 3
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    for xi, wi, fn in ((xs, ws, cpu_gemm.linear), (xr, wr, F.linear)):
+        (gx,) = torch.autograd.grad(fn(xi, wi).pow(2).sum(), xi, create_graph=True)
+        gx.pow(2).sum().backward()
+    assert rel(xs.grad, xr.grad) <= 1e-4 and rel(ws.grad, wr.grad) <= 1e-4
+    assert len(onednn_calls) >= 4
+
+
+def test_torch_func_transforms_use_f_linear(onednn_calls):
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    got = torch.func.grad(lambda w: cpu_gemm.linear(x, w).pow(2).sum())(w)
+    want = torch.func.grad(lambda w: F.linear(x, w).pow(2).sum())(w)
+    assert torch.equal(got, want) and onednn_calls == []
+
+
 def test_linear_non_contiguous_input_and_inference_mode(onednn_calls):
     x = torch.randn(48, 37).t()
     w, b = torch.randn(20, 48), torch.randn(20)

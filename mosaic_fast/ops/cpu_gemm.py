@@ -8,12 +8,13 @@ its CPU linear fusions, reaches ~410–490 GFLOP/s on the same GEMMs (ViT-B's 1,
 in both (oneDNN's fp32 math mode stays "strict" unless ``torch.backends.mkldnn`` is told otherwise); only
 the summation order differs, ~1e-7 relative.
 
-:func:`linear` is differentiable (input, weight and bias gradients, also through oneDNN) and falls back to
-``F.linear`` wherever oneDNN would change the meaning or is not there: other devices or dtypes, autocast
-(which must cast the inputs first), torch.compile (inductor chooses its own kernels), builds without
-oneDNN, or ``MOSAIC_FAST_CPU_GEMM=mkl`` in the environment. :func:`linear_gelu` fuses the exact (erf)
-GELU into the GEMM's epilogue when no gradient is needed. :func:`mm` and :func:`addmm` are the
-non-differentiable products the ops' hand-written forward and backward fallbacks use.
+:func:`linear` is differentiable (its gradients are oneDNN Linears too, themselves differentiable) and
+falls back to ``F.linear`` wherever oneDNN would change the meaning or is not there: other devices or
+dtypes, autocast (which must cast the inputs first), torch.compile (Inductor chooses its own kernels),
+torch.func transforms, builds without oneDNN, or ``MOSAIC_FAST_CPU_GEMM=mkl`` in the environment.
+:func:`linear_gelu` fuses the exact (erf) GELU into the GEMM's epilogue when no gradient is needed.
+:func:`mm` and :func:`addmm` are the non-differentiable products the ops' hand-written forward and
+backward fallbacks use.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ _ONEDNN_LINEAR = (
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     else None
 )
+
+
+#: torch.func transforms (grad, vmap, jvp) need F.linear's own rules; autograd checks this flag the same way.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def onednn_enabled() -> bool:
@@ -63,6 +68,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not _functorch_active()
     )
 
 
@@ -80,7 +86,8 @@ def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = N
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """``x @ Wᵀ + b`` forward and backward through oneDNN (each gradient is one more Linear)."""
+    """``x @ Wᵀ + b`` through oneDNN; each gradient is one more :func:`linear`, so it runs through oneDNN
+    too and is itself differentiable (double backward, e.g. gradient penalties)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -89,17 +96,15 @@ class _OneDNNLinear(torch.autograd.Function):
         return _onednn_mm(x, weight, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        g2 = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_mm(grad, weight.t())  # grad @ W
+            grad_x = linear(grad, weight.t())  # grad @ W
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn_mm(g2.t(), x.reshape(-1, x.shape[-1]).t())  # gradᵀ @ x
+            grad_w = linear(grad.t(), x.t())  # gradᵀ @ x (both 2-D here)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
+            grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
 
