@@ -145,10 +145,12 @@ def _train(args, info: DistInfo) -> int:
 def train_main(argv: Sequence[str]) -> int:
     """``mosaic-fast train``: cyclic (or mixed-batch) training with validation, early stopping, test."""
     args = parse_train_args(list(argv))
-    info = None
+    info, finished = None, False
     try:
         info = setup(args.device)
-        return _train(args, info)
+        code = _train(args, info)
+        finished = True
+        return code
     except NonFiniteLossError as err:
         print(f"mosaic-fast train: {err}", file=sys.stderr)
         return 1
@@ -157,7 +159,7 @@ def train_main(argv: Sequence[str]) -> int:
         return 2
     finally:
         if info is not None:
-            teardown()
+            teardown(synchronize=finished)
 
 
 def _eval(args, info: DistInfo) -> int:
@@ -189,13 +191,15 @@ def _eval(args, info: DistInfo) -> int:
 def eval_main(argv: Sequence[str]) -> int:
     """``mosaic-fast eval --checkpoint PATH``: per-dataset ACC/AUC of student and teacher."""
     args = parse_eval_args(list(argv))
-    info = None
+    info, finished = None, False
     try:
         info = setup(args.device)
-        return _eval(args, info)
+        code = _eval(args, info)
+        finished = True
+        return code
     except (ValueError, FileNotFoundError) as err:
         print(f"mosaic-fast eval: error: {err}", file=sys.stderr)
         return 2
     finally:
         if info is not None:
-            teardown()
+            teardown(synchronize=finished)

@@ -60,9 +60,16 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(0, 1, 0, dev)
 
 
-def teardown() -> None:
-    """Leave the process group, if one was joined."""
+def teardown(synchronize: bool = True) -> None:
+    """Leave the process group, if one was joined.
+
+    ``synchronize`` (a run that ended normally on every rank): a barrier first, so that no rank tears its
+    gloo connections down while another is still finishing; without it a 2-process CPU run aborted at
+    exit ("terminate called without an active exception", SIGABRT) about once in fifteen. Pass False on
+    an error path, where another rank may never arrive."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
