@@ -109,6 +109,15 @@ def test_linear_gelu_fuses_without_grad_and_differentiates_with_grad(onednn_call
     assert onednn_calls[1:] == ["none", "none"]  # forward and grad_x, GELU in torch
 
 
+@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.ReLU()])
+def test_linear_act_fuses_only_the_exact_gelu(act, onednn_calls):
+    x, w, b = torch.randn(2, 9, 16), torch.randn(24, 16) / 4, torch.randn(24) / 4
+    with torch.no_grad():
+        got = cpu_gemm.linear_act(x, w, b, act)
+    assert rel(got, act(F.linear(x.double(), w.double(), b.double()))) <= 1e-5
+    assert onednn_calls == (["gelu"] if isinstance(act, torch.nn.GELU) and act.approximate == "none" else ["none"])
+
+
 def test_mm_and_addmm_match_float64(onednn_calls):
     a, wt, bias = torch.randn(50, 24), torch.randn(16, 24), torch.randn(16)
     got = cpu_gemm.addmm(bias, a, wt.t())

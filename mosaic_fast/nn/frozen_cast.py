@@ -56,6 +56,6 @@ def linear(owner: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return cpu_gemm.linear(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias))
 
 
-def linear_gelu(owner: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``gelu(layer(x))`` (exact GELU), cast as :func:`linear`; the GELU is fused into the CPU GEMM."""
-    return cpu_gemm.linear_gelu(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias))
+def linear_act(owner: nn.Module, layer: nn.Linear, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``act(layer(x))``, cast as :func:`linear`; an exact GELU is fused into the CPU GEMM."""
+    return cpu_gemm.linear_act(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias), act)

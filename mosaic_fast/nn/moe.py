@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import backend, reference
 from ..ops import cpu_gemm
-from ..ops._common import autocast_dtype
+from ..ops._common import autocast_dtype, is_exact_gelu
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import routed_update_
@@ -173,17 +173,12 @@ class SkipRouter(reference.SkipRouter):
     def _fused_select(self, x: torch.Tensor) -> bool:
         """Whether :func:`mosaic_fast.ops.token_skip.skip_select` applies: Triton backend, no gradient to
         record, no autocast, exact GELU, parameters in x's dtype, at most ``SELECT_MAX_TOKENS`` tokens."""
-        exact_gelu = isinstance(self.act, torch.nn.GELU) and self.act.approximate == "none"
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        return exact_gelu and x.shape[1] <= SELECT_MAX_TOKENS and _fused_inference(x, params)
+        return is_exact_gelu(self.act) and x.shape[1] <= SELECT_MAX_TOKENS and _fused_inference(x, params)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """The reference's router logits (B, N), fp32 CPU Linears through oneDNN with the GELU fused."""
-        exact_gelu = isinstance(self.act, torch.nn.GELU) and self.act.approximate == "none"
-        if exact_gelu:
-            hidden = cpu_gemm.linear_gelu(x, self.fc1.weight, self.fc1.bias)
-        else:
-            hidden = self.act(cpu_gemm.linear(x, self.fc1.weight, self.fc1.bias))
+        hidden = cpu_gemm.linear_act(x, self.fc1.weight, self.fc1.bias, self.act)
         return cpu_gemm.linear(hidden, self.fc2.weight, self.fc2.bias).squeeze(-1)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from .frozen_cast import linear, linear_gelu
+from .frozen_cast import linear, linear_act
 
 
 class Attention(reference.Attention):
@@ -31,9 +31,7 @@ class Mlp(reference.Mlp):
     """Same parameters and arithmetic as the reference (exact GELU, fused into fc1 on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        exact_gelu = isinstance(self.act, torch.nn.GELU) and self.act.approximate == "none"
-        hidden = linear_gelu(self, self.fc1, x) if exact_gelu else self.act(linear(self, self.fc1, x))
-        return linear(self, self.fc2, hidden)
+        return linear(self, self.fc2, linear_act(self, self.fc1, x, self.act))
 
 
 class Block(reference.Block):

@@ -4,6 +4,7 @@
   and the expected and received shape/dtype/device (DESIGN.md §7).
 * :func:`check_ids`: routing ids (one per sample): integer dtype, shape (B,), device of ``h``. Values are
   checked where that needs no host synchronisation (see :func:`check_ids_range`).
+* :func:`is_exact_gelu`: whether an activation module is the exact GELU that fused epilogues compute.
 * :func:`autocast_dtype`: the autocast dtype for a device, or None when autocast is off there. Ops run
   in the autocast dtype by casting their weights (differentiably), never by silently casting otherwise.
 * :func:`resolve_compute_dtype`: the weight dtype an op runs with, raising on a dtype mismatch outside
@@ -66,6 +67,11 @@ def check_ids_range(name: str, ids: torch.Tensor, num_groups: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_groups):
         bad = ids[(ids < 0) | (ids >= num_groups)].unique().tolist()
         raise ValueError(f"{name} values must be in [0, {num_groups - 1}], got out-of-range values {bad}")
+
+
+def is_exact_gelu(act: object) -> bool:
+    """Whether ``act`` is ``nn.GELU()`` with the exact (erf) form, which fused epilogues implement."""
+    return isinstance(act, torch.nn.GELU) and act.approximate == "none"
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

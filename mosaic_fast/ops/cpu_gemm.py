@@ -12,7 +12,8 @@ the summation order differs, ~1e-7 relative.
 falls back to ``F.linear`` wherever oneDNN would change the meaning or is not there: other devices or
 dtypes, autocast (which must cast the inputs first), torch.compile (Inductor chooses its own kernels),
 torch.func transforms, builds without oneDNN, or ``MOSAIC_FAST_CPU_GEMM=mkl`` in the environment.
-:func:`linear_gelu` fuses the exact (erf) GELU into the GEMM's epilogue when no gradient is needed.
+:func:`linear_gelu` fuses the exact (erf) GELU into the GEMM's epilogue when no gradient is needed
+(:func:`linear_act` when the activation is a module that may be that GELU).
 :func:`mm` and :func:`addmm` are the non-differentiable products the ops' hand-written forward and
 backward fallbacks use.
 """
@@ -20,9 +21,12 @@ backward fallbacks use.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ._common import is_exact_gelu
 
 GEMM_LIBRARIES = ("onednn", "mkl")
 
@@ -130,6 +134,13 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not _use_onednn(x, weight, bias) or x.numel() == 0 or _needs_grad(x, weight, bias):
         return F.gelu(linear(x, weight, bias))
     return _onednn_mm(x, weight, bias, "gelu")
+
+
+def linear_act(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))``, through :func:`linear_gelu` when ``act`` is the exact GELU."""
+    return linear_gelu(x, weight, bias) if is_exact_gelu(act) else act(linear(x, weight, bias))
 
 
 def addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
