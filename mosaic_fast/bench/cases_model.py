@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_fast.bench.core import Case, on_triton_backend
+from mosaic_fast.engine.trainer import build_adamw
 from mosaic_fast.graphs import CUDAGraphInference, CUDAGraphTraining
 from mosaic_fast.models import EMATeacher, MosaicModel
 from mosaic_fast.nn.frozen_cast import cached_casts
@@ -132,7 +133,8 @@ def inference_cases(device: torch.device, dtype: torch.dtype, quick: bool, graph
 
 
 class TrainStep:
-    """One MOSAIC training step: student fwd/bwd (CE + 0.1·MSE to the teacher CLS), AdamW, EMA update.
+    """One MOSAIC training step: student fwd/bwd (CE + 0.1·MSE to the teacher CLS), AdamW (the trainer's:
+    fused on CPU and CUDA, for reference and fast alike), EMA update.
 
     ``graphs``: the student's forward and backward replay CUDA graphs (:class:`CUDAGraphTraining`, one per
     routing letter, or one for per-sample ids), and so does the teacher's forward
@@ -144,7 +146,7 @@ class TrainStep:
         self.model = model.train()
         self.model.freeze_backbone(verbose=False)
         self.teacher = EMATeacher(model)
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+        self.opt = build_adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
         self.forward = torch.compile(model) if compile_model else model
         self.graphed: dict[str, CUDAGraphTraining] | None = {} if graphs else None
         self.graphed_teacher: dict[str, CUDAGraphInference] = {}
