@@ -57,3 +57,31 @@ def test_profile_cases_writes_one_table_per_implementation(tmp_path):
     assert text.count("aten calls per call") == 2 and "aten::" in text
     assert profile_cases.main(["--device", "cpu", "--suite", "ops", "--filter", "no_such_case",
                                "--out", str(out)]) == 2
+
+
+def test_fast_mkl_column_times_the_fast_path_without_onednn(monkeypatch):
+    """``--cpu-gemm-mkl``: a "fast+mkl" column whose calls never reach oneDNN, while "fast" does."""
+    import pytest
+
+    from mosaic_fast.ops import cpu_gemm
+
+    if not cpu_gemm.onednn_enabled():
+        pytest.skip("this torch build has no oneDNN linear")
+    reached = []
+    real = cpu_gemm._ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: reached.append(1) or real(*a))
+    w = torch.randn(48, 32)
+
+    def fast(x):
+        before = len(reached)
+        out = cpu_gemm.linear(x, w)
+        calls.append(len(reached) - before)
+        return out
+
+    calls: list[int] = []
+    case = Case("ops", "toy", {}, lambda i: (torch.randn(16, 32),), {"reference": torch.relu, "fast": fast})
+    record = time_case(case, torch.device("cpu"), rotate=2, with_compile=False, min_run_time=0.01, repeats=1,
+                       with_mkl=True)
+    assert set(record["times_s"]) == {"reference", "fast", "fast+mkl"}
+    assert 0 in calls and 1 in calls  # the mkl column's calls skipped oneDNN, the fast column's did not
+    assert cpu_gemm.onednn_enabled()  # the library is restored afterwards

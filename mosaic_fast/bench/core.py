@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import mosaic_fast
+from mosaic_fast.ops import cpu_gemm
 
 #: Measured on an H100 (DESIGN.md §6); the "% of floor" column uses these unless the run measured its own
 #: device's ceilings (:func:`measure_ceilings`, done by ``mosaic-fast bench`` on CUDA).
@@ -96,10 +97,16 @@ def time_case(
     min_run_time: float = 0.5,
     repeats: int = 3,
     ceilings: dict[str, float] | None = None,
+    with_mkl: bool = False,
 ) -> dict[str, Any]:
-    """Time every implementation of ``case``; returns a JSON-ready record with ratios to "reference"."""
+    """Time every implementation of ``case``; returns a JSON-ready record with ratios to "reference".
+
+    ``with_mkl`` (CPU): also the fast path with its fp32 GEMMs on MKL, as the reference's are ("fast+mkl"),
+    to separate what the oneDNN GEMMs (:mod:`mosaic_fast.ops.cpu_gemm`) bring from the rest."""
     input_sets = [case.make_inputs(i) for i in range(rotate)]
     impls = dict(case.impls)
+    if with_mkl and device.type == "cpu" and "fast" in impls and cpu_gemm.onednn_enabled():
+        impls["fast+mkl"] = with_cpu_gemm("mkl", impls["fast"])
     if with_compile and case.compile_reference and "reference" in impls:
         # Every case compiles the same closure code: without a reset Dynamo would hit its recompile
         # limit after a few cases and silently run the later "compiled" columns eagerly.
@@ -133,6 +140,16 @@ def time_case(
         record["notes"] = case.notes
     record.update(case.extra)
     return record
+
+
+def with_cpu_gemm(library: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with the fast modules' fp32 CPU GEMMs on ``library`` ("mkl" or "onednn")."""
+
+    def run(*args):
+        with cpu_gemm.cpu_gemm_library(library):
+            return fn(*args)
+
+    return run
 
 
 def on_triton_backend(fn: Callable[..., Any]) -> Callable[..., Any]:

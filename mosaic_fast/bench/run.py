@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also time inference under CUDA-graph replay (mosaic_fast.graphs), as extra columns")
+    p.add_argument("--cpu-gemm-mkl", action="store_true",
+                   help="CPU: also time the fast path with MKL GEMMs, as the reference uses (column fast+mkl), "
+                        "to separate the oneDNN GEMM speed-up from the rest")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="only cases whose name contains TEXT (repeat for any of several)")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds of timing per measurement")
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
             try:
                 record = time_case(case, device, with_compile=not args.no_compile, min_run_time=min_run_time,
-                                   ceilings=ceilings)
+                                   ceilings=ceilings, with_mkl=args.cpu_gemm_mkl)
             except Exception as exc:  # e.g. out of memory: record it, keep the other cases
                 record = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {},
                           "speedup_vs_reference": {}, "errors": {"case": f"{type(exc).__name__}: {exc}"[:300]}}

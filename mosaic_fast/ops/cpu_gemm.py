@@ -20,8 +20,9 @@ backward fallbacks use.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,17 @@ def set_cpu_gemm(library: str) -> None:
     if library not in GEMM_LIBRARIES:
         raise ValueError(f"library must be one of {GEMM_LIBRARIES}, got {library!r}")
     _library = library
+
+
+@contextlib.contextmanager
+def cpu_gemm_library(library: str) -> Iterator[None]:
+    """Within the block, the fp32 CPU GEMM library is ``library`` (see :func:`set_cpu_gemm`)."""
+    previous = _library
+    set_cpu_gemm(library)
+    try:
+        yield
+    finally:
+        set_cpu_gemm(previous)
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
