@@ -141,7 +141,7 @@ def test_column_slices_are_multiplied_correctly(onednn_calls):
 
 
 @pytest.mark.parametrize(
-    "case", ["float64", "bfloat16", "autocast", "compiling", "mkl", "empty", "vector"]
+    "case", ["float64", "bfloat16", "autocast", "compiling", "mkl", "mkldnn-off", "empty", "vector"]
 )
 def test_fallbacks_run_plain_torch(case, onednn_calls, monkeypatch):
     x, w, b = torch.randn(6, 12), torch.randn(5, 12), torch.randn(5)
@@ -161,6 +161,10 @@ def test_fallbacks_run_plain_torch(case, onednn_calls, monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, ref = cpu_gemm.linear(x, w, b), F.linear(x, w, b)
         assert out.dtype == torch.bfloat16
+    elif case == "mkldnn-off":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+        assert not cpu_gemm.onednn_enabled()
+        out, ref = cpu_gemm.linear(x, w, b), F.linear(x, w, b)
     else:
         out, ref = cpu_gemm.linear(x, w, b), F.linear(x, w, b)
     assert torch.equal(out, ref)

@@ -48,8 +48,9 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 def onednn_enabled() -> bool:
-    """Whether fp32 CPU Linear layers of the fast modules run through oneDNN."""
-    return _ONEDNN_LINEAR is not None and _library == "onednn"
+    """Whether fp32 CPU Linear layers of the fast modules run through oneDNN (this module's choice, and
+    oneDNN not switched off with ``torch.backends.mkldnn.enabled = False`` / ``torch.backends.mkldnn.flags``)."""
+    return _ONEDNN_LINEAR is not None and _library == "onednn" and torch.backends.mkldnn.enabled
 
 
 def set_cpu_gemm(library: str) -> None:
