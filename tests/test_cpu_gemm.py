@@ -22,7 +22,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """Counts the calls that reach oneDNN's Linear."""
+    """Counts the calls that reach oneDNN's Linear; every size goes there (these tests use small shapes)."""
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)
     calls = []
     real = cpu_gemm._ONEDNN_LINEAR
 
@@ -169,6 +170,17 @@ def test_fallbacks_run_plain_torch(case, onednn_calls, monkeypatch):
         out, ref = cpu_gemm.linear(x, w, b), F.linear(x, w, b)
     assert torch.equal(out, ref)
     assert onednn_calls == []
+
+
+def test_small_products_stay_on_f_linear(onednn_calls, monkeypatch):
+    """Up to MIN_ONEDNN_MACS multiply-adds MKL's lower call overhead wins: plain F.linear."""
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 1000)
+    w = torch.randn(5, 10)
+    small, large = torch.randn(20, 10), torch.randn(21, 10)  # 1,000 and 1,050 multiply-adds
+    assert torch.equal(cpu_gemm.linear(small, w), F.linear(small, w)) and onednn_calls == []
+    assert rel(cpu_gemm.linear(large, w), F.linear(large.double(), w.double())) <= 1e-5
+    assert onednn_calls == ["none"]
+    assert rel(cpu_gemm.mm(small, w.t()), small.double() @ w.t().double()) <= 1e-5 and len(onednn_calls) == 1
 
 
 def test_set_cpu_gemm_rejects_unknown_library(monkeypatch):
