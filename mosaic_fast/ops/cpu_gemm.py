@@ -11,7 +11,8 @@ the summation order differs, ~1e-7 relative.
 :func:`linear` is differentiable (its gradients are oneDNN Linears too, themselves differentiable) and
 falls back to ``F.linear`` wherever oneDNN would change the meaning or is not there: other devices or
 dtypes, autocast (which must cast the inputs first), torch.compile (Inductor chooses its own kernels),
-torch.func transforms, builds without oneDNN, or ``MOSAIC_FAST_CPU_GEMM=mkl`` in the environment.
+torch.func transforms, builds without oneDNN, ``MOSAIC_FAST_CPU_GEMM=mkl`` in the environment, and
+products of at most :data:`MIN_ONEDNN_MACS` multiply-adds (where MKL's call overhead is lower).
 :func:`linear_gelu` fuses the exact (erf) GELU into the GEMM's epilogue when no gradient is needed
 (:func:`linear_act` when the activation is a module that may be that GELU).
 :func:`mm` and :func:`addmm` are the non-differentiable products the ops' hand-written forward and
