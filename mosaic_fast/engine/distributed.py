@@ -7,6 +7,7 @@ plain torchrun (``--nnodes``, ``--rdzv-endpoint``). Everything also works withou
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -63,11 +64,14 @@ def setup(device: str = "auto") -> DistInfo:
 def teardown(synchronize: bool = True) -> None:
     """Leave the process group, if one was joined.
 
-    ``synchronize`` (a run that ended normally on every rank): a barrier first, so that no rank tears its
-    gloo connections down while another is still finishing; without it a 2-process CPU run aborted at
-    exit ("terminate called without an active exception", SIGABRT) about once in fifteen. Pass False on
+    First a garbage collection: DDP's reducer sits in reference cycles and holds the group (and its gloo
+    work); left to interpreter shutdown, the group's worker threads then die taking the GIL during
+    finalisation, which aborts the process ("terminate called without an active exception", SIGABRT;
+    about 1 in 25 two-process CPU runs). ``synchronize`` (a run that ended normally on every rank): a
+    barrier, so that no rank tears its connections down while another is still finishing. Pass False on
     an error path, where another rank may never arrive."""
     if dist.is_initialized():
+        gc.collect()
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
