@@ -55,12 +55,19 @@ def use_triton(x: torch.Tensor) -> bool:
         return False
     if _backend == "auto":
         return x.is_cuda and triton_available()
+    require_triton("backend 'triton'", x)
+    return True
+
+
+def require_triton(who: str, x: torch.Tensor) -> None:
+    """Raise a clear error unless the Triton kernels can run on ``x`` (CUDA, or CPU in the interpreter);
+    ``who`` (backend 'triton', or a Triton-only op) starts the message."""
     if not triton_available():
-        raise RuntimeError("backend 'triton' was requested but the triton package is not installed")
+        raise RuntimeError(f"{who} runs Triton kernels, but the triton package is not installed")
     if x.is_cuda or INTERPRET:
-        return True
+        return
     raise RuntimeError(
-        "backend 'triton' on CPU tensors runs the kernels in Triton's interpreter, which must be enabled "
-        "with TRITON_INTERPRET=1 before mosaic_fast is imported; use set_backend('auto') or move the "
-        "tensors to CUDA"
+        f"{who} runs Triton kernels; on CPU tensors they run in Triton's interpreter, which must be enabled "
+        f"with TRITON_INTERPRET=1 before mosaic_fast is imported; use set_backend('auto') or move the "
+        f"tensors to CUDA (got {x.device})"
     )

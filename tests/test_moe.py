@@ -115,8 +115,31 @@ def test_forward_skip_inplace_touches_selected_rows_only(request, backend):
     assert torch.equal(yg[0, 1:5], xg[0, 1:5]), "unselected rows were written"
 
 
+def test_all_tied_router_scores_pick_the_lowest_experts_in_every_path():
+    """A zero router (all scores tied) routes every token to experts 0..k-1 in the reference and in the
+    fast module, with and without gradients (the routed op's ties: tests/test_moe_routed.py)."""
+    ref, fast = make(seed=4)
+    with torch.no_grad():
+        for m in (ref, fast):
+            for router in (m.router_gen, m.router_med):
+                router.weight.zero_()
+                router.bias.zero_()
+    x = torch.randn(2, 5, D)
+    index, probs = ref.route(x, 0)
+    assert torch.equal(index, torch.tensor([0, 1]).expand(2, 5, 2))
+    assert torch.allclose(probs, torch.full_like(probs, 0.5))
+    xg, xm = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    want = copy.deepcopy(ref).double()(xg.double(), xm.double())
+    with_grad = fast(xg.clone().requires_grad_(), xm)
+    with torch.no_grad():
+        without_grad = fast(xg, xm)
+    for got in (with_grad, without_grad):
+        assert_parity(got[0], want[0], TOL_CPU_FWD, "gen")
+        assert_parity(got[1], want[1], TOL_CPU_FWD, "med")
+
+
 def test_router_ties_and_batch_of_one():
-    """Equal router scores: both paths take torch.topk's choice, so they agree exactly in routing."""
+    """Equal router scores: both paths take the lower expert index, so they agree exactly in routing."""
     ref, fast = make(seed=3)
     with torch.no_grad():
         for m in (ref, fast):
@@ -151,6 +174,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="gate_med"):
         fast.forward_skip(x, x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
                           torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 2))
+    for module in (fast, make()[0]):
+        with pytest.raises(ValueError, match=r"idx_med: token indices must be in \[0, 5\)"):
+            module.forward_skip(x, x, torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                                torch.tensor([[0], [5]]), torch.ones(2, 1))
     with pytest.raises(ValueError, match="top_k"):
         reference.GatedMoEAdapter(D, 4, 5, R, D)
     with pytest.raises(ValueError, match="gate_dim"):

@@ -82,6 +82,23 @@ def test_expanded_identity_selection_and_batch_of_one(triton_backend, fused_op_c
     assert fused_op_calls["moe"] == 2
 
 
+def test_all_tied_router_scores_route_as_the_reference(triton_backend, fused_op_calls):
+    """A zero router (every score tied, as right after a zero init): the routed op picks the experts the
+    reference picks (the lowest indices), with equal probabilities."""
+    ref, fast = make(device=triton_backend)
+    with torch.no_grad():
+        for m in (fast, ref):
+            for router in (m.router_gen, m.router_med):
+                router.weight.zero_()
+                router.bias.zero_()
+        xg, xm = (torch.randn(2, 4, D, device=triton_backend) for _ in range(2))
+        want = ref(xg.double(), xm.double())
+        got = fast(xg, xm)
+    assert fused_op_calls["moe"] == 1
+    assert_parity(got[0], want[0], TOL_INTERPRETER, "gen")
+    assert_parity(got[1], want[1], TOL_INTERPRETER, "med")
+
+
 def test_router_ties_go_to_the_lower_expert(triton_backend, fused_op_calls):
     """Equal router scores at the top-k boundary: the routed op takes the lower expert index. Scores
     (1, .5, .5, 0) with k = 2 must act as (1, .5, .4, 0): experts 0 and 1, the same probabilities."""

@@ -74,6 +74,73 @@ def test_every_specialist_gets_its_gradient_in_a_mixed_batch():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
+def test_absent_specialists_get_no_gradient_and_adamw_leaves_them():
+    """As with the reference (which never calls them), a specialist without samples in a mixed batch gets
+    ``.grad`` None, so AdamW's weight decay and momentum do not move it."""
+    ref, fast = make_pair()
+    h, ids = torch.randn(3, 4, D), torch.tensor([0, 2, 0])
+    for model in (ref, fast):
+        model(h, ids).square().sum().backward()
+    for (name, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+        if name.startswith("expert_b."):
+            assert pr.grad is None and pf.grad is None, name
+        else:
+            assert_parity(pf.grad, pr.grad, TOL_CPU_GRAD, f"grad {name}")
+    before = copy.deepcopy(fast.expert_b.state_dict())
+    torch.optim.AdamW(fast.parameters(), lr=1e-2, weight_decay=0.1).step()
+    assert all(torch.equal(before[k], v) for k, v in fast.expert_b.state_dict().items())
+    fast.zero_grad(set_to_none=True)
+    fast(h, torch.tensor([1, 1, 1])).sum().backward()  # one specialist present, ids renumbered to it
+    assert [n for n, p in fast.named_parameters() if p.grad is not None] == [
+        n for n, _ in fast.named_parameters() if n.startswith("expert_b.")]
+
+
+def test_cache_built_in_inference_mode_does_not_break_autograd():
+    ref, fast = make_pair()
+    fast.requires_grad_(False)
+    h, ids = torch.randn(3, 4, D), torch.tensor([0, 1, 2])
+    with torch.inference_mode():
+        fast(h, ids)
+    hf, hr = h.clone().requires_grad_(), h.clone().requires_grad_()
+    fast(hf, ids).square().sum().backward()
+    ref(hr, ids).square().sum().backward()
+    assert_parity(hf.grad, hr.grad, TOL_CPU_GRAD, "grad h")
+
+
+def test_clear_caches_after_an_edit_through_data():
+    """``.data`` edits bypass the version counter the caches check; ``clear_caches`` makes them visible."""
+    ref, fast = make_pair()
+    h, base, ids = torch.randn(3, 4, D), torch.randn(3, 4, D), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        fast.forward_fused(h, base, ids)
+        for p in (ref.expert_b.up_proj.weight, fast.expert_b.up_proj.weight):
+            p.data.mul_(3.0)
+        fast_nn.clear_caches(fast)
+        assert_parity(fast.forward_fused(h, base, ids), base + ref(h, ids), TOL_CPU_FWD)
+    with pytest.raises(TypeError, match="model"):
+        fast_nn.clear_caches("fast")
+
+
+def test_triton_interpreter_float64_takes_the_torch_path(triton_backend):
+    """float64 is computed in float64 (the kernels would use fp32 and have no float64 backward)."""
+    if triton_backend != "cpu":
+        pytest.skip("interpreter check")
+    ref, fast = make_pair(seed=5)
+    ref, fast = ref.double(), fast.double()
+    h = torch.randn(3, 2, D, dtype=torch.float64)
+    for ids in (torch.tensor([0, 2, 1]), "B"):
+        hr, hf = h.clone().requires_grad_(), h.clone().requires_grad_()
+        w = torch.randn(3, 2, D, dtype=torch.float64)
+        (ref(hr, ids) * w).sum().backward()
+        (fast(hf, ids) * w).sum().backward()
+        assert_parity(hf.grad, hr.grad, 1e-12, f"grad h ({ids})")
+        for (name, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+            if pr.grad is not None:
+                assert_parity(pf.grad, pr.grad, 1e-12, f"grad {name} ({ids})")
+        ref.zero_grad(set_to_none=True)
+        fast.zero_grad(set_to_none=True)
+
+
 def test_adapter_forward_and_fused():
     ref = randomize_(reference.Adapter(D, 16), seed=3)
     fast = fast_nn.Adapter(D, 16)
@@ -220,6 +287,8 @@ def test_bad_inputs():
         fast(h.double(), "A")
     with pytest.raises(TypeError, match="base dtype"):
         fast.forward_fused(h, h.double(), "A")
+    with pytest.raises(TypeError, match="expert_id must be a str or an integer tensor"):
+        fast(h, None)
 
 
 def test_torch_compile_fullgraph_forward_fused():

@@ -64,13 +64,14 @@ def test_selection_semantics():
 
 
 def test_ties_keep_cls_and_agree():
-    """All scores equal: CLS is still kept and both paths select the same tokens."""
+    """All scores equal: CLS is still kept, then the lowest token indices, in both paths."""
     ref, fast = make(0.5)
     with torch.no_grad():
         for m in (ref, fast):
             m.fc2.weight.zero_()
     x = torch.randn(1, 6, D)
     with torch.no_grad():
+        assert torch.equal(ref.select(x)[0], torch.tensor([[0, 1, 2]]))
         assert torch.equal(ref.select(x)[0], fast.select(x)[0])
         assert ref.select(x)[0][0, 0] == 0
         assert_parity(fast(x, update_fn), ref(x, update_fn), TOL_CPU_FWD)
@@ -194,6 +195,9 @@ def test_bad_input():
         fast(x, "not callable")
     with pytest.raises(ValueError, match="update"):
         fast(x, lambda t: t[:, :1])
+    for router in (fast, make()[0]):
+        with pytest.raises(ValueError, match=r"idx_x: token indices must be in \[0, 5\)"):
+            router.merge(x, torch.tensor([[0, 1], [0, 5]]), torch.ones(2, 2), torch.randn(2, 2, D))
     with pytest.raises(TypeError, match="rows"):
         skip_merge(x.view(-1, D), torch.tensor([0.0]), torch.randn(1, D), torch.ones(1, 1))
     with pytest.raises(ValueError, match="coef"):

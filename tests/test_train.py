@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mosaic_fast import nn as fast_nn
 from mosaic_fast.data import DEMO_ROOT, MedMNISTSplit, MultiSource, head_index
 from mosaic_fast.data.registry import NUM_CLASSES
 from mosaic_fast.data.synthetic import write_synthetic_npz
@@ -107,6 +108,26 @@ def test_resume_after_interruption_matches_uninterrupted_run(root, tmp_path, mix
     assert full["scheduler_state_dict"]["last_epoch"] == cut["scheduler_state_dict"]["last_epoch"] == 2
     strip = lambda h: [{k: v for k, v in e.items() if k != "time_s"} for e in h]
     assert json.dumps(strip(full["history"])) == json.dumps(strip(cut["history"]))
+
+
+def test_specialists_absent_from_a_mixed_batch_do_not_move(root, tmp_path, monkeypatch):
+    """A 2D-only mixed batch leaves the volumetric specialist exactly as it was (no AdamW weight decay or
+    momentum), also where the fast adapter packs every specialist and returns zero gradients for the
+    absent ones (its CUDA behaviour, forced here on CPU)."""
+    monkeypatch.setattr(fast_nn.MoSAdapter, "_present_experts", lambda self, ids, h: (list(self.experts), ids))
+    torch.manual_seed(0)
+    student = MosaicModel(NUM_CLASSES, **TINY, fast=True)
+    names = ("BreastMNIST", "RetinaMNIST")
+    data = {split: MultiSource([MedMNISTSplit(n, split, root, 28) for n in names]) for split in ("train", "val")}
+    settings = TrainSettings(num_rounds=2, batch_size=16, lr=3e-3, warmup_rounds=0, progress=False, max_steps=2,
+                             mixed_batches=True, config={"model": TINY})
+    trainer = Trainer(student, EMATeacher(student), data["train"], data["val"], None, settings, DistInfo(), tmp_path)
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if ".expert_c." in n}
+    moved = {n: p.detach().clone() for n, p in student.named_parameters() if ".expert_a." in n}
+    trainer.fit()
+    after = dict(student.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in before.items())
+    assert any(not torch.equal(after[n], p) for n, p in moved.items())
 
 
 def test_resume_refuses_another_model(root, tmp_path):

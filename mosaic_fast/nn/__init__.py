@@ -5,6 +5,7 @@ place.
 """
 
 from .adapter import Adapter, MoSAdapter
+from .caches import clear_caches
 from .convert import convert
 from .moe import GatedMoEAdapter, GatedSpecialistAdapter, SkipRouter
 from .patch_embed import PatchEmbed3D
@@ -20,5 +21,6 @@ __all__ = [
     "MoSAdapter",
     "PatchEmbed3D",
     "SkipRouter",
+    "clear_caches",
     "convert",
 ]

@@ -28,9 +28,9 @@ import weakref
 import torch
 
 from .. import reference
-from ..ops._common import autocast_dtype
+from ..ops._common import autocast_dtype, check_ids_range
 from ..ops.grouped_adapter import pack_adapters, run_adapter, run_packed, single_adapter_uses_torch
-from ..reference.adapter import check_expert_id
+from ..reference.adapter import check_expert_id, check_id_tensor
 
 #: Largest bottleneck the fast path runs (the Triton kernels keep the hidden tile on chip).
 MAX_FAST_BOTTLENECK = 256
@@ -72,6 +72,8 @@ def _packed_weights(owner: torch.nn.Module, adapters, h: torch.Tensor):
         tuple(id(a) for a in adapters),
         cast,
         tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
+        # a copy made under inference_mode is an inference tensor, which autograd may not save later
+        torch.is_inference_mode_enabled(),
     )
     per_owner = _PACK_CACHE.setdefault(owner, {})
     hit = per_owner.get(key[0])
@@ -123,7 +125,14 @@ class Adapter(reference.Adapter):
 
 
 class MoSAdapter(reference.MoSAdapter):
-    """Fast MOSAIC three-specialist adapter (same API and parameters as the reference)."""
+    """Fast MOSAIC three-specialist adapter (same API and parameters as the reference).
+
+    A specialist without samples in a mixed batch gets no gradient (``.grad`` stays None, as with the
+    reference, so AdamW leaves it alone) where the ids are on the CPU. CUDA ids are not read (that would
+    synchronise the host): every specialist is packed and an absent one gets a zero gradient, which
+    weight decay and momentum act on; the trainer drops those gradients itself, since it knows the
+    batch's specialists.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -132,6 +141,20 @@ class MoSAdapter(reference.MoSAdapter):
 
     def forward(self, h: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
         return self._run(h, None, expert_id)
+
+    def _present_experts(self, ids: torch.Tensor, h: torch.Tensor) -> tuple[list[Adapter], torch.Tensor]:
+        """The specialists to pack for per-sample ``ids`` and the ids renumbered over them: all three,
+        except for CPU ids while a gradient is recorded (then only those with samples, see the class
+        docstring)."""
+        experts = list(self.experts)
+        if ids.is_cuda or not torch.is_grad_enabled() or torch.compiler.is_compiling() or ids.numel() == 0:
+            return experts, ids
+        check_ids_range("expert_id", ids, len(experts))  # values (free on CPU) before bincount reads them
+        present = torch.bincount(ids.long(), minlength=len(experts)) > 0
+        if bool(present.all()):
+            return experts, ids
+        renumber = torch.cumsum(present, 0) - 1
+        return [e for e, p in zip(experts, present.tolist()) if p], renumber[ids.long()].to(ids.dtype)
 
     def forward_fused(self, h: torch.Tensor, base: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
         """``base + self(h, expert_id)`` for the whole (possibly mixed) batch in one kernel launch."""
@@ -142,7 +165,8 @@ class MoSAdapter(reference.MoSAdapter):
             check_expert_id(expert_id, h)
             adapters, ids = [self.get_expert(expert_id)], None
         else:
-            adapters, ids = list(self.experts), expert_id
+            check_id_tensor(expert_id, h)
+            adapters, ids = self._present_experts(expert_id, h)
         if not _exact(adapters):
             out = reference.MoSAdapter.forward(self, h, expert_id)
             return out if base is None else base + out

@@ -25,7 +25,7 @@ from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import routed_update_
 from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
-from ..reference.moe import check_pair, check_selection, check_tokens, num_kept
+from ..reference.moe import check_pair, check_selection, check_tokens, num_kept, top_k_lowest_index_first
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
 #: GatedSpecialistAdapter -> (parameter stamp, folded weights), for inference (kept outside the module so
@@ -68,7 +68,7 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
     def _routing(self, x_sel: torch.Tensor, stream: int, skip_gate: torch.Tensor | None = None):
         """The reference's :meth:`route` and gate (fp32 CPU Linears through oneDNN), times the skip gate."""
         router, gate = (self.router_gen, self.gate_gen) if stream == 0 else (self.router_med, self.gate_med)
-        top, index = cpu_gemm.linear(x_sel, router.weight, router.bias).topk(self.top_k, dim=-1)
+        top, index = top_k_lowest_index_first(cpu_gemm.linear(x_sel, router.weight, router.bias), self.top_k)
         coef = torch.sigmoid(cpu_gemm.linear(x_sel, gate.weight, gate.bias))
         if skip_gate is not None:
             coef = coef * skip_gate.unsqueeze(1)
@@ -167,8 +167,7 @@ class SkipRouter(reference.SkipRouter):
     """Drop-in fast :class:`mosaic_fast.reference.SkipRouter`: the gated merge is one gather/scatter op. In
     inference on the Triton backend the selection is the first Linear plus one kernel (score, top-k, sort,
     gates); otherwise it is the reference's, except that at ρ = 1 (every token kept) the selection is the
-    identity, without the top-k and sort. Equal scores go to the lower token index in the kernel and to
-    ``torch.topk``'s choice (unspecified) otherwise."""
+    identity, without the top-k and sort. Equal scores go to the lower token index, as in the reference."""
 
     def _fused_select(self, x: torch.Tensor) -> bool:
         """Whether :func:`mosaic_fast.ops.token_skip.skip_select` applies: Triton backend, no gradient to

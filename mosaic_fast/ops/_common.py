@@ -4,6 +4,9 @@
   and the expected and received shape/dtype/device (DESIGN.md §7).
 * :func:`check_ids`: routing ids (one per sample): integer dtype, shape (B,), device of ``h``. Values are
   checked where that needs no host synchronisation (see :func:`check_ids_range`).
+* :func:`check_index`: an int64/int32 index tensor of a given shape, returned as int64.
+  :func:`check_index_values_on_cpu`: its values in range (and unique where asked), only for CPU tensors
+  (on CUDA reading the values would synchronise the host, which the fast paths never do).
 * :func:`is_exact_gelu`: whether an activation module is the exact GELU that fused epilogues compute.
 * :func:`autocast_dtype`: the autocast dtype for a device, or None when autocast is off there. Ops run
   in the autocast dtype by casting their weights (differentiably), never by silently casting otherwise.
@@ -67,6 +70,38 @@ def check_ids_range(name: str, ids: torch.Tensor, num_groups: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_groups):
         bad = ids[(ids < 0) | (ids >= num_groups)].unique().tolist()
         raise ValueError(f"{name} values must be in [0, {num_groups - 1}], got out-of-range values {bad}")
+
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_index(name: str, t: object, *, shape: Sequence[int | None] | None = None,
+                dims: int | None = None) -> torch.Tensor:
+    """An int64/int32 index tensor of the given rank/shape (None = any size), returned as a contiguous int64
+    tensor (the kernels index it densely; int32 or strided input costs one small copy, no host sync)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int64 (or int32) index tensor, got {t.dtype}")
+    check_tensor(name, t, dims=dims, shape=shape)
+    return t.to(torch.int64, memory_format=torch.contiguous_format)
+
+
+def check_index_values_on_cpu(name: str, t: torch.Tensor, bound: int, *, unique_dim: int | None = None) -> None:
+    """Values of the index tensor ``t`` in [0, bound) and, when ``unique_dim`` is given, without repeats
+    along that dim. Only for CPU tensors in eager mode (a no-op elsewhere): on CUDA it would synchronise
+    the host, under torch.compile it would break the graph."""
+    if t.device.type != "cpu" or not t.numel() or torch.compiler.is_compiling():
+        return
+    if bound <= 0:
+        raise ValueError(f"{name} must be empty when indexing a dim of size 0, got shape {tuple(t.shape)}")
+    check_ids_range(name, t, bound)
+    if unique_dim is not None and t.shape[unique_dim] > 1:
+        s = t.sort(dim=unique_dim).values
+        n = s.shape[unique_dim]
+        if bool((s.narrow(unique_dim, 1, n - 1) == s.narrow(unique_dim, 0, n - 1)).any()):
+            where = "" if t.dim() == 1 else f" along dim {unique_dim}"
+            raise ValueError(f"{name} must not repeat values{where}, got repeated values")
 
 
 def is_exact_gelu(act: object) -> bool:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import backend
 from . import cpu_gemm
+from ._common import INDEX_DTYPES, autocast_dtype, check_index_values_on_cpu, check_same_device, check_tensor
 from .token_skip import _interpret_upcast
 
 
@@ -79,24 +80,49 @@ def _backward(ctx, grad: Tensor):
 _gated_specialist_op.register_autograd(_backward, setup_context=_setup)
 
 
-def gated_specialist(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expert: Tensor, scale: Tensor,
-                     w_up: Tensor, b_up: Tensor, channel_weight: Tensor | None = None,
-                     eps: float = 1e-5) -> Tensor:
-    """The gated mixture on tokens ``h`` (T, D) -> (T, D); see the module docstring for the formula.
-
-    w_fold (R, D), b_fold (R,), unit_expert (R,) int32 (the expert of each hidden unit), scale (T, E),
-    w_up (D, R), b_up (E, D), channel_weight (T, D) or None."""
+def check_gated_specialist_args(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expert: Tensor, scale: Tensor,
+                                w_up: Tensor, b_up: Tensor, channel_weight: Tensor | None) -> None:
+    """Clear errors naming the argument (DESIGN.md §7): shapes, dtypes (outside autocast every floating
+    argument has h's dtype) and devices always; unit_expert values in [0, E) only on CPU (no host sync)."""
+    check_tensor("h", h, floating=True)
+    for name, t in (("w_fold", w_fold), ("b_fold", b_fold), ("unit_expert", unit_expert), ("scale", scale),
+                    ("w_up", w_up), ("b_up", b_up)):
+        check_tensor(name, t)
     if h.dim() != 2 or w_fold.dim() != 2 or w_fold.shape[1] != h.shape[1]:
         raise ValueError(f"h (T, D) and w_fold (R, D) must agree, got {tuple(h.shape)} and {tuple(w_fold.shape)}")
     r, d = w_fold.shape
     if w_up.shape != (d, r) or b_fold.shape != (r,) or unit_expert.shape != (r,):
         raise ValueError(f"w_up must be ({d}, {r}), b_fold and unit_expert ({r},); got {tuple(w_up.shape)}, "
                          f"{tuple(b_fold.shape)}, {tuple(unit_expert.shape)}")
-    if scale.shape[0] != h.shape[0] or b_up.shape != (scale.shape[1], d):
+    if scale.dim() != 2 or scale.shape[0] != h.shape[0] or b_up.shape != (scale.shape[1], d):
         raise ValueError(f"scale must be ({h.shape[0]}, E) and b_up (E, {d}); got {tuple(scale.shape)} and "
                          f"{tuple(b_up.shape)}")
-    if channel_weight is not None and channel_weight.shape != h.shape:
-        raise ValueError(f"channel_weight must have shape {tuple(h.shape)}, got {tuple(channel_weight.shape)}")
+    if unit_expert.dtype not in INDEX_DTYPES:
+        raise TypeError(f"unit_expert must be an int32 (or int64) tensor, got {unit_expert.dtype}")
+    if channel_weight is not None:
+        check_tensor("channel_weight", channel_weight, floating=True)
+        if channel_weight.shape != h.shape:
+            raise ValueError(f"channel_weight must have shape {tuple(h.shape)}, got {tuple(channel_weight.shape)}")
+    floats = (("w_fold", w_fold), ("b_fold", b_fold), ("scale", scale), ("w_up", w_up), ("b_up", b_up),
+              ("channel_weight", channel_weight))
+    if autocast_dtype(h.device.type) is None:
+        for name, t in floats:
+            if t is not None and t.dtype != h.dtype:
+                raise TypeError(f"{name} is {t.dtype} but h is {h.dtype}: outside autocast every floating "
+                                f"argument must have h's dtype")
+    check_same_device("h", h, (*floats, ("unit_expert", unit_expert)))
+    check_index_values_on_cpu("unit_expert", unit_expert, scale.shape[1])
+
+
+def gated_specialist(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expert: Tensor, scale: Tensor,
+                     w_up: Tensor, b_up: Tensor, channel_weight: Tensor | None = None,
+                     eps: float = 1e-5) -> Tensor:
+    """The gated mixture on tokens ``h`` (T, D) -> (T, D); see the module docstring for the formula.
+
+    w_fold (R, D), b_fold (R,), unit_expert (R,) int32 or int64 (the expert of each hidden unit, in
+    [0, E)), scale (T, E), w_up (D, R), b_up (E, D), channel_weight (T, D) or None; outside autocast all
+    floating arguments in h's dtype."""
+    check_gated_specialist_args(h, w_fold, b_fold, unit_expert, scale, w_up, b_up, channel_weight)
     if not backend.use_triton(h):
         return _torch_gated_specialist(h, w_fold, b_fold, unit_expert, scale, w_up, b_up, channel_weight, eps)
     cw = channel_weight.contiguous() if channel_weight is not None else None

@@ -274,15 +274,21 @@ def _validate_ids_on_host(ids: Tensor | None, G: int, triton_path: bool) -> None
         check_ids_range("expert_id", ids, G)
 
 
+def _use_kernels(h: Tensor) -> bool:
+    """Whether the Triton kernels run: the backend's choice, except for float64, which the kernels would
+    compute in fp32 (and whose backward they do not support); float64 takes the torch path."""
+    return h.dtype != torch.float64 and backend.use_triton(h)
+
+
 def single_adapter_uses_torch(h: Tensor) -> bool:
     """Whether one adapter (one group) on ``h`` runs :func:`adapter_torch` (cuBLAS on CUDA) rather than the
     kernel: always, unless backend "triton" asks for the kernel (module docstring)."""
-    return backend.get_backend() != "triton" or not backend.use_triton(h)
+    return backend.get_backend() != "triton" or not _use_kernels(h)
 
 
 def _forward_impl(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scale, eps, save):
     """Dispatch the forward: (out, mean, rstd, preact)."""
-    triton_path = backend.use_triton(h)
+    triton_path = _use_kernels(h)
     _validate_ids_on_host(ids, len(bottlenecks), triton_path)
     if triton_path:
         return _kernels().forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scale, eps, save)
@@ -292,7 +298,7 @@ def _forward_impl(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks
 def _backward_impl(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, mean, rstd, preact, bottlenecks, scale, eps,
                    need_dh, need_w):
     """Dispatch the backward: (dh, dln_w, dln_b, ddown_w, ddown_b, dup_w, dup_b)."""
-    if backend.use_triton(h):
+    if _use_kernels(h):
         return tuple(
             _kernels().backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mean, rstd, preact,
                                 scale, eps, need_dh, need_w)
@@ -417,13 +423,14 @@ def adapter_torch(h: Tensor, base: Tensor | None, ln_w: Tensor, ln_b: Tensor, do
     the reference's ops, minus its separate scale multiply when ``base`` is given (one add with
     ``alpha``). Weights as the modules hold them (``ln_w`` (D,), ``down_w`` (r, D), ``up_w`` (D, r), ...);
     under autocast ``F.linear`` casts them as the reference's ``nn.Linear`` does. The ReLU and the scale
-    act in place on fresh GEMM outputs, which autograd allows (neither GEMM's backward reads its output).
+    act in place on fresh GEMM outputs, which autograd allows (neither GEMM's backward reads its output);
+    without gradients on the CPU oneDNN path they run in the GEMMs' epilogues, as does the add of ``base``.
     """
     y = F.layer_norm(h, (h.shape[-1],), ln_w, ln_b, eps)
-    out = cpu_gemm.linear(cpu_gemm.linear(y, down_w, down_b).relu_(), up_w, up_b)
+    z = cpu_gemm.linear_relu(y, down_w, down_b)
     if base is None:
-        return out.mul_(scale)
-    return torch.add(base, out, alpha=scale)
+        return cpu_gemm.linear(z, up_w, up_b).mul_(scale)
+    return cpu_gemm.linear_add(z, up_w, up_b, base, alpha=scale)
 
 
 class GroupedAdapterFunction(torch.autograd.Function):

@@ -25,13 +25,14 @@ from torch import Tensor
 
 from .. import backend
 from . import cpu_gemm
+from ._common import check_index, check_index_values_on_cpu, check_same_device, check_tensor
 from .token_skip import _interpret_upcast, expand_coef
 
 
 def _gated(x_sel: Tensor, mix: Tensor, coef: Tensor) -> Tensor:
     t, d = x_sel.shape
-    g = coef.shape[1]
-    return (x_sel.view(t, g, -1) + coef.unsqueeze(-1) * (mix - x_sel).view(t, g, -1)).view(t, d)
+    g = coef.shape[1]  # explicit group width: a view of 0 rows cannot infer a -1 dim
+    return (x_sel.view(t, g, d // g) + coef.unsqueeze(-1) * (mix - x_sel).view(t, g, d // g)).view(t, d)
 
 
 def _torch_mixes(
@@ -152,7 +153,8 @@ def _backward(ctx, g_gen: Tensor, g_med: Tensor, _g_hidden, _g_mix_gen, _g_mix_m
         g_sel = g.index_select(0, rows)
         cf = expand_coef(c, d)
         g_x.append(g.index_copy(0, rows, g_sel * (1 - cf)))
-        g_c.append((g_sel * (mix - x.index_select(0, rows))).view(rows.shape[0], c.shape[1], -1).sum(-1))
+        g_c.append((g_sel * (mix - x.index_select(0, rows))).view(rows.shape[0], c.shape[1], d // c.shape[1])
+                   .sum(-1))
         d_mix.append(g_sel * cf)
     dmix = torch.cat(d_mix)
     eidx = torch.cat([eidx_gen, eidx_med])
@@ -199,6 +201,53 @@ def _(x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med,
     return None
 
 
+def check_moe_args(
+    x_gen: Tensor, x_med: Tensor, rows_gen: Tensor, rows_med: Tensor,
+    eidx_gen: Tensor, p_gen: Tensor, c_gen: Tensor, eidx_med: Tensor, p_med: Tensor, c_med: Tensor,
+    w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Clear errors naming the argument (DESIGN.md §7) for :func:`moe_gated_update`; returns (rows_gen,
+    rows_med, eidx_gen, eidx_med) as int64. Shapes, dtypes and devices always; index values (rows in
+    [0, M), experts in [0, n) and distinct per row) only on CPU, where reading them costs no host sync."""
+    check_tensor("x_gen", x_gen, dims=2, floating=True)
+    m, d = x_gen.shape
+    check_tensor("x_med", x_med, shape=(m, d))
+    check_tensor("w_down", w_down, dims=3)
+    n, r = w_down.shape[:2]
+    if n == 0 or r == 0:
+        raise ValueError(f"w_down: expected (n, r, 2D) with n, r >= 1, got {tuple(w_down.shape)}")
+    check_tensor("w_down", w_down, shape=(n, r, 2 * d))
+    check_tensor("b_down", b_down, shape=(n, r))
+    check_tensor("w_up", w_up, shape=(n, d, r))
+    check_tensor("b_up", b_up, shape=(n, d))
+    streams = (("gen", rows_gen, eidx_gen, p_gen, c_gen), ("med", rows_med, eidx_med, p_med, c_med))
+    k = eidx_gen.shape[1] if isinstance(eidx_gen, Tensor) and eidx_gen.dim() == 2 else None
+    rows, eidx = {}, {}
+    for s, rows_s, eidx_s, p_s, c_s in streams:
+        # one conversion when both streams pass the same row tensor (the fallback shares their expert input)
+        rows[s] = rows["gen"] if s == "med" and rows_s is rows_gen else check_index(f"rows_{s}", rows_s, dims=1)
+        t = rows[s].shape[0]
+        eidx[s] = check_index(f"eidx_{s}", eidx_s, shape=(t, k))
+        if not 1 <= k <= n:
+            raise ValueError(f"eidx_{s}: expected 1 <= K <= {n} experts per row, got shape {tuple(eidx_s.shape)}")
+        check_tensor(f"p_{s}", p_s, shape=(t, k))
+        check_tensor(f"c_{s}", c_s, dims=2)
+        if c_s.shape[0] != t or c_s.shape[1] == 0 or d % c_s.shape[1]:
+            raise ValueError(f"c_{s}: expected ({t}, G) with G >= 1 dividing D={d}, got {tuple(c_s.shape)}")
+    named = (("x_med", x_med), ("p_gen", p_gen), ("c_gen", c_gen), ("p_med", p_med), ("c_med", c_med),
+             ("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up))
+    for name, t in named:
+        if t.dtype != x_gen.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x_gen is {x_gen.dtype}: x_gen, x_med, probabilities, gates "
+                            f"and expert weights must share one dtype")
+    check_same_device("x_gen", x_gen, [*named, *((f"rows_{s}", rows[s]) for s in rows),
+                                       *((f"eidx_{s}", eidx[s]) for s in eidx)])
+    for s in ("gen", "med"):
+        check_index_values_on_cpu(f"rows_{s}", rows[s], m)
+        check_index_values_on_cpu(f"eidx_{s}", eidx[s], n, unique_dim=1)
+    return rows["gen"], rows["med"], eidx["gen"], eidx["med"]
+
+
 def moe_gated_update(
     x_gen: Tensor, x_med: Tensor, rows_gen: Tensor, rows_med: Tensor,
     eidx_gen: Tensor, p_gen: Tensor, c_gen: Tensor, eidx_med: Tensor, p_med: Tensor, c_med: Tensor,
@@ -206,14 +255,15 @@ def moe_gated_update(
 ) -> tuple[Tensor, Tensor]:
     """Both streams updated on their selected rows (see the module docstring); returns (out_gen, out_med).
 
-    x_gen/x_med (M, D); rows_s (T_s,) int64 without repeats; eidx_s (T_s, K) int64 distinct per row;
-    p_s (T_s, K); c_s (T_s, G) with G | D; w_down (n, r, 2D), b_down (n, r), w_up (n, D, r), b_up (n, D).
+    x_gen/x_med (M, D); rows_s (T_s,) int64 (or int32) without repeats; eidx_s (T_s, K) int64 (or int32)
+    distinct per row; p_s (T_s, K); c_s (T_s, G) with G | D; w_down (n, r, 2D), b_down (n, r),
+    w_up (n, D, r), b_up (n, D); every floating tensor in x_gen's dtype. Argument errors name the argument
+    (:func:`check_moe_args`; index values are checked on CPU only, no host sync on CUDA).
     ``inplace=True`` writes into x_gen/x_med (contiguous, no gradient needed: only selected rows are
     touched) and returns them; with gradients it computes out of place and copies."""
+    rows_gen, rows_med, eidx_gen, eidx_med = check_moe_args(
+        x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down, w_up, b_up)
     tensors = (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)
-    if len({t.dtype for t in tensors}) != 1:
-        raise TypeError(f"x_gen, x_med, probabilities, gates and expert weights must share one dtype, got "
-                        f"{sorted({str(t.dtype) for t in tensors})}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     idx = (rows_gen, rows_med, eidx_gen, eidx_med)
     if inplace and not needs_grad and x_gen.is_contiguous() and x_med.is_contiguous():

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import backend
+from ._common import check_tensor
 from .token_skip import _interpret_upcast
 
 
@@ -67,6 +69,8 @@ def check_routed_args(
 ) -> None:
     """Clear errors, naming the argument, for what the kernels cannot survive (shapes, dtypes, devices,
     layout); host-side only, no device synchronisation (values such as repeated indices are not checked)."""
+    check_tensor("x_gen", x_gen, floating=True)
+    check_tensor("x_med", x_med)
     if x_gen.dim() != 3 or x_med.shape != x_gen.shape:
         raise ValueError(f"x_gen/x_med: expected two (B, N, D) tensors of one shape, got {tuple(x_gen.shape)} and "
                          f"{tuple(x_med.shape)}")
@@ -76,6 +80,8 @@ def check_routed_args(
     names = ("wr_gen", "br_gen", "wr_med", "br_med", "wg_gen", "bg_gen", "wg_med", "bg_med", "w_down", "b_down",
              "w_up", "b_up")
     tensors = dict(zip(names, weights))
+    for name, t in tensors.items():
+        check_tensor(name, t)
     n, r = tensors["w_down"].shape[:2] if tensors["w_down"].dim() == 3 else (0, 0)
     g = tensors["wg_gen"].shape[0] if tensors["wg_gen"].dim() == 2 else 0
     want = {"wr_gen": (n, d), "br_gen": (n,), "wr_med": (n, d), "br_med": (n,), "wg_gen": (g, d), "bg_gen": (g,),
@@ -134,4 +140,5 @@ def moe_routed_update_(
     in the streams' dtype. Triton backend (CUDA, or CPU under TRITON_INTERPRET=1), no gradients."""
     weights = (wr_gen, br_gen, wr_med, br_med, wg_gen, bg_gen, wg_med, bg_med, w_down, b_down, w_up, b_up)
     check_routed_args(x_gen, x_med, idx_gen, skip_gen, idx_med, skip_med, weights, top_k)
+    backend.require_triton("moe_routed_update_", x_gen)
     return routed_update_(x_gen, x_med, idx_gen, skip_gen, idx_med, skip_med, weights, top_k)

@@ -23,6 +23,7 @@ Three ops, registered with ``torch.library.custom_op`` (namespace ``mosaic_fast`
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -54,10 +55,18 @@ def extension_available() -> bool:
     return _C is not None
 
 
-def _check_patch(patch_size: Sequence[int]) -> tuple[int, int, int]:
-    if len(patch_size) != 3 or any(int(p) <= 0 for p in patch_size):
-        raise ValueError(f"patch_size: expected 3 positive ints (pd, ph, pw), got {tuple(patch_size)}")
-    return int(patch_size[0]), int(patch_size[1]), int(patch_size[2])
+def _check_patch(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """(pd, ph, pw) from 3 positive ints, or one int for a cube (anything with ``__index__``, not bool)."""
+    if hasattr(patch_size, "__index__") and not isinstance(patch_size, (bool, torch.Tensor)):
+        patch_size = (patch_size,) * 3
+    if not isinstance(patch_size, Sequence) or isinstance(patch_size, str):
+        raise TypeError(f"patch_size: expected an int or 3 ints (pd, ph, pw), got {type(patch_size).__name__}")
+    if any(isinstance(p, bool) or not hasattr(p, "__index__") for p in patch_size):
+        raise TypeError(f"patch_size: expected ints, got {tuple(patch_size)}")
+    patch = tuple(operator.index(p) for p in patch_size)
+    if len(patch) != 3 or any(p <= 0 for p in patch):
+        raise ValueError(f"patch_size: expected 3 positive ints (pd, ph, pw), got {patch}")
+    return patch
 
 
 def _check_volume(x: torch.Tensor, patch: tuple[int, int, int], name: str = "x") -> None:
@@ -215,8 +224,11 @@ def _proj_backward(ctx, grad):
 _patch_embed3d_proj_op.register_autograd(_proj_backward, setup_context=_proj_setup)
 
 
-def patchify3d(x: torch.Tensor, patch_size: Sequence[int], scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, L, C·pd·ph·pw) patch matrix of ``x·scale + shift`` (differentiable in x)."""
+def patchify3d(
+    x: torch.Tensor, patch_size: int | Sequence[int], scale: float = 1.0, shift: float = 0.0
+) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, L, C·pd·ph·pw) patch matrix of ``x·scale + shift`` (differentiable in x);
+    ``patch_size`` (pd, ph, pw) or one int for cubes."""
     patch = _check_patch(patch_size)
     _check_volume(x, patch)
     return _patchify3d_op(x, patch, float(scale), float(shift))
@@ -258,6 +270,7 @@ def patch_embed3d_proj(
     patch = _check_patch(patch_size)
     _check_volume(x, patch)
     _check_weight(x, weight, bias, patch)
+    backend.require_triton("patch_embed3d_proj", x)
     if x.dtype not in _TRITON_X_DTYPES:
         raise TypeError(f"x: the Triton path takes dtypes {_TRITON_X_DTYPES}, got {x.dtype}")
     if weight.dtype not in _TRITON_W_DTYPES:
@@ -298,6 +311,10 @@ def _proj_checked(
 def _check_weight(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, patch: tuple[int, int, int]
 ) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
     expected = (x.shape[1], *patch)
     if weight.dim() != 5 or tuple(weight.shape[1:]) != expected:
         raise ValueError(f"weight: expected shape (E, {', '.join(map(str, expected))}), got {tuple(weight.shape)}")
@@ -307,6 +324,10 @@ def _check_weight(
         raise ValueError(
             f"bias: expected shape ({weight.shape[0]},) on {x.device}, got {tuple(bias.shape)} on {bias.device}"
         )
+    if not weight.is_floating_point():
+        raise TypeError(f"weight: expected a floating dtype, got {weight.dtype}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias: expected the weight dtype {weight.dtype}, got {bias.dtype}")
 
 
 def _triton_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

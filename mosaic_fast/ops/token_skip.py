@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
+from ._common import check_index, check_index_values_on_cpu, check_same_device, check_tensor
 
 
 def expand_coef(coef: Tensor, d: int) -> Tensor:
@@ -65,7 +66,7 @@ def _backward(ctx, grad: Tensor):
     g_sel = grad.index_select(0, rows)
     c = expand_coef(coef, d)
     g_x = grad.index_copy(0, rows, g_sel * (1 - c))
-    g_coef = (g_sel * (update - x.index_select(0, rows))).view(t, coef.shape[1], -1).sum(-1)
+    g_coef = (g_sel * (update - x.index_select(0, rows))).view(t, coef.shape[1], d // coef.shape[1]).sum(-1)
     return g_x, None, g_sel * c, g_coef
 
 
@@ -82,28 +83,36 @@ def _(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> None:
     return None
 
 
-def check_merge_args(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> None:
-    """Clear errors for wrong ranks, widths, dtypes or devices (DESIGN.md §7)."""
+def check_merge_args(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> Tensor:
+    """Clear errors naming the argument for wrong ranks, widths, dtypes or devices (DESIGN.md §7), and for
+    rows out of [0, M) where that needs no host sync (CPU tensors). Returns ``rows`` as int64."""
+    check_tensor("x", x, floating=True)
     if x.dim() != 2:
         raise ValueError(f"x: expected (M, D), got {tuple(x.shape)}")
-    if rows.dim() != 1 or rows.dtype != torch.int64:
-        raise TypeError(f"rows: expected an int64 vector, got {rows.dtype} of shape {tuple(rows.shape)}")
+    rows = check_index("rows", rows, dims=1)
+    check_tensor("update", update)
     if update.shape != (rows.shape[0], x.shape[1]):
         raise ValueError(f"update: expected {(rows.shape[0], x.shape[1])}, got {tuple(update.shape)}")
-    if coef.dim() != 2 or coef.shape[0] != rows.shape[0] or x.shape[1] % coef.shape[1]:
-        raise ValueError(f"coef: expected ({rows.shape[0]}, G) with G dividing {x.shape[1]}, got {tuple(coef.shape)}")
+    check_tensor("coef", coef)
+    if coef.dim() != 2 or coef.shape[0] != rows.shape[0] or coef.shape[1] == 0 or x.shape[1] % coef.shape[1]:
+        raise ValueError(f"coef: expected ({rows.shape[0]}, G) with G >= 1 dividing {x.shape[1]}, got "
+                         f"{tuple(coef.shape)}")
     if update.dtype != x.dtype:
         raise TypeError(f"update dtype {update.dtype} differs from x dtype {x.dtype}")
-    if not all(t.device == x.device for t in (rows, update, coef)):
-        raise ValueError(f"x, rows, update and coef must be on one device (x is on {x.device})")
+    if coef.dtype != x.dtype:
+        raise TypeError(f"coef dtype {coef.dtype} differs from x dtype {x.dtype}")
+    check_same_device("x", x, (("rows", rows), ("update", update), ("coef", coef)))
+    check_index_values_on_cpu("rows", rows, x.shape[0])
+    return rows
 
 
 def skip_merge(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor, inplace: bool = False) -> Tensor:
     """``x`` (M, D) with rows ``rows`` (T,) set to ``x + coef ⊙ (update − x)``; ``coef`` (T, G), G | D.
 
-    ``rows`` must not repeat. ``inplace=True`` writes into ``x`` (which must be contiguous and not need
-    a gradient) and returns it: only the selected rows are read and written."""
-    check_merge_args(x, rows, update, coef)
+    ``rows`` int64 (or int32) in [0, M), without repeats; ``update`` and ``coef`` in x's dtype.
+    ``inplace=True`` writes into ``x`` (which must be contiguous and not need a gradient) and returns it:
+    only the selected rows are read and written."""
+    rows = check_merge_args(x, rows, update, coef)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, update, coef))
     if inplace and not needs_grad and x.is_contiguous():
         if backend.use_triton(x):
@@ -152,6 +161,8 @@ def skip_select(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, T
     ``s = GELU(h) · w2ᵀ + b2`` per token (h (B, N, F): the router's first Linear applied; w2 (1, F) and
     b2 (1,): its last), the top ``kept`` tokens by s with token 0 (CLS) always kept; equal scores go to
     the lower token index. Triton backend only, for inference (no gradient flows to the router)."""
+    for name, t in (("h", h), ("w2", w2), ("b2", b2)):
+        check_tensor(name, t)
     if h.dim() != 3 or not h.is_floating_point():
         raise ValueError(f"h: expected a floating (B, N, F) tensor, got {h.dtype} {tuple(h.shape)}")
     if tuple(w2.shape) != (1, h.shape[2]) or tuple(b2.shape) != (1,):
@@ -163,6 +174,7 @@ def skip_select(h: Tensor, w2: Tensor, b2: Tensor, kept: int) -> tuple[Tensor, T
         raise ValueError(f"kept: expected 1 <= kept <= N={h.shape[1]}, got {kept}")
     if h.shape[1] > SELECT_MAX_TOKENS:
         raise ValueError(f"h: at most {SELECT_MAX_TOKENS} tokens per sample, got {h.shape[1]}")
+    backend.require_triton("skip_select", h)
     h, w2, b2 = h.contiguous(), w2.contiguous(), b2.contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.mosaic_fast.skip_select(h, w2, b2, kept)

@@ -51,6 +51,19 @@ def check_selection(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, name
                          f"{tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__}")
     if idx.device != x.device or gate.device != x.device:
         raise ValueError(f"idx_{name}/gate_{name} must be on {x.device}")
+    # values only where reading them is free (CPU): on CUDA that would synchronise the host
+    if idx.is_cpu and idx.numel() and not torch.compiler.is_compiling():
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= x.shape[1]:
+            raise ValueError(f"idx_{name}: token indices must be in [0, {x.shape[1]}), got values in [{low}, {high}]")
+
+
+def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``scores`` along the last dim (descending) and their indices, equal scores going
+    to the lower index. ``torch.topk`` leaves ties unspecified (a zero-initialised router ties every
+    score); this rule makes the choice the same on every device and in every fast path."""
+    values, index = scores.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k].contiguous(), index[..., :k].contiguous()
 
 
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -117,7 +130,7 @@ class GatedMoEAdapter(nn.Module):
         """Top-k expert indices (…, k) and their softmax probabilities (…, k) for stream 0 (gen) / 1 (med)."""
         router = self.router_gen if stream == 0 else self.router_med
         scores = router(x)
-        top, index = scores.topk(self.top_k, dim=-1)
+        top, index = top_k_lowest_index_first(scores, self.top_k)
         return index, top.softmax(dim=-1)
 
     def gate_values(self, x: torch.Tensor, stream: int) -> torch.Tensor:
@@ -185,7 +198,7 @@ class SkipRouter(nn.Module):
     token (index 0) always kept; ``forward(x, fn)`` returns ``x`` with the kept tokens replaced by
     ``x + σ(s)(fn(x_kept) − x)`` (σ(s) keeps the router trainable) and the others unchanged.
     Selected indices are returned in ascending order, so the CLS token is first in ``x_kept`` and the
-    order of the other tokens is kept; ties in the scores are broken by ``torch.topk``.
+    order of the other tokens is kept; equal scores go to the lower token index.
     """
 
     def __init__(self, d_model: int = 768, keep_ratio: float = 0.5) -> None:
@@ -219,7 +232,7 @@ class SkipRouter(nn.Module):
         k = num_kept(self.keep_ratio, x.shape[1])
         ranked = s.detach().clone()
         ranked[:, 0] = float("inf")
-        idx = ranked.topk(k, dim=1).indices.sort(dim=1).values
+        idx = top_k_lowest_index_first(ranked, k)[1].sort(dim=1).values
         return idx, torch.sigmoid(s.gather(1, idx))
 
     def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
