@@ -285,3 +285,55 @@ def test_gated_moe_adapter_empty_input_forward_backward(request, backend_name, s
     with torch.no_grad():
         outs = fast(torch.randn(shape, device=device), torch.randn(shape, device=device))
     assert [tuple(o.shape) for o in outs] == [shape, shape]
+
+
+_D = 32
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize(("module", "call", "name"), [
+    (lambda m: m.Adapter(_D, 8), lambda mod, x: mod(x), "h"),
+    (lambda m: m.MoSAdapter(_D, 8, 8, 8), lambda mod, x: mod(x, "B"), "h"),
+    (lambda m: m.GatedMoEAdapter(_D, 4, 2, 8, _D), lambda mod, x: mod(x, x), "x_gen"),
+    (lambda m: m.SkipRouter(_D), lambda mod, x: mod.select(x), "x"),
+    (lambda m: m.GatedSpecialistAdapter(_D, (4, 6, 8)), lambda mod, x: mod(x), "h"),
+], ids=["Adapter", "MoSAdapter", "GatedMoEAdapter", "SkipRouter", "GatedSpecialistAdapter"])
+def test_modules_name_an_input_of_another_dtype(impl, module, call, name):
+    """float64 tokens into float32 modules: a TypeError naming the input (not torch's mat1/mat2 message);
+    under autocast the same call runs."""
+    from mosaic_fast import nn as fast_nn
+    from mosaic_fast import reference
+
+    mod = module(reference if impl == "reference" else fast_nn)
+    want = rf"\b{name} is torch\.float64 but the (module's parameters|adapter weights) are torch\.float32"
+    with pytest.raises(TypeError, match=want):
+        call(mod, torch.randn(2, 3, _D, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        call(mod, torch.randn(2, 3, _D))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_patch_embed3d_names_a_float_volume_of_another_dtype(impl):
+    from mosaic_fast import nn as fast_nn
+    from mosaic_fast import reference
+
+    pe = (reference if impl == "reference" else fast_nn).PatchEmbed3D(16, 4, 1, _D)
+    with pytest.raises(TypeError, match=r"^x is torch\.float64"):
+        pe(torch.randn(1, 1, 16, 16, 16, dtype=torch.float64))
+    assert pe(torch.randint(0, 255, (1, 1, 16, 16, 16), dtype=torch.uint8)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_models_name_a_2d_input_of_another_dtype(fast):
+    from mosaic_fast import models
+
+    model = models.MosaicModel([2] * 18, embed_dim=_D, depth=1, num_heads=2, img_size_2d=32, patch_size_2d=16,
+                               img_size_3d=16, patch_size_3d=4, adapter_bottleneck_a=4, adapter_bottleneck_b=4,
+                               adapter_bottleneck_c=4, fast=fast)
+    with pytest.raises(TypeError, match=r"^x is torch\.float64"):
+        model(torch.randn(1, 3, 32, 32, dtype=torch.float64), 0, expert_id="A")
+    with pytest.raises(TypeError, match="floating-point image batch"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 0, expert_id="A")
+    dyn = models.DynaMerModel(3, embed_dim=_D, depth=1, num_heads=2, img_size=32, patch_size=16, fast=fast)
+    with pytest.raises(TypeError, match=r"^x is torch\.float64"):
+        dyn(torch.randn(1, 3, 32, 32, dtype=torch.float64))

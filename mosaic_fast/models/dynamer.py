@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import reference
 from ..nn.vit import add_residual
+from ..reference.checks import check_input_dtype
 from ..reference.moe import gather_tokens
 from .weights import load_vit_weights, read_npz
 
@@ -61,6 +62,9 @@ class PatchEmbed(nn.Module):
         expect = (self.in_chans, self.img_size, self.img_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expect:
             raise ValueError(f"x: expected (B, {', '.join(map(str, expect))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point image batch (normalised), got {x.dtype}")
+        check_input_dtype("x", x, self.proj.weight)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

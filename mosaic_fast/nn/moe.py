@@ -25,6 +25,7 @@ from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import routed_update_
 from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
+from ..reference.checks import check_input_dtype
 from ..reference.moe import check_pair, check_selection, check_tokens, num_kept, top_k_lowest_index_first
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
@@ -109,7 +110,7 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         return routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, weights, self.top_k)
 
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_pair(x_gen, x_med, self.d_model)
+        check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         weights = self._routed_inference(x_gen, x_med)
         if weights is not None:
             fmt = torch.contiguous_format
@@ -132,7 +133,7 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         gate_med: torch.Tensor,
         inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_pair(x_gen, x_med, self.d_model)
+        check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
         n = x_gen.shape[1]
@@ -183,12 +184,12 @@ class SkipRouter(reference.SkipRouter):
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
         if n and self._fused_select(x):
-            check_tokens(x, self.d_model, "x")
+            check_tokens(x, self.d_model, "x", self.fc1.weight)
             h = F.linear(x, self.fc1.weight, self.fc1.bias)
             return skip_select(h, self.fc2.weight, self.fc2.bias, num_kept(self.keep_ratio, n))
         if n == 0 or num_kept(self.keep_ratio, n) < n:
             return super().select(x)
-        check_tokens(x, self.d_model, "x")
+        check_tokens(x, self.d_model, "x", self.fc1.weight)
         s = self.scores(x)
         # all N kept: the reference's ascending top-N indices are exactly 0..N-1, whatever the scores
         idx = torch.arange(n, device=x.device).expand(x.shape[0], n)
@@ -251,6 +252,7 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
             return super().forward(h)
         if h.dim() < 2 or h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected shape (..., {self.d_model}), got {tuple(h.shape)}")
+        check_input_dtype("h", h, self.gate.weight)
         h2 = h.reshape(-1, self.d_model)
         w_fold, b_fold, w_up, b_up, scales = self._folded(h)
         logits = self.gate(h2)

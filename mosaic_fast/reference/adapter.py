@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .checks import check_input_dtype
+
 EXPERT_NAMES = ("A", "B", "C")
 
 
@@ -56,6 +58,7 @@ class Adapter(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected last dim {self.d_model}, got shape {tuple(h.shape)}")
+        check_input_dtype("h", h, self.down_proj.weight)
         z = self.activation(self.down_proj(self.layer_norm(h)))
         return self.dropout(self.up_proj(z)) * self.scale
 

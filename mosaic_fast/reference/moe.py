@@ -15,22 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, MoSAdapter
+from .checks import check_input_dtype
 
 
-def check_tokens(x: torch.Tensor, d_model: int, name: str) -> None:
-    """Raise unless ``x`` is a floating (B, N, d_model) tensor."""
+def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor | None = None) -> None:
+    """Raise unless ``x`` is a floating (B, N, d_model) tensor (of ``weight``'s dtype outside autocast)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(f"{name}: expected shape (B, N, {d_model}), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if weight is not None:
+        check_input_dtype(name, x, weight)
 
 
-def check_pair(x_gen: torch.Tensor, x_med: torch.Tensor, d_model: int) -> None:
-    """Both streams: (B, N, d_model) tensors of the same shape, dtype and device."""
-    check_tokens(x_gen, d_model, "x_gen")
-    check_tokens(x_med, d_model, "x_med")
+def check_pair(x_gen: torch.Tensor, x_med: torch.Tensor, d_model: int, weight: torch.Tensor | None = None) -> None:
+    """Both streams: (B, N, d_model) tensors of the same shape, dtype and device (``weight``'s dtype outside
+    autocast)."""
+    check_tokens(x_gen, d_model, "x_gen", weight)
+    check_tokens(x_med, d_model, "x_med", weight)
     if x_gen.shape != x_med.shape:
         raise ValueError(f"x_gen and x_med must have the same shape, got {tuple(x_gen.shape)} and "
                          f"{tuple(x_med.shape)}")
@@ -145,7 +149,7 @@ class GatedMoEAdapter(nn.Module):
         return torch.einsum("bner,edr->bned", hidden, self.up_weight) + self.up_bias
 
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_pair(x_gen, x_med, self.d_model)
+        check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         experts = self.expert_outputs(x_gen, x_med)
         outs = []
         for stream, x in enumerate((x_gen, x_med)):
@@ -171,7 +175,7 @@ class GatedMoEAdapter(nn.Module):
         ``idx_s`` (B, k_s) are the tokens stream s selected, ``gate_s`` (B, k_s) their skip gates σ(score):
         ``x_s[idx] ← x + gate·(x̂_s − x)``; the other tokens are returned unchanged. The expert input is the
         pair of both streams' current tokens. ``inplace=True`` writes into ``x_gen``/``x_med`` (inference)."""
-        check_pair(x_gen, x_med, self.d_model)
+        check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
         hats = self(x_gen, x_med)
@@ -227,7 +231,7 @@ class SkipRouter(nn.Module):
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept token indices (B, k) ascending, and their skip gates σ(s) (B, k)."""
-        check_tokens(x, self.d_model, "x")
+        check_tokens(x, self.d_model, "x", self.fc1.weight)
         s = self.scores(x)
         k = num_kept(self.keep_ratio, x.shape[1])
         ranked = s.detach().clone()
@@ -316,6 +320,7 @@ class GatedSpecialistAdapter(nn.Module):
         if not isinstance(h, torch.Tensor) or h.shape[-1] != self.d_model or h.dim() < 2:
             raise ValueError(f"h: expected shape (..., {self.d_model}), got "
                              f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+        check_input_dtype("h", h, self.gate.weight)
         outs = torch.stack([expert(h) for expert in self.experts], dim=-2)  # (..., E, D)
         if self.gate_kind == "expert":
             weights = F.softmax(self.gate(h), dim=-1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_input_dtype
+
 
 def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)
@@ -27,6 +29,9 @@ class PatchEmbed2D(nn.Module):
             raise ValueError(
                 f"x: H and W must be divisible by patch_size {self.patch_size}, got {tuple(x.shape)}"
             )
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point image batch (normalised), got {x.dtype}")
+        check_input_dtype("x", x, self.proj.weight)
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
@@ -60,6 +65,7 @@ class PatchEmbed3D(nn.Module):
             raise ValueError(
                 f"x: volume {tuple(x.shape[2:])} is not divisible by patch_size {self.patch_size}"
             )
+        check_input_dtype("x", x, self.proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
