@@ -304,3 +304,8 @@ def test_module_bad_inputs():
         fast(np.zeros((1, 1, 16, 16, 16), np.float32))
     with pytest.raises(TypeError, match="x: expected an integer or floating dtype"):
         fast(torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool))
+    for patch in (0, (8, 8, -8), (8, 8)):
+        with pytest.raises(ValueError, match="patch_size must be a positive int"):
+            fast_nn.PatchEmbed3D(16, patch, 1, 32)
+    with pytest.raises(ValueError, match="img_size .* must be divisible by patch_size"):
+        reference.PatchEmbed3D(20, 8, 1, 32)

@@ -193,6 +193,9 @@ def test_bad_input():
         fast(torch.randn(2, 5, D + 1), update_fn)
     with pytest.raises(TypeError, match="fn"):
         fast(x, "not callable")
+    for router in (fast, make()[0]):
+        with pytest.raises(ValueError, match="N >= 1 tokens"):
+            router(torch.randn(2, 0, D), update_fn)
     with pytest.raises(ValueError, match="update"):
         fast(x, lambda t: t[:, :1])
     for router in (fast, make()[0]):

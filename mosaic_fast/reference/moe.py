@@ -22,8 +22,8 @@ def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor 
     """Raise unless ``x`` is a floating (B, N, d_model) tensor (of ``weight``'s dtype outside autocast)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"{name}: expected shape (B, N, {d_model}), got {tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected shape (B, N, {d_model}) with N >= 1 tokens, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if weight is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -51,6 +53,10 @@ class PatchEmbed3D(nn.Module):
     ) -> None:
         super().__init__()
         self.img_size, self.patch_size = _triple(img_size), _triple(patch_size)
+        if len(self.patch_size) != 3 or any(not isinstance(p, numbers.Integral) or p < 1 for p in self.patch_size):
+            raise ValueError(f"patch_size must be a positive int or three positive ints, got {patch_size!r}")
+        if any(s % p for s, p in zip(self.img_size, self.patch_size)):
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         self.in_chans, self.embed_dim = in_chans, embed_dim
         grid = [s // p for s, p in zip(self.img_size, self.patch_size)]
         self.num_patches = grid[0] * grid[1] * grid[2]
