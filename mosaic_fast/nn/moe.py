@@ -184,12 +184,12 @@ class SkipRouter(reference.SkipRouter):
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
         if n and self._fused_select(x):
-            check_tokens(x, self.d_model, "x", self.fc1.weight)
+            check_tokens(x, self.d_model, "x", self.fc1.weight, min_tokens=1)
             h = F.linear(x, self.fc1.weight, self.fc1.bias)
             return skip_select(h, self.fc2.weight, self.fc2.bias, num_kept(self.keep_ratio, n))
         if n == 0 or num_kept(self.keep_ratio, n) < n:
             return super().select(x)
-        check_tokens(x, self.d_model, "x", self.fc1.weight)
+        check_tokens(x, self.d_model, "x", self.fc1.weight, min_tokens=1)
         s = self.scores(x)
         # all N kept: the reference's ascending top-N indices are exactly 0..N-1, whatever the scores
         idx = torch.arange(n, device=x.device).expand(x.shape[0], n)

@@ -18,12 +18,15 @@ from .adapter import Adapter, MoSAdapter
 from .checks import check_input_dtype
 
 
-def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor | None = None) -> None:
-    """Raise unless ``x`` is a floating (B, N, d_model) tensor (of ``weight``'s dtype outside autocast)."""
+def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor | None = None,
+                 min_tokens: int = 0) -> None:
+    """Raise unless ``x`` is a floating (B, N, d_model) tensor with N >= ``min_tokens`` (of ``weight``'s
+    dtype outside autocast)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] == 0:
-        raise ValueError(f"{name}: expected shape (B, N, {d_model}) with N >= 1 tokens, got {tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] < min_tokens:
+        at_least = f" with N >= {min_tokens} tokens" if min_tokens else ""
+        raise ValueError(f"{name}: expected shape (B, N, {d_model}){at_least}, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if weight is not None:
@@ -231,7 +234,7 @@ class SkipRouter(nn.Module):
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept token indices (B, k) ascending, and their skip gates σ(s) (B, k)."""
-        check_tokens(x, self.d_model, "x", self.fc1.weight)
+        check_tokens(x, self.d_model, "x", self.fc1.weight, min_tokens=1)
         s = self.scores(x)
         k = num_kept(self.keep_ratio, x.shape[1])
         ranked = s.detach().clone()
