@@ -86,3 +86,15 @@ def test_fast_mkl_column_times_the_fast_path_without_onednn(monkeypatch):
     assert set(record["times_s"]) == {"reference", "fast", "fast+mkl"}
     assert 0 in calls and 1 in calls  # the mkl column's calls skipped oneDNN, the fast column's did not
     assert cpu_gemm.onednn_enabled()  # the library is restored afterwards
+
+
+def test_from_json_errors_name_the_file(tmp_path, capsys):
+    """A missing, malformed or foreign --from-json file is one message naming it (exit 2), not a traceback."""
+    bad, foreign = tmp_path / "bad.json", tmp_path / "foreign.json"
+    bad.write_text("{bad")
+    foreign.write_text("[]")
+    for path, message in ((tmp_path / "none.json", "cannot read the file"), (bad, "not valid JSON"),
+                          (foreign, "not a mosaic-fast bench results file")):
+        assert main(["--from-json", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"--from-json {path}: {message}" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,17 @@ def test_demo_defaults_and_overrides():
         (["--img_size_2d", "30"], "divisible"),
         (["--num_rounds", "3", "--warmup_rounds", "3"], "warmup_rounds"),
         (["--freeze_3d_tokenizer"], "freeze_backbone"),
+        (["--lr", "-1"], "--lr: must be a positive finite number"),
+        (["--lr", "inf"], "--lr: must be a positive finite number"),
+        (["--lr", "fast"], "--lr: must be a number"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm.*positive"),
+        (["--consist_weight", "-1"], "--consist_weight.*non-negative"),
+        (["--early_stopping_min_delta", "-1"], "--early_stopping_min_delta.*non-negative"),
+        (["--weight_decay", "nan"], "--weight_decay.*non-negative finite"),
+        (["--min_lr=-1e-6"], "--min_lr.*non-negative"),
+        (["--adapter_scalar", "nan"], "--adapter_scalar.*finite"),
+        (["--seed", "-1"], "--seed"),
+        (["--size_3d", "128"], "--size_3d.*invalid choice"),
     ],
 )
 def test_bad_options_exit_with_a_message(argv, message, capsys):
@@ -113,3 +125,110 @@ def test_eval_rejects_missing_and_foreign_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     assert main(["eval", "--checkpoint", str(tmp_path / "foreign.pt"), "--data_root", str(DEMO_ROOT)]) == 2
     assert "student_state_dict" in capsys.readouterr().err
+
+
+def test_diverged_model_is_reported_not_scored_or_saved(data_root, tmp_path, capsys):
+    """--lr 1e30: the one step's loss is finite but the model then gives NaN/inf logits; validation must stop
+    the run (exit 1, no traceback) instead of scoring it as "always class 0" and saving it as best.pt."""
+    out = tmp_path / "run"
+    argv = ["train", "--data_root", str(data_root), "--datasets", "breastmnist", *TINY, "--samples_per_round", "8",
+            "--num_rounds", "1", "--warmup_rounds", "0", "--lr", "1e30", "--output_dir", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for part in ("validation after round 1", "student", "non-finite logits", "BreastMNIST", "without writing"):
+        assert part in err, part
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_64(tmp_path_factory) -> tuple[Path, Path]:
+    """A run trained with --size_3d 64 on a root that also holds the 28³ file (and an untrained ChestMNIST)."""
+    root = tmp_path_factory.mktemp("data64")
+    write_synthetic_npz(root, "BreastMNIST", 28, (24, 8, 8), seed=0)
+    write_synthetic_npz(root, "ChestMNIST", 28, (24, 8, 8), seed=1)
+    write_synthetic_npz(root, "AdrenalMNIST3D", 28, (24, 8, 8), seed=2)
+    write_synthetic_npz(root, "AdrenalMNIST3D", 64, (24, 8, 8), seed=3)
+    out = tmp_path_factory.mktemp("run64")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--data_root", str(root), "--datasets", "breastmnist,adrenalmnist3d", *TINY,
+                     "--size_3d", "64", "--num_rounds", "1", "--warmup_rounds", "0", "--output_dir", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root, out
+
+
+def test_eval_reads_the_files_training_read(trained_64, tmp_path, monkeypatch, capsys):
+    """Without --data_root / --size_3d, eval takes the checkpoint's recorded root and file sizes (so it
+    reports the numbers training did), prints the file of each dataset, and explicit options still win."""
+    root, out = trained_64
+    monkeypatch.chdir(tmp_path)  # no ./data here: the root must come from the checkpoint
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--eval_batch_size", "16",
+                 "--output_dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert str(root / "adrenalmnist3d_64.npz") in printed and str(root / "breastmnist.npz") in printed
+    ours = json.loads((tmp_path / "eval_test_medmnist.json").read_text())
+    trained = json.loads((out / "test_results.json").read_text())
+    for model in ("student", "teacher"):
+        for name in ("BreastMNIST", "AdrenalMNIST3D"):
+            assert ours[model][name] == pytest.approx(trained[model][name], abs=1e-6), (model, name)
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--size_3d", "28", "--output_dir", str(tmp_path)]) == 0
+    assert str(root / "adrenalmnist3d.npz") in capsys.readouterr().out
+
+
+def test_eval_warns_about_untrained_heads_and_keeps_them_out_of_the_mean(trained_64, tmp_path, capsys):
+    _, out = trained_64
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--datasets", "breastmnist,chestmnist,adrenalmnist3d",
+                 "--output_dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "never trained on ChestMNIST" in captured.err
+    assert "ChestMNIST *" in captured.out and "mean (trained)" in captured.out
+    table = json.loads((tmp_path / "eval_test_medmnist.json").read_text())
+    for res in table.values():
+        assert res["mean_acc"] == pytest.approx((res["BreastMNIST"]["acc"] + res["AdrenalMNIST3D"]["acc"]) / 2)
+        assert res["mean_datasets"] == ["BreastMNIST", "AdrenalMNIST3D"]
+
+
+def test_failed_download_is_one_message(tmp_path, monkeypatch, capsys):
+    import medmnist.dataset
+
+    def offline(self):
+        try:
+            raise OSError("[Errno 101] Network is unreachable")
+        except OSError as err:
+            raise RuntimeError("Automatic download failed!") from err
+
+    monkeypatch.setattr(medmnist.dataset.MedMNIST, "download", offline)
+    assert main(["train", "--data_root", str(tmp_path), "--datasets", "pathmnist", "--download", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "pathmnist" in err and "Network is unreachable" in err and "zenodo.org" in err
+
+
+def test_resume_folder_and_pretrained_messages(data_root, tmp_path, capsys):
+    """--resume DIR takes DIR/last.pt (a folder without one is named); --pretrained of a non-ViT npz says so."""
+    assert main(_train_args(data_root, tmp_path, "--resume", str(tmp_path))) == 2
+    assert f"--resume {tmp_path} is a directory without a last.pt" in capsys.readouterr().err
+    other = tmp_path / "weights.npz"
+    np.savez(other, w=np.zeros(3))
+    assert main(_train_args(data_root, tmp_path, "--pretrained", str(other))) == 2
+    err = capsys.readouterr().err
+    assert f"--pretrained {other} is not a Google ViT checkpoint" in err
+
+
+def test_readme_lists_the_seed_options_that_differ(capsys):
+    """README's option notes match the parser: the seed options it says we lack are refused, and the
+    --data_root default it states is the parser's."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "The seed's options keep their names and defaults" not in readme
+    for option in ("--dataset_list", "--only_2d", "--only_3d", "--eval_every", "--save_every", "--exp_name",
+                   "--adapter_bottleneck`", "--no_adapter"):
+        assert option in readme, option
+        with pytest.raises(SystemExit):
+            parse_train_args([option.rstrip("`"), "1"])
+    capsys.readouterr()
+    assert parse_train_args([]).data_root == "./data" and "`--data_root` defaults to `./data`" in readme

@@ -218,3 +218,40 @@ def test_download_is_never_attempted_without_the_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(npz, "download_npz", lambda root, name, size: calls.append((name, size)) or shutil.copy(
         DEMO_ROOT / "breastmnist.npz", Path(root) / npz_filename(name, size)))
     assert find_npz(tmp_path, "BreastMNIST", size=28, download=True)[1] == 28 and calls == [("BreastMNIST", 28)]
+
+
+def test_corrupt_compressed_stream_is_named(tmp_path):
+    """Bytes flipped inside a deflate stream raise zlib.error deep in numpy: reported like any corrupt file."""
+    import zlib
+
+    path = tmp_path / "breastmnist.npz"
+    images = (np.arange(8 * 28 * 28) % 97).astype(np.uint8).reshape(8, 28, 28)  # compressible: a Huffman stream
+    np.savez_compressed(path, train_images=images, train_labels=np.zeros((8, 1), np.uint8))
+    data = bytearray(path.read_bytes())
+    data[60:76] = bytes(b ^ 0xFF for b in data[60:76])  # inside train_images.npy's compressed bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(zlib.error), np.load(path) as raw:
+        raw["train_images"]
+    with pytest.raises(DatasetFileError, match=r"breastmnist\.npz is corrupt.*zlib\.error"):
+        load_split(path, "train")
+
+
+def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
+    """medmnist's download failure (a RuntimeError chained on the network error) becomes one DownloadError
+    naming the dataset, the file, the network error and where to fetch it by hand."""
+    import medmnist.dataset
+
+    from mosaic_fast.data import DownloadError
+
+    def offline(self):
+        try:
+            raise OSError("[Errno 101] Network is unreachable")
+        except OSError as err:
+            raise RuntimeError("Automatic download failed! Please download it manually.") from err
+
+    monkeypatch.setattr(medmnist.dataset.MedMNIST, "download", offline)
+    with pytest.raises(DownloadError) as exc:
+        MedMNISTSplit("BreastMNIST", "train", tmp_path, input_size=28, download=True)
+    message = str(exc.value)
+    for part in ("BreastMNIST", "breastmnist.npz", "Network is unreachable", "zenodo.org", str(tmp_path)):
+        assert part in message, part

@@ -307,5 +307,5 @@ def test_module_bad_inputs():
     for patch in (0, (8, 8, -8), (8, 8)):
         with pytest.raises(ValueError, match="patch_size must be a positive int"):
             fast_nn.PatchEmbed3D(16, patch, 1, 32)
-    with pytest.raises(ValueError, match="img_size .* must be divisible by patch_size"):
+    with pytest.raises(ValueError, match=r"img_size .* must be divisible by patch_size"):
         reference.PatchEmbed3D(20, 8, 1, 32)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from mosaic_fast.data.registry import NUM_CLASSES
 from mosaic_fast.data.synthetic import write_synthetic_npz
 from mosaic_fast.engine import checkpoint as ckpt_io
 from mosaic_fast.engine.distributed import DistInfo
+from mosaic_fast.engine.evaluator import NonFiniteOutputError
 from mosaic_fast.engine.trainer import NonFiniteLossError, RoundSchedule, Trainer, TrainSettings
 from mosaic_fast.models import EMATeacher, MosaicModel
 
@@ -151,6 +154,44 @@ def test_non_finite_loss_stops_with_a_clear_message(root, tmp_path):
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_non_finite_logits_stop_validation_and_keep_the_previous_checkpoints(root, tmp_path):
+    """A model whose logits turn NaN (with a finite training loss) must not be scored ("always class 0")
+    or saved: the error names the round, model and dataset, and best.pt / last.pt stay those of round 1."""
+    trainer = _trainer(root, tmp_path, warmup_rounds=0)
+    head = trainer.teacher.model.heads[head_index("RetinaMNIST")]
+    # NaN logits in evaluation from round 2 on; training never reads the teacher's heads
+    head.register_forward_hook(lambda m, i, out: out if m.training or trainer.round < 1 else out * math.nan)
+    with pytest.raises(NonFiniteOutputError, match=r"after round 2: the teacher .*non-finite logits.* RetinaMNIST "
+                                                   r"\(val split.*without writing a checkpoint"):
+        trainer.fit()
+    assert ckpt_io.load(tmp_path / "last.pt")["progress"]["round"] == 1
+    assert ckpt_io.load(tmp_path / "best.pt")["round"] == 0
+    assert [e["round"] for e in json.loads((tmp_path / "history.json").read_text())] == [1]
+
+
+def test_resume_from_an_output_folder(root, tmp_path):
+    _trainer(root, tmp_path, max_steps=1).fit()
+    resumed = _trainer(root, tmp_path / "x")
+    resumed.resume(tmp_path)  # a folder: its last.pt
+    assert resumed.global_step == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty is a directory without a last\.pt"):
+        resumed.resume(tmp_path / "empty")
+
+
+def test_checkpoints_get_the_usual_file_permissions(tmp_path):
+    """Like a file from open(): 0666 minus the umask (mkstemp would make it 0600, private to the owner)."""
+    old = os.umask(0o022)
+    try:
+        ckpt_io.save_atomic({"student_state_dict": {}, "teacher_state_dict": {}}, tmp_path / "a.pt")
+        os.umask(0o027)
+        ckpt_io.save_atomic({"student_state_dict": {}, "teacher_state_dict": {}}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.pt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.pt").stat().st_mode) == 0o640
+
+
 def test_schedule_is_the_seeds_warmup_then_cosine():
     s = RoundSchedule(num_rounds=10, warmup=5, base_lr=1e-4, min_lr=1e-6)
     assert s(0) == pytest.approx(0.01) and s(5) == pytest.approx(1.0)
@@ -172,6 +213,8 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
         ckpt_io.load(tmp_path / "nope.pt")
+    with pytest.raises(IsADirectoryError, match="is a directory, not a checkpoint file"):
+        ckpt_io.load(tmp_path)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"bad\.pt.*corrupt"):

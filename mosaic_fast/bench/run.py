@@ -62,16 +62,32 @@ def bench_dtype(device: torch.device, name: str | None) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _read_results(path: str) -> dict:
+    """One results file, or a ValueError naming it (missing, unreadable, not JSON, not a bench result)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except OSError as err:
+        raise ValueError(f"--from-json {path}: cannot read the file ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--from-json {path}: not valid JSON ({err})") from None
+    if not (isinstance(results, dict) and isinstance(results.get("environment"), dict)
+            and isinstance(results.get("records"), list)):
+        raise ValueError(f"--from-json {path}: not a mosaic-fast bench results file "
+                         f"(no 'environment' object and 'records' list; write one with --json)")
+    return results
+
+
 def load_results(paths: list[str]) -> dict:
     """Results of one or more JSON files (e.g. an ops and a model run on one GPU), records concatenated and
     tagged with their run (``"run"``: ratios between cases are only taken within one run); the environment
-    is the first file's, with each file's date kept in ``runs``."""
+    is the first file's, with each file's date kept in ``runs``. A file that cannot be read as results
+    raises ValueError naming it."""
     from mosaic_fast.bench.targets import split_runs
 
     merged: dict = {"environment": None, "records": [], "runs": []}
     for path in paths:
-        with open(path) as f:
-            results = json.load(f)
+        results = _read_results(path)
         merged["environment"] = merged["environment"] or results["environment"]
         for run in split_runs(results["records"]):
             tag = len(merged["runs"])
@@ -205,7 +221,11 @@ def write_json(results: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        results = load_results(args.from_json)
+        try:
+            results = load_results(args.from_json)
+        except ValueError as err:
+            print(f"mosaic-fast bench: error: {err}", file=sys.stderr)
+            return 2
         device = torch.device(results["environment"].get("bench_device", "cpu"))
         for suite in dict.fromkeys(r["suite"] for r in results["records"]):
             print(f"\n== suite {suite} ({results['environment']['device']}, {results['environment']['dtype']}) ==")

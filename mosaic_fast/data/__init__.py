@@ -2,7 +2,7 @@
 
 from .datasets import Batch, MedMNISTSplit, MultiSource, Part, collate
 from .demo import DEMO_DATASETS, DEMO_ROOT
-from .npz import DatasetFileError, find_npz, load_split
+from .npz import DatasetFileError, DownloadError, find_npz, load_split
 from .registry import (
     ALL_DATASETS,
     DATASETS_2D,
@@ -37,6 +37,7 @@ __all__ = [
     "Batch",
     "DatasetFileError",
     "DatasetSpec",
+    "DownloadError",
     "MedMNISTSplit",
     "MultiSource",
     "Part",

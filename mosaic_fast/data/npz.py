@@ -2,12 +2,15 @@
 
 A file holds ``{train,val,test}_images`` (uint8; 2D: (N, H, W) or (N, H, W, 3), 3D: (N, D, H, W)) and
 ``{train,val,test}_labels`` (uint8, (N, L)). Nothing is fetched unless ``download=True`` (the
-``--download`` flag), and then medmnist's own downloader (with its MD5 check) does the work.
+``--download`` flag), and then medmnist's own downloader (with its MD5 check) does the work; a failed
+download raises :class:`DownloadError` with the URL to fetch the file by hand.
 """
 
 from __future__ import annotations
 
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +19,20 @@ from .registry import available_sizes, dataset_spec, npz_filename
 
 SPLITS = ("train", "val", "test")
 
+#: What reading a damaged npz raises: a broken zip directory or CRC (BadZipFile), a broken deflate stream
+#: (zlib.error), a cut-off member (EOFError), a garbled ``.npy`` header (ValueError, SyntaxError or
+#: tokenize.TokenError from numpy's header parser). MemoryError stays out: a big valid file can cause it.
+CORRUPT_FILE_ERRORS = (
+    OSError, ValueError, EOFError, KeyError, SyntaxError, zipfile.BadZipFile, zlib.error, tokenize.TokenError,
+)
+
 
 class DatasetFileError(ValueError):
     """A MedMNIST file is missing, unreadable or not in the official layout (the message names it)."""
+
+
+class DownloadError(RuntimeError):
+    """``--download`` could not fetch a MedMNIST file (the message names it, its URL and the folder)."""
 
 
 def find_npz(
@@ -54,14 +68,30 @@ def find_npz(
 
 
 def download_npz(root: str | Path, name: str, size: int) -> None:
-    """Fetch the official file of ``name`` at ``size`` into ``root`` with medmnist (MD5 checked)."""
+    """Fetch the official file of ``name`` at ``size`` into ``root`` with medmnist (MD5 checked).
+
+    Raises :class:`DownloadError` (one message, not medmnist's chain of tracebacks) when that fails.
+    """
     import medmnist
 
     spec = dataset_spec(name)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    data_class = getattr(medmnist, medmnist.INFO[spec.flag]["python_class"])
-    data_class(split="test", download=True, root=str(root), size=size)
+    info = medmnist.INFO[spec.flag]
+    suffix = "" if size == 28 else f"_{size}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        data_class = getattr(medmnist, info["python_class"])
+        data_class(split="test", download=True, root=str(root), size=size)
+    except Exception as err:
+        cause = err
+        while cause.__cause__ or cause.__context__:  # the root cause (e.g. a URLError), not medmnist's wrapper
+            cause = cause.__cause__ or cause.__context__
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise DownloadError(
+            f"{name}: downloading {npz_filename(name, size)} into {root} failed ({reason}). Check the network "
+            f"connection, or download it by hand from {info[f'url{suffix}']} (MD5 {info[f'MD5{suffix}']}) "
+            f"and put it in {root}."
+        ) from err
 
 
 def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +116,11 @@ def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             images, labels = data[keys[0]], data[keys[1]]
     except DatasetFileError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except CORRUPT_FILE_ERRORS as err:
+        kind = type(err).__qualname__
+        kind = kind if type(err).__module__ == "builtins" else f"{type(err).__module__}.{kind}"
         raise DatasetFileError(
-            f"dataset file {path} is corrupt or truncated ({type(err).__name__}: {err}); delete it and "
-            f"fetch it again (--download)"
+            f"dataset file {path} is corrupt or truncated ({kind}: {err}); delete it and fetch it again (--download)"
         ) from err
     if labels.ndim == 1:
         labels = labels[:, None]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,13 @@ REQUIRED_KEYS = ("student_state_dict", "teacher_state_dict")
 def save_atomic(obj: dict, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash mid-write leaves the previous checkpoint intact, never a truncated one.
+    A crash mid-write leaves the previous checkpoint intact, never a truncated one. The file gets the
+    permissions a plain ``open()`` would give (0666 minus the umask), not ``mkstemp``'s private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -47,6 +49,8 @@ def load(path: str | Path) -> dict:
     only checkpoints you trust, as with any pickle.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a directory, not a checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

@@ -1,7 +1,9 @@
 """``mosaic-fast train`` and ``mosaic-fast eval``: build data, model and trainer from the options.
 
 Both return an exit code: 0 on success, 2 for bad options, files or checkpoints (the message says
-which), 1 when training stopped on a non-finite loss. Run under ``torchrun`` for several GPUs or nodes.
+which), 1 when the model diverged (a non-finite loss, or non-finite logits in evaluation) or a
+``--download`` failed. Errors are printed as one message, without a traceback. Run under ``torchrun``
+for several GPUs or nodes.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import numpy as np
 import torch
 
 from ..data.datasets import MedMNISTSplit, MultiSource
+from ..data.npz import DownloadError
 from ..data.registry import ALL_DATASETS, NUM_CLASSES, dataset_spec, training_order
 from ..models import EMATeacher, MosaicModel, load_vit_npz
 from . import checkpoint as ckpt_io
 from .config import MODEL_KEYS, parse_eval_args, parse_train_args
 from .distributed import DistInfo, barrier, setup, teardown
-from .evaluator import evaluate, format_table, save_table
+from .evaluator import NonFiniteOutputError, evaluate, format_table, save_table
+from .metrics import summarize
 from .trainer import NonFiniteLossError, Trainer, TrainSettings, trainable_summary
 
 
@@ -38,18 +42,24 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_split(
-    names: Sequence[str], split: str, args, info: DistInfo, img_size_2d: int, img_size_3d: int
+    names: Sequence[str], split: str, args, info: DistInfo, img_size_2d: int, img_size_3d: int,
+    file_sizes: dict[str, int | None] | None = None,
 ) -> MultiSource:
-    """One :class:`MultiSource` of ``split`` over ``names`` (local rank 0 downloads first if asked)."""
+    """One :class:`MultiSource` of ``split`` over ``names`` (local rank 0 downloads first if asked).
+
+    File sizes: ``file_sizes[name]`` where given, else ``--size_2d`` / ``--size_3d`` (None: see
+    :func:`find_npz`).
+    """
 
     def make(download: bool) -> MultiSource:
         sources = []
         for name in names:
             is_3d = dataset_spec(name).is_3d
+            size = (file_sizes or {}).get(name, args.size_3d if is_3d else args.size_2d)
             sources.append(MedMNISTSplit(
                 name, split, args.data_root,
                 input_size=img_size_3d if is_3d else img_size_2d,
-                file_size=args.size_3d if is_3d else args.size_2d,
+                file_size=size,
                 download=download,
             ))
         return MultiSource(sources)
@@ -71,6 +81,36 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seeds the legacy global generator third-party code may use)
     torch.manual_seed(seed)
+
+
+def _load_pretrained(model: MosaicModel, path: str) -> list[str]:
+    """:func:`load_vit_npz`, with errors that name the file and say whether it is a ViT npz at all."""
+    try:
+        return load_vit_npz(model, path)
+    except (KeyError, ValueError) as err:
+        try:
+            with np.load(path) as npz:
+                keys = list(npz.files)
+        except Exception:  # not an npz at all: load_vit_npz's message already names the file
+            raise err from None
+        if not any(k.startswith("Transformer/encoderblock_") for k in keys):
+            raise ValueError(
+                f"--pretrained {path} is not a Google ViT checkpoint: it has no Transformer/encoderblock_* "
+                f"arrays (it holds {keys[:5]}{' ...' if len(keys) > 5 else ''}). Pass Google's ImageNet-21k "
+                f"ViT-B_16.npz (vision_transformer release)."
+            ) from None
+        raise ValueError(
+            f"--pretrained {path} does not fit the model ({err}); --depth, --embed_dim and --patch_size_2d "
+            f"must match the checkpoint's (ViT-B/16: 12, 768, 16)"
+        ) from None
+
+
+def _print_files(data: MultiSource) -> None:
+    """Which npz file each dataset is read from, its size and the model input size it is resized to."""
+    for ds in data.sources:
+        power = "³" if ds.spec.is_3d else "²"
+        print(f"  {ds.spec.name:<16} {ds.path} ({ds.file_size}{power} → {ds.input_size}{power}), "
+              f"{ds.split} {len(ds)}, expert {ds.spec.expert}")
 
 
 def _chance_table(train: MultiSource, test: MultiSource) -> str:
@@ -98,7 +138,7 @@ def _train(args, info: DistInfo) -> int:
     model_cfg = {k: getattr(args, k) for k in MODEL_KEYS}
     student = MosaicModel(NUM_CLASSES, **model_cfg, fast=not args.reference_model)
     if args.pretrained:
-        loaded = load_vit_npz(student, args.pretrained)
+        loaded = _load_pretrained(student, args.pretrained)
         if info.is_main:
             print(f"loaded {len(loaded)} tensors from {args.pretrained}")
     if args.freeze_backbone:
@@ -108,13 +148,12 @@ def _train(args, info: DistInfo) -> int:
         print(f"device {info.device} × {info.world_size} process(es), precision "
               f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')}")
         print(trainable_summary(student, names))
-        for ds in train.sources:
-            power = "³" if ds.spec.is_3d else "²"
-            print(f"  {ds.spec.name:<16} {ds.path.name} ({ds.file_size}{power} → {ds.input_size}{power}), "
-                  f"train {len(ds)}, expert {ds.spec.expert}")
+        _print_files(train)
 
     config = {"model": model_cfg, "datasets": list(names),
-              "data": {"size_2d": args.size_2d, "size_3d": args.size_3d},
+              "data": {"size_2d": args.size_2d, "size_3d": args.size_3d,
+                       "root": str(Path(args.data_root).resolve()),
+                       "file_sizes": {ds.spec.name: ds.file_size for ds in train.sources}},
               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
     settings = TrainSettings(
         num_rounds=args.num_rounds, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -151,10 +190,13 @@ def train_main(argv: Sequence[str]) -> int:
         code = _train(args, info)
         finished = True
         return code
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NonFiniteOutputError) as err:
         print(f"mosaic-fast train: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
+    except DownloadError as err:
+        print(f"mosaic-fast train: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:
         print(f"mosaic-fast train: error: {err}", file=sys.stderr)
         return 2
     finally:
@@ -162,12 +204,32 @@ def train_main(argv: Sequence[str]) -> int:
             teardown(synchronize=finished)
 
 
+def _recorded_data(args, config: dict, names: Sequence[str]) -> tuple[dict[str, int | None], bool]:
+    """Fill ``args.data_root`` and pick each dataset's file size from what training recorded in the
+    checkpoint, where not given on the command line, so eval reads the files training read. Returns the
+    sizes and whether any of these settings came from the checkpoint."""
+    data_cfg = config.get("data", {})
+    recorded_root = data_cfg.get("root") or config.get("args", {}).get("data_root")
+    used = args.data_root is None and recorded_root is not None
+    if args.data_root is None:
+        args.data_root = recorded_root or "./data"
+    sizes = {}
+    for name in names:
+        is_3d = dataset_spec(name).is_3d
+        given = args.size_3d if is_3d else args.size_2d
+        recorded = data_cfg.get("file_sizes", {}).get(name, data_cfg.get("size_3d" if is_3d else "size_2d"))
+        sizes[name] = given if given is not None else recorded
+        used |= given is None and recorded is not None
+    return sizes, used
+
+
 def _eval(args, info: DistInfo) -> int:
     ckpt = ckpt_io.load(args.checkpoint)
     config = ckpt.get("config") or {}
     model_cfg = config.get("model", {})  # a seed checkpoint: the ViT-B/16 defaults
-    names = args.datasets or tuple(config.get("datasets", ALL_DATASETS))
-    names = training_order(names)
+    trained = config.get("datasets")  # None: a seed checkpoint, trained on all 18
+    names = training_order(args.datasets or tuple(trained or ALL_DATASETS))
+    untrained = [n for n in names if trained is not None and n not in trained]
     student = MosaicModel(NUM_CLASSES, **model_cfg, fast=not args.reference_model)
     teacher = MosaicModel(NUM_CLASSES, **model_cfg, fast=not args.reference_model)
     ckpt_io.load_model_state(student, ckpt["student_state_dict"], f"{args.checkpoint}: student_state_dict")
@@ -176,12 +238,36 @@ def _eval(args, info: DistInfo) -> int:
     teacher.to(info.device)
     img_2d = model_cfg.get("img_size_2d", 224)
     img_3d = model_cfg.get("img_size_3d", 64)
-    data = build_split(names, args.split, args, info, img_2d, img_3d)
+    file_sizes, recorded = _recorded_data(args, config, names)
+    try:
+        data = build_split(names, args.split, args, info, img_2d, img_3d, file_sizes)
+    except FileNotFoundError as err:
+        if not recorded:
+            raise
+        raise FileNotFoundError(f"{err} (eval reads the data root and file sizes that training recorded in the "
+                                f"checkpoint; --data_root, --size_2d and --size_3d choose others)") from None
+    mean_over = [n for n in names if n not in untrained]
+    if info.is_main:
+        _print_files(data)
+        if untrained:
+            print(f"mosaic-fast eval: warning: the checkpoint never trained on {', '.join(untrained)} (it trained "
+                  f"on {', '.join(trained)}): their heads are untrained, so their numbers mean nothing; they "
+                  f"are marked *{' and left out of the mean' if mean_over else ''}", file=sys.stderr)
     kw = dict(batch_size=args.eval_batch_size, info=info, mode=args.metrics,
               amp_dtype=amp_dtype(args.precision, info.device), num_workers=_workers(args, info), progress=True)
-    results = {"student": evaluate(student, data, **kw), "teacher": evaluate(teacher, data, **kw)}
+    results = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        try:
+            results[name] = evaluate(model, data, **kw, model_name=name)
+        except NonFiniteOutputError as err:
+            raise NonFiniteOutputError(f"{args.checkpoint}: {err}: the checkpoint holds a diverged model") from None
+    if untrained and mean_over:
+        is_3d = {n: dataset_spec(n).is_3d for n in names}
+        results = {m: {**{n: res[n] for n in names}, **summarize({n: res[n] for n in mean_over}, is_3d),
+                       "mean_datasets": mean_over} for m, res in results.items()}
     if info.is_main:
-        print(format_table(results, names, f"{args.split} ({args.metrics} metrics): {args.checkpoint}"))
+        title = f"{args.split} ({args.metrics} metrics): {args.checkpoint}"
+        print(format_table(results, names, title, untrained))
         out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
         save_table(results, names, out_dir, f"eval_{args.split}_{args.metrics}")
         print(f"table saved to {out_dir / f'eval_{args.split}_{args.metrics}.csv'} (and .json)")
@@ -197,7 +283,13 @@ def eval_main(argv: Sequence[str]) -> int:
         code = _eval(args, info)
         finished = True
         return code
-    except (ValueError, FileNotFoundError) as err:
+    except NonFiniteOutputError as err:
+        print(f"mosaic-fast eval: {err}", file=sys.stderr)
+        return 1
+    except DownloadError as err:
+        print(f"mosaic-fast eval: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:
         print(f"mosaic-fast eval: error: {err}", file=sys.stderr)
         return 2
     finally:

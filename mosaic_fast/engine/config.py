@@ -1,9 +1,13 @@
-"""Options of ``mosaic-fast train`` / ``eval``: the seed's names (dash or underscore form) and ours.
+"""Options of ``mosaic-fast train`` / ``eval``: most of the seed's names (dash or underscore form) and ours.
 
-The seed's options keep their names and defaults (``--data_root``, ``--pretrained``, ``--adapter_mode``,
+Most seed options keep their names and defaults (``--pretrained``, ``--adapter_mode``,
 ``--freeze_backbone``, ``--num_rounds``, ``--batch_size``, ``--lr``, ``--adapter_bottleneck_a/b/c``,
 ``--ema_momentum``, ``--ema_momentum_3d``, ``--consist_weight``, ``--early_stopping_patience``,
-``--seed``, ...); every option is accepted as ``--num_rounds`` and as ``--num-rounds``.
+``--seed``, ...); every option is accepted as ``--num_rounds`` and as ``--num-rounds``. The differences
+are listed in README.md (``--data_root`` defaults to ./data; ``--datasets`` replaces ``--dataset_list``,
+``--only_2d`` and ``--only_3d``; ``--eval_every``, ``--save_every``, ``--exp_name`` and the v1-only
+``--adapter_bottleneck`` do not exist). Numeric options are checked here (range, finiteness), so a bad
+value fails before any data is read, naming the option.
 ``--demo`` changes the defaults to a small model on the packaged demo subset; flags given explicitly
 still win.
 """
@@ -11,10 +15,11 @@ still win.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 from ..data.demo import DEMO_DATASETS, DEMO_ROOT
-from ..data.registry import ALL_DATASETS, resolve_datasets
+from ..data.registry import ALL_DATASETS, SIZES_2D, SIZES_3D, resolve_datasets
 from .metrics import METRIC_MODES
 
 #: MosaicModel constructor arguments that a checkpoint records (and ``eval`` rebuilds the model from).
@@ -45,22 +50,60 @@ def _add(p: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *alias
     p.add_argument(*flags, dest=name, **kw)
 
 
+def _number(text: str, kind: type) -> int | float:
+    """``kind(text)``, with argparse's "argument --x: ..." message instead of "invalid _f value"."""
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _nonnegative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
 
 
+def _seed(text: str) -> int:
+    """numpy's global generator takes seeds in [0, 2**32)."""
+    value = _number(text, int)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = _number(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _number(text, float)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a non-negative finite number, got {text}")
+    return value
+
+
 def _unit_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
@@ -71,10 +114,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     _add(p, "datasets", default=None,
          help="comma-separated subset, names or flags (default: all 18); e.g. breastmnist,adrenalmnist3d")
     _add(p, "download", action="store_true", help="fetch missing npz files from Zenodo through medmnist")
-    _add(p, "size_2d", type=int, default=None,
+    _add(p, "size_2d", type=int, choices=SIZES_2D, default=None,
          help="2D file size to read (28/64/128/224); default: the model's input size if present, else the "
               "largest present. Images are resized to --img_size_2d")
-    _add(p, "size_3d", type=int, default=None, help="3D file size to read (28/64), as --size_2d")
+    _add(p, "size_3d", type=int, choices=SIZES_3D, default=None, help="3D file size to read (28/64), as --size_2d")
     _add(p, "device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
     _add(p, "precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
          help="auto: bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU")
@@ -106,7 +149,7 @@ def train_parser() -> argparse.ArgumentParser:
     _add(m, "adapter_bottleneck_a", type=_positive_int, default=64)
     _add(m, "adapter_bottleneck_b", type=_positive_int, default=96)
     _add(m, "adapter_bottleneck_c", type=_positive_int, default=192)
-    _add(m, "adapter_scalar", type=float, default=0.1)
+    _add(m, "adapter_scalar", type=_finite_float, default=0.1)
     _add(m, "freeze_backbone", action="store_true", help="train adapters, heads and the 3D tokenizer only")
     _add(m, "freeze_3d_tokenizer", action="store_true",
          help="with --freeze_backbone also freeze the 3D tokenizer and pos_embed_3d (the seed code's choice)")
@@ -121,20 +164,21 @@ def train_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     _add(t, "num_rounds", type=_positive_int, default=50)
     _add(t, "batch_size", type=_positive_int, default=32, help="per process (global batch = this × world size)")
-    _add(t, "lr", type=float, default=1e-4)
-    _add(t, "weight_decay", type=float, default=0.01)
+    _add(t, "lr", type=_positive_float, default=1e-4)
+    _add(t, "weight_decay", type=_nonnegative_float, default=0.01)
     _add(t, "warmup_rounds", type=_nonnegative_int, default=None,
          help="linear warm-up rounds (default: 5 as the seed, at most --num_rounds - 1)")
-    _add(t, "min_lr", type=float, default=1e-6)
-    _add(t, "consist_weight", type=float, default=0.1)
+    _add(t, "min_lr", type=_nonnegative_float, default=1e-6)
+    _add(t, "consist_weight", type=_nonnegative_float, default=0.1)
     _add(t, "ema_momentum", type=_unit_float, default=0.9, help="EMA momentum of specialists A and B")
     _add(t, "ema_momentum_3d", type=_unit_float, default=0.95, help="EMA momentum of specialist C")
-    _add(t, "max_grad_norm", type=float, default=1.0)
+    _add(t, "max_grad_norm", type=_positive_float, default=1.0)
     _add(t, "early_stopping_patience", type=_positive_int, default=5)
-    _add(t, "early_stopping_min_delta", type=float, default=1e-3)
-    _add(t, "seed", type=int, default=42)
+    _add(t, "early_stopping_min_delta", type=_nonnegative_float, default=1e-3)
+    _add(t, "seed", type=_seed, default=42)
     _add(t, "output_dir", default="./output")
-    _add(t, "resume", default=None, help="checkpoint to continue from (e.g. OUTPUT_DIR/last.pt)")
+    _add(t, "resume", default=None,
+         help="checkpoint to continue from (OUTPUT_DIR/last.pt; a folder means its last.pt)")
     _add(t, "checkpoint_every", type=_nonnegative_int, default=0,
          help="also write last.pt every N steps (0: at the end of each round only)")
     _add(t, "max_steps", type=_positive_int, default=None, help="stop (with a checkpoint) after this many steps in all")
@@ -143,9 +187,17 @@ def train_parser() -> argparse.ArgumentParser:
 
 def eval_parser() -> argparse.ArgumentParser:
     """Parser of ``mosaic-fast eval``."""
-    p = argparse.ArgumentParser(prog="mosaic-fast eval", description="Evaluate a MOSAIC checkpoint on MedMNIST.")
+    p = argparse.ArgumentParser(
+        prog="mosaic-fast eval", description="Evaluate a MOSAIC checkpoint on MedMNIST.",
+        epilog="Data settings default to those the checkpoint recorded in training (data root, file size "
+               "per dataset), so eval reads the files training read; options given here win. Datasets "
+               "the checkpoint never trained on (e.g. through --datasets) are evaluated with a warning: "
+               "their heads are untrained, so they are marked * and left out of the mean (unless no "
+               "trained dataset is selected).",
+    )
     _add(p, "checkpoint", required=True, help="a checkpoint written by train (best.pt, last.pt) or by the seed")
     _add_common(p)
+    p.set_defaults(data_root=None)
     _add(p, "split", default="test", choices=("val", "test"))
     _add(p, "output_dir", default=None, help="where the table goes (default: the checkpoint's folder)")
     return p

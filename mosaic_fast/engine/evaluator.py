@@ -1,7 +1,9 @@
 """Evaluation: predictions per dataset (sharded over DDP ranks), ACC/AUC per dataset and mean, tables.
 
 Each rank scores a strided share of a split; the logits are gathered and put back in the file's order,
-so every rank holds the same metrics (and early stopping decides the same way everywhere).
+so every rank holds the same metrics (and early stopping decides the same way everywhere). Non-finite
+logits (a diverged model) raise :class:`NonFiniteOutputError` instead of being scored: NaN > 0.5 is
+False, so they would read as "always class 0" and could pass for a trained model.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,6 +26,10 @@ from ..data.registry import EXPERT_ROUTING
 from ..data.sampling import eval_keys
 from .distributed import DistInfo, all_gather_objects
 from .metrics import compute_metrics, summarize
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A model gave NaN or infinite logits: it diverged, and its metrics would be meaningless."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -79,11 +85,22 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    model_name: str = "model",
 ) -> dict:
-    """``{dataset: {"acc", "auc"}, "mean_acc", "mean_auc", "mean_acc_2d"?, "mean_acc_3d"?}``."""
+    """``{dataset: {"acc", "auc"}, "mean_acc", "mean_auc", "mean_acc_2d"?, "mean_acc_3d"?}``.
+
+    Raises :class:`NonFiniteOutputError` naming ``model_name`` and the dataset when any logit is NaN or
+    infinite (the same on every rank, since all hold the gathered logits).
+    """
     per_dataset = {}
     for source, ds in enumerate(data.sources):
         logits = predict(model, data, source, batch_size, info, amp_dtype, num_workers, progress)
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        if bad:
+            raise NonFiniteOutputError(
+                f"the {model_name} gives non-finite logits (NaN or inf) on {ds.spec.name} "
+                f"({ds.split} split: {bad} of {len(ds)} samples)"
+            )
         per_dataset[ds.spec.name] = compute_metrics(ds.labels.numpy(), logits, ds.spec.task, mode)
     is_3d = {ds.spec.name: ds.spec.is_3d for ds in data.sources}
     return {**per_dataset, **summarize(per_dataset, is_3d)}
@@ -93,18 +110,28 @@ def _pct(v: float) -> str:
     return "   nan" if math.isnan(v) else f"{100 * v:6.2f}"
 
 
-def format_table(results: dict[str, dict], datasets: Sequence[str], title: str) -> str:
-    """A per-dataset ACC/AUC table (in %) with one column pair per model (e.g. student, teacher)."""
+def format_table(
+    results: dict[str, dict], datasets: Sequence[str], title: str, untrained: Collection[str] = ()
+) -> str:
+    """A per-dataset ACC/AUC table (in %) with one column pair per model (e.g. student, teacher).
+
+    Datasets in ``untrained`` (heads the checkpoint never trained) are marked ``*`` and the mean row
+    says it covers the trained ones only (the caller computes the mean that way).
+    """
     models = list(results)
-    head = f"{'dataset':<16}" + "".join(f" {m + ' ACC':>13} {m + ' AUC':>13}" for m in models)
+    marked = [n for n in datasets if n in untrained]
+    mean_label = "mean (trained)" if marked and len(marked) < len(datasets) else "mean"
+    rows = [(f"{n} *" if n in marked else n, [results[m][n] for m in models], "") for n in datasets]
+    rows.append((mean_label, [results[m] for m in models], "mean_"))
+    width = max(16, *(len(label) for label, _, _ in rows))
+    head = f"{'dataset':<{width}}" + "".join(f" {m + ' ACC':>13} {m + ' AUC':>13}" for m in models)
     lines = [title, head, "-" * len(head)]
-    for name in [*datasets, "mean"]:
-        key_acc, key_auc = ("mean_acc", "mean_auc") if name == "mean" else ("acc", "auc")
-        cells = []
-        for m in models:
-            row = results[m] if name == "mean" else results[m][name]
-            cells.append(f" {_pct(row[key_acc]):>13} {_pct(row[key_auc]):>13}")
-        lines.append(f"{name:<16}" + "".join(cells))
+    for label, cells, prefix in rows:
+        lines.append(f"{label:<{width}}" + "".join(
+            f" {_pct(c[prefix + 'acc']):>13} {_pct(c[prefix + 'auc']):>13}" for c in cells))
+    if marked:
+        lines.append("* untrained head: the checkpoint never trained on this dataset"
+                     + (" (left out of the mean)" if mean_label != "mean" else ""))
     return "\n".join(lines)
 
 

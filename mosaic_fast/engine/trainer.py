@@ -38,7 +38,7 @@ from ..models.ema import expert_of_parameter
 from ..reference.adapter import EXPERT_NAMES
 from . import checkpoint as ckpt_io
 from .distributed import DistInfo, barrier, mean_across_ranks
-from .evaluator import autocast, evaluate, format_table, save_table
+from .evaluator import NonFiniteOutputError, autocast, evaluate, format_table, save_table
 from .history import write_history
 
 
@@ -212,7 +212,13 @@ class Trainer:
             ckpt_io.save_atomic(self.state() if state is None else state, self.out_dir / name)
 
     def resume(self, path: str | Path) -> None:
-        """Continue from ``path`` (a ``last.pt``): weights, optimizer, scheduler, RNG and position."""
+        """Continue from ``path`` (a ``last.pt``, or an output folder holding one): weights, optimizer,
+        scheduler, RNG and position."""
+        path = Path(path)
+        if path.is_dir():
+            if not (path / "last.pt").is_file():
+                raise FileNotFoundError(f"--resume {path} is a directory without a last.pt to resume from")
+            path = path / "last.pt"
         ckpt = ckpt_io.load(path)
         missing = [k for k in ("optimizer_state_dict", "scheduler_state_dict", "progress") if k not in ckpt]
         if missing:
@@ -327,17 +333,29 @@ class Trainer:
             self.s.samples_per_round, self.s.mixed_batches, self.experts, world,
         )
 
-    def validate(self, data: MultiSource) -> dict[str, dict]:
-        """Metrics of student and teacher on ``data``."""
+    def validate(self, data: MultiSource, when: str = "validation") -> dict[str, dict]:
+        """Metrics of student and teacher on ``data``; a diverged model (non-finite logits) stops training
+        with :class:`NonFiniteOutputError` before anything of this state is written (``when``: for the
+        message, e.g. "validation after round 3")."""
         kw = dict(batch_size=self.s.eval_batch_size, info=self.info, mode=self.s.metrics,
                   amp_dtype=self.s.amp_dtype, num_workers=self.s.num_workers, progress=self.s.progress)
-        return {"student": evaluate(self.student, data, **kw), "teacher": evaluate(self.teacher.model, data, **kw)}
+        try:
+            return {name: evaluate(model, data, **kw, model_name=name)
+                    for name, model in (("student", self.student), ("teacher", self.teacher.model))}
+        except NonFiniteOutputError as err:
+            last = ("last.pt may hold weights from inside this round (--checkpoint_every), diverged already"
+                    if self.s.checkpoint_every else "last.pt is that of the previous round")
+            raise NonFiniteOutputError(
+                f"{when}: {err}; the model diverged (although the training loss was finite). Stopped "
+                f"without writing a checkpoint of this state: in {self.out_dir}, best.pt (if any) is the best "
+                f"validated round and {last}. Try a lower --lr, --precision fp32 or --max_grad_norm."
+            ) from None
 
     def _end_round(self, r: int, t0: float) -> bool:
         """Scheduler step, validation, early stopping, history, checkpoints; True when training stops."""
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        val = self.validate(self.val_data)
+        val = self.validate(self.val_data, f"validation after round {r + 1}")
         sums = self.round_sums
         steps = max(sums.get("steps", 0), 1)
         per = {k: t / c for k, (t, c) in sums.get("per_dataset", {}).items()}
@@ -420,7 +438,7 @@ class Trainer:
             ckpt_io.load_model_state(self.teacher.model, ckpt["teacher_state_dict"], f"{best}: teacher_state_dict")
         if self.test_data is None:
             return None
-        results = self.validate(self.test_data)
+        results = self.validate(self.test_data, "final test")
         title = f"test ({self.s.metrics} metrics), best round {self.best_round + 1}"
         self.log(format_table(results, self.names, title))
         if self.info.is_main:
