@@ -5,7 +5,7 @@ import json
 import torch
 
 from mosaic_fast.bench.core import Case, floor_seconds, time_case
-from mosaic_fast.bench.run import main
+from mosaic_fast.bench.run import format_table, main
 
 
 def test_run_writes_json_then_renders_it(tmp_path):
@@ -32,6 +32,29 @@ def test_failing_implementation_is_recorded_and_the_others_timed():
     record = time_case(case, torch.device("cpu"), rotate=2, with_compile=False, min_run_time=0.01, repeats=1)
     assert set(record["times_s"]) == {"reference"}
     assert "kernel exploded" in record["errors"]["fast"]
+
+
+def test_every_implementation_is_checked_against_the_reference():
+    """A fast column computing something else (or returning another shape) is flagged in the record and
+    the table; agreeing ones show their error; in-place implementations get fresh inputs for the check."""
+
+    def doubled_in_place(x):
+        return x.mul_(2.0)  # run first: a shared input set would reach "fast" already doubled
+
+    seeded = lambda i: (torch.randn(64, 64, generator=torch.Generator().manual_seed(i)),)
+    impls = {"reference": doubled_in_place, "fast": lambda x: x * 2.0, "wrong": lambda x: x * 2.02,
+             "shape": lambda x: (x * 2.0)[:1]}
+    case = Case("ops", "toy", {}, seeded, impls)
+    record = time_case(case, torch.device("cpu"), rotate=2, with_compile=False, min_run_time=0.01, repeats=1)
+    errors = record["rel_error_vs_reference"]
+    assert errors["fast"] == 0.0 and abs(errors["wrong"] - 0.01) < 1e-6 and errors["shape"] != errors["shape"]
+    table = format_table([record], torch.device("cpu"), "float32")
+    assert "wrong differs from the reference: relative error 1.0e-02" in table
+    assert "shape differs from the reference: relative error nan" in table
+    assert "fast differs" not in table
+    no_outputs = Case("ops", "step", {}, seeded, {"reference": lambda x: None, "fast": lambda x: None})
+    record = time_case(no_outputs, torch.device("cpu"), rotate=1, with_compile=False, min_run_time=0.01, repeats=1)
+    assert "rel_error_vs_reference" not in record
 
 
 def test_floor_uses_measured_ceilings():

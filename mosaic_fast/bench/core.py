@@ -3,7 +3,9 @@
 A :class:`Case` says how to build inputs and which implementations ("reference", "fast", ...) to run
 on them. :func:`time_case` times every implementation on the same rotating input sets in one process
 (CUDA: ``triton.testing.do_bench`` medians; CPU: ``torch.utils.benchmark`` medians) and adds
-``torch.compile`` of the reference when the case allows it.
+``torch.compile`` of the reference when the case allows it. Before timing it checks that every
+implementation computes what the reference computes (:func:`output_errors`), so a fast column can never
+be the time of a wrong or skipped computation without the record saying so.
 """
 
 from __future__ import annotations
@@ -45,6 +47,42 @@ class Case:
     items_per_call: int | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: Input set used for the agreement check (not one of the timed sets, which in-place cases overwrite).
+AGREEMENT_INPUT = 10_000
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def output_errors(case: Case, impls: dict[str, Callable[..., Any]]) -> dict[str, float]:
+    """‖impl − reference‖ / ‖reference‖ (float64, all output tensors together) of every implementation on
+    one freshly built input set per implementation (so in-place updates cannot leak between them); empty
+    when the reference returns no tensors (e.g. a training step). NaN marks outputs of another structure
+    or shape, or non-finite values."""
+    if "reference" not in impls:
+        return {}
+    want = _tensors(impls["reference"](*case.make_inputs(AGREEMENT_INPUT)))
+    if not want:
+        return {}
+    want64 = torch.cat([t.detach().double().flatten().cpu() for t in want])
+    errors = {}
+    for label, fn in impls.items():
+        if label == "reference":
+            continue
+        got = _tensors(fn(*case.make_inputs(AGREEMENT_INPUT)))
+        if [t.shape for t in got] != [t.shape for t in want]:
+            errors[label] = float("nan")
+            continue
+        got64 = torch.cat([t.detach().double().flatten().cpu() for t in got])
+        errors[label] = float((got64 - want64).norm() / want64.norm().clamp_min(1e-300))
+    return errors
 
 
 def rotating(fn: Callable[..., Any], input_sets: list[Sequence[Any]]) -> Callable[[], Any]:
@@ -122,6 +160,9 @@ def time_case(
             runners[label] = runner
         except Exception as exc:  # torch.compile may fail on some setups: record, don't hide
             record.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:300]
+    errors = output_errors(case, {label: impls[label] for label in runners})
+    if errors:
+        record["rel_error_vs_reference"] = errors
     # Round-robin repeats, median per implementation: drifting machine load hits all of them alike.
     samples: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(repeats):

@@ -137,8 +137,31 @@ def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, q
     return cases
 
 
-def format_table(records: list[dict], device: torch.device) -> str:
-    """A fixed-width table: one row per case, median ms per implementation and ratios to reference."""
+#: Largest relative output difference to the reference that a benchmarked implementation may show before
+#: the table flags it (DESIGN.md §5's forward tolerances; fp32 at 1e-4 for whole models and CUDA's TF32).
+AGREEMENT_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+def disagreements(record: dict, dtype: str) -> list[str]:
+    """Warnings for the implementations of ``record`` whose output differs from the reference's by more
+    than :data:`AGREEMENT_TOLERANCE` (or could not be compared)."""
+    tol = AGREEMENT_TOLERANCE.get(dtype.removeprefix("torch."), 1e-4)
+    return [f"    ! {label} differs from the reference: relative error {err:.1e} (tolerance {tol:g})"
+            for label, err in record.get("rel_error_vs_reference", {}).items() if not err <= tol]
+
+
+def worst_error(record: dict) -> float | None:
+    """The largest relative output difference to the reference among the record's implementations (NaN
+    if one could not be compared; None when the case returns no outputs to compare)."""
+    errs = list(record.get("rel_error_vs_reference", {}).values())
+    if not errs:
+        return None
+    return float("nan") if any(e != e for e in errs) else max(errs)
+
+
+def format_table(records: list[dict], device: torch.device, dtype: str = "float32") -> str:
+    """A fixed-width table: one row per case, median ms per implementation, ratios to reference and the
+    largest relative output difference of any implementation to the reference ("err")."""
     labels = []
     for r in records:
         labels += [k for k in r["times_s"] if k not in labels]
@@ -146,6 +169,7 @@ def format_table(records: list[dict], device: torch.device) -> str:
     head += "".join(f"{'x ' + lab:>11}" for lab in labels if lab != "reference")
     if device.type == "cuda":
         head += f"{'fast %floor':>12}"
+    head += f"{'err':>9}"
     lines = [head, "-" * len(head)]
     for r in records:
         row = f"{r['name'][:44]:<44}"
@@ -155,9 +179,12 @@ def format_table(records: list[dict], device: torch.device) -> str:
         if device.type == "cuda":
             pct = r.get("pct_of_floor", {}).get("fast")
             row += f"{pct:>11.1f}%" if pct is not None else f"{'-':>12}"
+        worst = worst_error(r)
+        row += f"{worst:>9.1e}" if worst is not None else f"{'-':>9}"
         lines.append(row)
         for label, err in r.get("errors", {}).items():
             lines.append(f"    ! {label} failed: {err}")
+        lines += disagreements(r, dtype)
     return "\n".join(lines)
 
 
@@ -172,13 +199,14 @@ def markdown_table(results: dict) -> str:
     cuda = any("pct_of_floor" in r for r in records)
     memory = any(isinstance(r.get("peak_memory_bytes", {}).get("fast"), int) for r in records)
     throughput = any("items_per_s" in r for r in records)
+    agreement = any("rel_error_vs_reference" in r for r in records)
     lines = [
         f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
         "",
         "| case | " + " | ".join([f"{lab} ms" for lab in labels] + [f"{lab} × ref" for lab in ratio_labels]) + " |"
         + (" fast % of floor |" if cuda else "") + (" peak GB ref / fast |" if memory else "")
-        + (" images/s ref / fast |" if throughput else ""),
-        "|---|" + "---:|" * (len(labels) + len(ratio_labels) + cuda + memory + throughput),
+        + (" images/s ref / fast |" if throughput else "") + (" max rel. err vs ref |" if agreement else ""),
+        "|---|" + "---:|" * (len(labels) + len(ratio_labels) + cuda + memory + throughput + agreement),
     ]
     for r in records:
         times = [f"{1e3 * r['times_s'][lab]:.3f}" if lab in r["times_s"] else "–" for lab in labels]
@@ -196,6 +224,9 @@ def markdown_table(results: dict) -> str:
             rate = r.get("items_per_s") or {}
             ok = all(k in rate for k in ("reference", "fast"))
             row += f" {rate['reference']:.0f} / {rate['fast']:.0f} |" if ok else " – |"
+        if agreement:
+            worst = worst_error(r)
+            row += f" {worst:.1e} |" if worst is not None else " – |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
@@ -229,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(results["environment"].get("bench_device", "cpu"))
         for suite in dict.fromkeys(r["suite"] for r in results["records"]):
             print(f"\n== suite {suite} ({results['environment']['device']}, {results['environment']['dtype']}) ==")
-            print(format_table([r for r in results["records"] if r["suite"] == suite], device))
+            print(format_table([r for r in results["records"] if r["suite"] == suite], device,
+                               str(results["environment"].get("dtype", "float32"))))
         write_outputs(results, args)
         return 0
     device = torch.device(args.device)
@@ -265,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json_path:  # after every case, so an interrupted run keeps what it measured
                 write_json(results, args.json_path)
         print(f"\n== suite {suite} ({device}, {str(dtype).replace('torch.', '')}) ==")
-        print(format_table(records, device))
+        print(format_table(records, device, str(dtype)))
     write_outputs(results, args)
     return 0
 

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..nn.vit import add_residual
 from ..reference.checks import check_input_dtype
 from ..reference.moe import gather_tokens
 from .weights import load_vit_weights, read_npz
@@ -43,8 +42,8 @@ class ViTBlock(nn.Module):
         self.ffn = reference.Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = add_residual(self.attn, self.norm1(x), x)
-        return add_residual(self.ffn, self.norm2(x), x)
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):

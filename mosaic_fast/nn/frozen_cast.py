@@ -59,8 +59,3 @@ def linear(owner: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def linear_act(owner: nn.Module, layer: nn.Linear, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
     """``act(layer(x))``, cast as :func:`linear`; an exact GELU is fused into the CPU GEMM."""
     return cpu_gemm.linear_act(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias), act)
-
-
-def linear_add(owner: nn.Module, layer: nn.Linear, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``other + layer(x)``, cast as :func:`linear`; on the CPU oneDNN path the add is in the GEMM's epilogue."""
-    return cpu_gemm.linear_add(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias), other)

@@ -9,22 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from .frozen_cast import linear, linear_act, linear_add
-
-
-def _has_hooks(module: torch.nn.Module) -> bool:
-    hooks = torch.nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
-                or hooks._global_forward_pre_hooks)
-
-
-def add_residual(module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + module(x)``, through the module's ``forward_add`` when it has one (the fast Attention
-    and Mlp: the add in their last GEMM's epilogue on CPU) and no forward hook would be skipped by it."""
-    forward_add = getattr(module, "forward_add", None)
-    if forward_add is None or _has_hooks(module):
-        return residual + module(x)
-    return forward_add(x, residual)
+from .frozen_cast import linear, linear_act
 
 
 class Attention(reference.Attention):
@@ -35,17 +20,11 @@ class Attention(reference.Attention):
         qkv = linear(self, self.qkv, x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
-    def _heads_out(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self, self.proj, self._heads_out(x))
-
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)``."""
-        return linear_add(self, self.proj, self._heads_out(x), residual)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return linear(self, self.proj, out.transpose(1, 2).reshape(b, n, d))
 
 
 class Mlp(reference.Mlp):
@@ -54,25 +33,21 @@ class Mlp(reference.Mlp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self, self.fc2, linear_act(self, self.fc1, x, self.act))
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)``."""
-        return linear_add(self, self.fc2, linear_act(self, self.fc1, x, self.act), residual)
-
 
 class Block(reference.Block):
     """Parallel-adapter block; ``x + mlp(h)`` is the base the fused adapter kernel adds into."""
 
     def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
-        x = add_residual(self.attn, self.norm1(x), x)
+        x = x + self.attn(self.norm1(x))
         h = self.norm2(x)
-        return self.adapter.forward_fused(h, add_residual(self.ffn, h, x), expert_id)
+        return self.adapter.forward_fused(h, x + self.ffn(h), expert_id)
 
     def forward_packed(self, xs: list[torch.Tensor], row_expert: torch.Tensor) -> list[torch.Tensor]:
         """One block over several batches of different sequence lengths (e.g. 2D with 197 tokens and 3D
         with 513): attention per batch (SDPA), then LayerNorm, MLP and the grouped adapter over the packed
         token stream in one launch. ``row_expert`` holds the specialist (0/1/2) of every packed row."""
-        xs = [add_residual(self.attn, self.norm1(x), x) for x in xs]
+        xs = [x + self.attn(self.norm1(x)) for x in xs]
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
         h = self.norm2(flat)
-        out = self.adapter.forward_fused(h[:, None], add_residual(self.ffn, h, flat)[:, None], row_expert)[:, 0]
+        out = self.adapter.forward_fused(h[:, None], (flat + self.ffn(h))[:, None], row_expert)[:, 0]
         return [o.view_as(x) for o, x in zip(out.split([x.shape[0] * x.shape[1] for x in xs]), xs)]

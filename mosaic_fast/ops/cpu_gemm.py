@@ -13,9 +13,8 @@ falls back to ``F.linear`` wherever oneDNN would change the meaning or is not th
 dtypes, autocast (which must cast the inputs first), torch.compile (Inductor chooses its own kernels),
 torch.func transforms, builds without oneDNN, ``MOSAIC_FAST_CPU_GEMM=mkl`` in the environment, and
 products of at most :data:`MIN_ONEDNN_MACS` multiply-adds (where MKL's call overhead is lower).
-:func:`linear_gelu` and :func:`linear_relu` fuse the activation (the exact erf GELU, ReLU) into the GEMM's
-epilogue when no gradient is needed (:func:`linear_act` when the activation is a module that may be that
-GELU); :func:`linear_add` fuses a residual add the same way.
+:func:`linear_gelu` fuses the exact (erf) GELU into the GEMM's epilogue when no gradient is needed
+(:func:`linear_act` when the activation is a module that may be that GELU).
 :func:`mm` and :func:`addmm` are the non-differentiable products the ops' hand-written forward and
 backward fallbacks use.
 """
@@ -105,13 +104,8 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None, epilogue: str = "none"):
-    """``a @ b_tᵀ (+ bias)`` with an optional epilogue ("none", "relu" or "gelu", the exact erf GELU)."""
+    """``a @ b_tᵀ (+ bias)`` with an optional epilogue ("none" or "gelu", the exact erf GELU)."""
     return _ONEDNN_LINEAR(_dense(a), _dense(b_t), bias, epilogue, [], "none" if epilogue == "gelu" else "")
-
-
-def _onednn_mm_add(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor):
-    """``other + (a @ b_tᵀ + bias)`` with the add in the GEMM's epilogue (oneDNN's binary post-op)."""
-    return _ONEDNN_LINEAR.binary(_dense(a), _dense(other), _dense(b_t), bias, "add")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -159,34 +153,6 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not _use_onednn(x, weight, bias) or _needs_grad(x, weight, bias):
         return F.gelu(linear(x, weight, bias))
     return _onednn_mm(x, weight, bias, "gelu")
-
-
-def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.relu(F.linear(x, weight, bias))``; on the oneDNN path without gradients the ReLU runs in the
-    GEMM's epilogue."""
-    if not _use_onednn(x, weight, bias) or _needs_grad(x, weight, bias):
-        return linear(x, weight, bias).relu_()  # in place on a fresh output: autograd allows it
-    return _onednn_mm(x, weight, bias, "relu")
-
-
-def linear_add(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor, alpha: float = 1.0
-) -> torch.Tensor:
-    """``other + alpha * F.linear(x, weight, bias)`` (a residual add after a Linear). On the oneDNN path
-    without gradients the add runs in the GEMM's epilogue, saving a pass over the output; ``alpha`` is then
-    folded into the (small) weight and bias, which changes only the rounding (~1e-7 relative)."""
-    if (
-        not _use_onednn(x, weight, bias)
-        or _needs_grad(x, weight, bias, other)
-        or other.shape != (*x.shape[:-1], weight.shape[0])
-        or other.dtype != torch.float32
-        or not other.is_cpu
-    ):
-        return torch.add(other, linear(x, weight, bias), alpha=alpha)
-    if alpha != 1.0:
-        weight, bias = weight * alpha, (bias * alpha if bias is not None else None)
-    return _onednn_mm_add(x.reshape(-1, x.shape[-1]), weight, bias, other.reshape(-1, weight.shape[0])).view(
-        other.shape)
 
 
 def linear_act(

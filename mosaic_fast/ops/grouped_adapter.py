@@ -423,14 +423,13 @@ def adapter_torch(h: Tensor, base: Tensor | None, ln_w: Tensor, ln_b: Tensor, do
     the reference's ops, minus its separate scale multiply when ``base`` is given (one add with
     ``alpha``). Weights as the modules hold them (``ln_w`` (D,), ``down_w`` (r, D), ``up_w`` (D, r), ...);
     under autocast ``F.linear`` casts them as the reference's ``nn.Linear`` does. The ReLU and the scale
-    act in place on fresh GEMM outputs, which autograd allows (neither GEMM's backward reads its output);
-    without gradients on the CPU oneDNN path they run in the GEMMs' epilogues, as does the add of ``base``.
+    act in place on fresh GEMM outputs, which autograd allows (neither GEMM's backward reads its output).
     """
     y = F.layer_norm(h, (h.shape[-1],), ln_w, ln_b, eps)
-    z = cpu_gemm.linear_relu(y, down_w, down_b)
+    out = cpu_gemm.linear(cpu_gemm.linear(y, down_w, down_b).relu_(), up_w, up_b)
     if base is None:
-        return cpu_gemm.linear(z, up_w, up_b).mul_(scale)
-    return cpu_gemm.linear_add(z, up_w, up_b, base, alpha=scale)
+        return out.mul_(scale)
+    return torch.add(base, out, alpha=scale)
 
 
 class GroupedAdapterFunction(torch.autograd.Function):
