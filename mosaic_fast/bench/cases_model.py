@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_fast.bench.core import Case, on_triton_backend
-from mosaic_fast.engine.trainer import build_adamw
+from mosaic_fast.engine.trainer import build_adamw, drop_absent_specialist_grads, specialist_parameters
 from mosaic_fast.graphs import CUDAGraphInference, CUDAGraphTraining
 from mosaic_fast.models import EMATeacher, MosaicModel
 from mosaic_fast.nn.frozen_cast import cached_casts
@@ -147,6 +147,7 @@ class TrainStep:
         self.model.freeze_backbone(verbose=False)
         self.teacher = EMATeacher(model)
         self.opt = build_adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+        self.specialist_params = specialist_parameters(model)
         self.forward = torch.compile(model) if compile_model else model
         self.graphed: dict[str, CUDAGraphTraining] | None = {} if graphs else None
         self.graphed_teacher: dict[str, CUDAGraphInference] = {}
@@ -187,6 +188,7 @@ class TrainStep:
             loss = F.cross_entropy(logits.float(), y) + 0.1 * F.mse_loss(feats.float(), feats_t.float())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        drop_absent_specialist_grads(self.specialist_params, set(experts))
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.teacher.update(self.model, experts)

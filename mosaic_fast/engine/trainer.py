@@ -50,6 +50,22 @@ def build_adamw(params: Sequence[torch.Tensor], lr: float, weight_decay: float) 
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def specialist_parameters(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The trainable parameters of each specialist ('A'/'B'/'C') of ``model``."""
+    return {e: [p for n, p in model.named_parameters() if p.requires_grad and expert_of_parameter(n) == e]
+            for e in EXPERT_NAMES}
+
+
+def drop_absent_specialist_grads(specialist_params: dict[str, list[torch.Tensor]], active: set[str]) -> None:
+    """``.grad = None`` for the specialists without samples in the batch, as the reference model leaves
+    them: the fast adapter on CUDA runs every specialist of a mixed batch and gives the absent ones zero
+    gradients, which AdamW's weight decay and momentum would still act on."""
+    for expert, params in specialist_params.items():
+        if expert not in active:
+            for p in params:
+                p.grad = None
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped without writing a checkpoint of that state."""
 
@@ -160,8 +176,7 @@ class Trainer:
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
-        self.specialist_params = {e: [p for n, p in self.student.named_parameters()
-                                      if p.requires_grad and expert_of_parameter(n) == e] for e in EXPERT_NAMES}
+        self.specialist_params = specialist_parameters(self.student)
         self.optimizer = build_adamw(self.params, settings.lr, settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, RoundSchedule(settings.num_rounds, settings.warmup_rounds, settings.lr, settings.min_lr)
@@ -296,7 +311,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self._drop_absent_specialist_grads(active)
+        drop_absent_specialist_grads(self.specialist_params, active)
         self.scaler.unscale_(self.optimizer)
         nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm)
         self.scaler.step(self.optimizer)
@@ -304,15 +319,6 @@ class Trainer:
         momentum = {"A": self.s.ema_momentum, "B": self.s.ema_momentum, "C": self.s.ema_momentum_3d}
         self.teacher.update(self.student, active, momentum)
         return {"loss": values[0], "loss_cls": values[1], "loss_consist": values[2]}
-
-    def _drop_absent_specialist_grads(self, active: set[str]) -> None:
-        """``.grad = None`` for the specialists without samples in the global batch, as the reference
-        model leaves them: the fast adapter on CUDA runs every specialist of a mixed batch and gives the
-        absent ones zero gradients, which AdamW's weight decay and momentum would still act on."""
-        for expert, params in self.specialist_params.items():
-            if expert not in active:
-                for p in params:
-                    p.grad = None
 
     # ---------------------------------------------------------------- rounds
     def _record(self, names: list[str], losses: dict[str, float]) -> None:
