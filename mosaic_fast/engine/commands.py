@@ -181,27 +181,33 @@ def _train(args, info: DistInfo) -> int:
     return 0
 
 
-def train_main(argv: Sequence[str]) -> int:
-    """``mosaic-fast train``: cyclic (or mixed-batch) training with validation, early stopping, test."""
-    args = parse_train_args(list(argv))
+def _run(command: str, body, args) -> int:
+    """Set up (DDP when launched by torchrun), run ``body(args, info)`` and tear down; a diverged model
+    (non-finite loss or logits) or a failed download exits 1, bad input or a file problem 2, each with
+    one message and no traceback."""
     info, finished = None, False
     try:
         info = setup(args.device)
-        code = _train(args, info)
+        code = body(args, info)
         finished = True
         return code
     except (NonFiniteLossError, NonFiniteOutputError) as err:
-        print(f"mosaic-fast train: {err}", file=sys.stderr)
+        print(f"mosaic-fast {command}: {err}", file=sys.stderr)
         return 1
     except DownloadError as err:
-        print(f"mosaic-fast train: error: {err}", file=sys.stderr)
+        print(f"mosaic-fast {command}: error: {err}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:
-        print(f"mosaic-fast train: error: {err}", file=sys.stderr)
+        print(f"mosaic-fast {command}: error: {err}", file=sys.stderr)
         return 2
     finally:
         if info is not None:
             teardown(synchronize=finished)
+
+
+def train_main(argv: Sequence[str]) -> int:
+    """``mosaic-fast train``: cyclic (or mixed-batch) training with validation, early stopping, test."""
+    return _run("train", _train, parse_train_args(list(argv)))
 
 
 def _recorded_data(args, config: dict, names: Sequence[str]) -> tuple[dict[str, int | None], bool]:
@@ -276,22 +282,4 @@ def _eval(args, info: DistInfo) -> int:
 
 def eval_main(argv: Sequence[str]) -> int:
     """``mosaic-fast eval --checkpoint PATH``: per-dataset ACC/AUC of student and teacher."""
-    args = parse_eval_args(list(argv))
-    info, finished = None, False
-    try:
-        info = setup(args.device)
-        code = _eval(args, info)
-        finished = True
-        return code
-    except NonFiniteOutputError as err:
-        print(f"mosaic-fast eval: {err}", file=sys.stderr)
-        return 1
-    except DownloadError as err:
-        print(f"mosaic-fast eval: error: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as err:
-        print(f"mosaic-fast eval: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if info is not None:
-            teardown(synchronize=finished)
+    return _run("eval", _eval, parse_eval_args(list(argv)))
