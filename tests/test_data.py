@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -212,7 +213,8 @@ def test_download_is_never_attempted_without_the_flag(tmp_path, monkeypatch):
     import mosaic_fast.data.npz as npz
 
     monkeypatch.setattr(npz, "download_npz", lambda *a: pytest.fail("download attempted"))
-    with pytest.raises(FileNotFoundError):
+    missing = rf"no file breastmnist_224\.npz or .*breastmnist\.npz in {re.escape(str(tmp_path))}\..*--download"
+    with pytest.raises(FileNotFoundError, match=missing):
         find_npz(tmp_path, "BreastMNIST")
     calls = []
     monkeypatch.setattr(npz, "download_npz", lambda root, name, size: calls.append((name, size)) or shutil.copy(

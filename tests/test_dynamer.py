@@ -5,7 +5,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_grads_parity, assert_parity, randomize_
+from parity import (
+    TOL_BF16,
+    TOL_CPU_FWD,
+    TOL_CPU_GRAD,
+    TOL_INTERPRETER,
+    assert_grads_parity,
+    assert_parity,
+    randomize_,
+    rel_err,
+)
 
 from mosaic_fast import nn as fast_nn
 from mosaic_fast.models import DynaMerModel
@@ -187,23 +196,50 @@ def test_torch_compile_fullgraph_matches_eager(skip_mode):
     assert_parity(got, want, TOL_CPU_FWD, "compiled logits")
 
 
+#: bf16 autocast gradients of a whole (tiny) DynaMer model against float64, per tensor (with
+#: assert_grads_parity's module-norm allowance). TOL_BF16 is a per-op bound; through two layers of ReLU
+#: bottlenecks and top-k routing a bf16 rounding flips a few hidden units / expert choices, which moves a
+#: tensor's gradient by several percent: the reference module itself, under the same autocast, misses
+#: float64 by 0.03-0.04 here (seed 0), and by up to 0.17 at other seeds. A missing, halved or
+#: mis-routed gradient is off by ~0.5-1.
+TOL_BF16_TRAIN_GRAD = 0.1
+
+
+def _amp_step(model, x, labels, autocast):
+    """Logits, cross-entropy loss (in x's dtype) and trainable-parameter gradients of one step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.to(x.dtype), labels)
+    loss.backward()
+    return out.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
 @pytest.mark.parametrize("skip_mode", ["adapter", "block"])
-def test_autocast_cpu_bf16_training_step(skip_mode):
-    """DynaMer under bf16 autocast (AMP training): forward and backward run (the fused MoE update raised
-    a dtype error under autocast before), every trainable parameter gets a finite gradient, and the
-    logits are within 2x the error of the reference under the same autocast (against float64)."""
+def test_autocast_cpu_bf16_training_step(skip_mode, keep_ratio):
+    """DynaMer under bf16 autocast (AMP training) against the float64 reference: forward and backward run
+    (the fused MoE update raised a dtype error under autocast before), every trainable parameter gets a
+    finite gradient, and the logits and the whole gradient are within 2x the error of the reference under
+    the same autocast. At ρ = 1 (no token selection) also: the loss within TOL_BF16 and every gradient
+    within TOL_BF16_TRAIN_GRAD of float64. (At ρ < 1 a bf16 score flip changes which tokens are kept; seen:
+    the reference's own logits 4.5e-2 off float64, so there only the 2x rule is meaningful.)"""
     torch.manual_seed(0)
-    ref, fast = pair(skip_mode)
-    x = torch.randn(2, 3, 32, 32)
-    want = copy.deepcopy(ref).double()(x.double())
-    errs = {}
-    for name, model in (("reference", ref), ("fast", fast)):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().sum().backward()
-        errs[name] = float((out.detach().double() - want.detach()).norm() / want.detach().norm())
-    assert errs["fast"] <= 2 * errs["reference"] + 1e-6, errs
-    for n, p in fast.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    ref, fast = pair(skip_mode, keep_ratio)
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    want_out, want_loss, want = _amp_step(copy.deepcopy(ref).double(), x.double(), labels, autocast=False)
+    ref_out, _, ref_grads = _amp_step(ref, x, labels, autocast=True)
+    out, loss, got = _amp_step(fast, x, labels, autocast=True)
+    for n, g in got.items():
+        assert g is not None and torch.isfinite(g).all(), n
+    assert set(got) == set(want)
+    assert rel_err(out.float(), want_out) <= 2 * rel_err(ref_out.float(), want_out) + 1e-6
+
+    def flat(grads):
+        return torch.cat([grads[n].flatten().double() for n in sorted(want)])
+
+    err, ref_err = rel_err(flat(got), flat(want)), rel_err(flat(ref_grads), flat(want))
+    assert err <= 2 * ref_err + 1e-6, f"whole gradient: {err:.3e} vs same-dtype reference {ref_err:.3e}"
+    if keep_ratio == 1.0:
+        assert abs(float(loss) - float(want_loss)) <= TOL_BF16 * abs(float(want_loss)), (float(loss), float(want_loss))
+        assert_grads_parity(got, want, TOL_BF16_TRAIN_GRAD)

@@ -52,6 +52,29 @@ def test_parity_triton(triton_backend, gate):
     check(ref, fast, torch.randn(1, 19, D, device=triton_backend), TOL_INTERPRETER, TOL_INTERPRETER)
 
 
+def make_own_scales_and_eps(gate):
+    """Experts with their own scalars and a LayerNorm eps (1e-2) that matters for the small inputs below
+    (per-row variance ~2.5e-3: eps = 1e-5 instead would change LN(h) by ~2.2x)."""
+    ref, fast = make(gate)
+    for m in (ref, fast):
+        for e, s in zip(m.experts, (0.1, 0.7, 1.3)):
+            e.scale = s
+            e.layer_norm.eps = 1e-2
+    return ref, fast
+
+
+@pytest.mark.parametrize("gate", ["expert", "channel"])
+def test_own_scales_and_eps_torch(gate):
+    ref, fast = make_own_scales_and_eps(gate)
+    check(ref, fast, torch.randn(2, 5, D) * 0.05, TOL_CPU_FWD, TOL_CPU_GRAD)
+
+
+@pytest.mark.parametrize("gate", ["expert", "channel"])
+def test_own_scales_and_eps_triton(triton_backend, gate):
+    ref, fast = make_own_scales_and_eps(gate)
+    check(ref, fast, torch.randn(1, 7, D, device=triton_backend) * 0.05, TOL_INTERPRETER, TOL_INTERPRETER)
+
+
 def test_single_token_and_fp16_interpreter(triton_backend):
     ref, fast = make("expert")
     fast.to(triton_backend)

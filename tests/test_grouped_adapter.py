@@ -66,19 +66,22 @@ def reference(h, weights, bottlenecks, expert_id=None, base=None, scale=0.1, eps
     return out if base is None else base + out
 
 
-def run_parity(device, dtype, shape, bottlenecks, expert_id, with_base, tol_fwd, tol_grad, seed=0):
+def run_parity(device, dtype, shape, bottlenecks, expert_id, with_base, tol_fwd, tol_grad, seed=0, scale=0.1,
+               eps=1e-5, h_scale=1.0):
     D = shape[-1]
     weights = make_weights(D, bottlenecks, dtype=dtype, device=device, seed=seed)
     h, base = make_inputs(shape, dtype=dtype, device=device, seed=seed + 1)
+    h = h * h_scale
     ids = None if expert_id is None else expert_id.to(device)
     leaves = [t.clone().requires_grad_() for t in (h, base, *weights)]
     out = ga.grouped_adapter(
-        leaves[0], *leaves[2:], bottlenecks, base=leaves[1] if with_base else None, expert_id=ids
+        leaves[0], *leaves[2:], bottlenecks, base=leaves[1] if with_base else None, expert_id=ids, scale=scale,
+        eps=eps,
     )
     assert out.dtype == dtype and out.shape == h.shape
     ref_leaves = [t.detach().double().requires_grad_() for t in (h, base, *weights)]
     ref = reference(ref_leaves[0], ref_leaves[2:], bottlenecks, None if ids is None else ids,
-                    base=ref_leaves[1] if with_base else None)
+                    base=ref_leaves[1] if with_base else None, scale=scale, eps=eps)
     assert_parity(out, ref, tol_fwd, "output")
     gout = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 7)).to(device=device, dtype=dtype)
     out.backward(gout)
@@ -141,6 +144,19 @@ def test_cpu_fallback_non_contiguous_inputs():
     out = ga.grouped_adapter(h, *weights, rs, base=base, expert_id=ids)
     ref = reference(h.double(), [w.double() for w in weights], rs, ids, base=base.double())
     assert_parity(out, ref, TOL_CPU_FWD)
+
+
+#: A scale other than the default 0.1 and an eps that matters: h is scaled so that its per-row variance
+#: (~1e-4) is below eps (1e-3); with eps = 1e-5 instead, LN(h) would be ~3x larger.
+SCALE_EPS = dict(scale=0.37, eps=1e-3, h_scale=0.01)
+
+
+@pytest.mark.parametrize("routing", ["single", "mixed"])
+def test_cpu_fallback_non_default_scale_and_eps(routing):
+    mosaic_fast.set_backend("torch")
+    rs, ids, shape = ([24], None, (3, 7, 32)) if routing == "single" else ([16, 24, 48], MIXED, (5, 7, 32))
+    run_parity("cpu", torch.float32, shape, rs, ids, True, TOL_CPU_FWD, TOL_CPU_GRAD, **SCALE_EPS)
+    run_parity("cpu", torch.float32, shape, rs, ids, False, TOL_CPU_FWD, TOL_CPU_GRAD, **SCALE_EPS)
 
 
 def test_empty_batch():
@@ -214,6 +230,13 @@ def test_triton_parity(triton_backend, forward_variant, monkeypatch, case):
     run_parity(device, torch.float32, shape, rs, ids, with_base, tol_fwd, tol_grad)
 
 
+@pytest.mark.parametrize("routing", ["single", "mixed"])
+def test_triton_non_default_scale_and_eps(triton_backend, forward_variant, routing):
+    rs, ids = ([48], None) if routing == "single" else ([16, 32, 48], MIXED)
+    tol_fwd, tol_grad = _tol(triton_backend)
+    run_parity(triton_backend, torch.float32, (5, 3, 32), rs, ids, True, tol_fwd, tol_grad, **SCALE_EPS)
+
+
 def test_triton_rows_with_large_mean(triton_backend, forward_variant):
     """Rows whose mean is 100x their spread (residual streams can look like that): the one-pass variant's
     shifted sums must not cancel (its plain E[x²] - E[x]² would lose ~4 digits here)."""
@@ -276,6 +299,30 @@ def test_triton_invalid_ids_give_nan_rows(triton_backend, forward_variant):
     ok = torch.tensor([0, 2])
     ref = reference(h[ok].double(), [w.double() for w in weights], rs, ids[ok], base=base[ok].double())
     assert_parity(out[ok], ref, _tol(device)[0])
+
+
+@pytest.mark.parametrize("saved_preact", [True, False])
+def test_triton_backward_invalid_ids_give_nan_rows(triton_backend, saved_preact):
+    """The backward kernels cannot raise either: dh rows of out-of-range ids are NaN (never a plausible
+    number), the other rows equal the reference's input gradient."""
+    device = triton_backend
+    k = _kernels()
+    rs = [16, 32]
+    weights = make_weights(32, rs, device=device)
+    h, base = make_inputs((4, 3, 32), device=device)
+    ids = torch.tensor([1, 5, 0, -1], device=device)
+    _, mean, rstd, a = k.forward(h.view(-1, 32), base.view(-1, 32), ids, 3, *weights, rs, 0.1, 1e-5, True)
+    if not saved_preact:
+        a = a[:0]  # the backward recomputes the pre-activation
+    dout = torch.randn(12, 32, generator=torch.Generator().manual_seed(5)).to(device)
+    dh, *_ = k.backward(dout, h.view(-1, 32), ids, 3, *weights, rs, mean, rstd, a, 0.1, 1e-5, True, False)
+    dh = dh.view(4, 3, 32)
+    assert torch.isnan(dh[1]).all() and torch.isnan(dh[3]).all()
+    ok = torch.tensor([0, 2])
+    h_ok = h[ok].double().requires_grad_()
+    ref = reference(h_ok, [w.double() for w in weights], rs, ids[ok])
+    ref.backward(dout.view(4, 3, 32)[ok].double())
+    assert_parity(dh[ok], h_ok.grad, _tol(device)[1], "dh of the valid samples")
 
 
 def test_triton_deterministic_backward(triton_backend, monkeypatch):

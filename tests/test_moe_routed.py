@@ -82,6 +82,25 @@ def test_expanded_identity_selection_and_batch_of_one(triton_backend, fused_op_c
     assert fused_op_calls["moe"] == 2
 
 
+def test_selection_with_column_stride(triton_backend, fused_op_calls):
+    """Token indices whose columns are not adjacent in memory (a transposed copy: strides (1, B); a
+    every-other-column slice: column stride 2): the kernel must follow both strides."""
+    b, n = 3, 7
+    ref, fast = make(device=triton_backend)
+    xg, xm = (torch.randn(b, n, D, device=triton_backend) for _ in range(2))
+    idx_g, gate_g = selection(b, n, 4, 5, triton_backend)
+    idx_g = idx_g.t().contiguous().t()
+    wide, gate_m = selection(b, n, 6, 6, triton_backend)
+    idx_m, gate_m = wide[:, ::2], gate_m[:, ::2].contiguous()
+    assert idx_g.stride() == (1, b) and idx_m.stride(1) == 2
+    with torch.no_grad():
+        want = ref.forward_skip(xg.double(), xm.double(), idx_g, gate_g.double(), idx_m, gate_m.double())
+        got = fast.forward_skip(xg.clone(), xm.clone(), idx_g, gate_g, idx_m, gate_m)
+    assert fused_op_calls["moe"] == 1
+    assert_parity(got[0], want[0], TOL_INTERPRETER, "gen")
+    assert_parity(got[1], want[1], TOL_INTERPRETER, "med")
+
+
 def test_all_tied_router_scores_route_as_the_reference(triton_backend, fused_op_calls):
     """A zero router (every score tied, as right after a zero init): the routed op picks the experts the
     reference picks (the lowest indices), with equal probabilities."""

@@ -66,6 +66,32 @@ def test_parity_cpu_forward_and_backward(expert_id):
             assert_parity(pf.grad, pr.grad, TOL_CPU_GRAD, f"grad {name}")
 
 
+@pytest.mark.parametrize("differ", ["scale", "eps", "both"])
+def test_specialists_with_different_scale_or_eps_match_the_reference(differ):
+    """The grouped op takes one scale and one eps: specialists that differ in either must still compute
+    what the reference computes (mixed batch, forward, forward_fused and gradients). h is small (per-row
+    variance ~2.5e-3) so that eps = 1e-2 changes the LayerNorm by ~2.2x."""
+    ref, fast = make_pair(seed=3)
+    for m in (ref, fast):
+        if differ in ("scale", "both"):
+            m.expert_b.scale = 0.5
+        if differ in ("eps", "both"):
+            m.expert_c.layer_norm.eps = 1e-2
+    ref = ref.double()
+    ids = torch.tensor([2, 1, 0, 2])
+    h, base = torch.randn(4, 3, D) * 0.05, torch.randn(4, 3, D)
+    assert_parity(fast(h, ids), ref(h.double(), ids), TOL_CPU_FWD, "forward")
+    hf, hr = h.clone().requires_grad_(), h.double().requires_grad_()
+    out_f, out_r = fast.forward_fused(hf, base, ids), base.double() + ref(hr, ids)
+    assert_parity(out_f, out_r, TOL_CPU_FWD, "forward_fused")
+    gout = torch.randn_like(out_f)
+    out_f.backward(gout)
+    out_r.backward(gout.double())
+    assert_parity(hf.grad, hr.grad, TOL_CPU_GRAD, "grad h")
+    for (name, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+        assert_parity(pf.grad, pr.grad, TOL_CPU_GRAD, f"grad {name}")
+
+
 def test_every_specialist_gets_its_gradient_in_a_mixed_batch():
     _, fast = make_pair()
     out = fast(torch.randn(3, 4, D), torch.tensor([0, 1, 2]))

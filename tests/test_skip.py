@@ -6,6 +6,7 @@ import pytest
 import torch
 from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_parity, randomize_
 
+import mosaic_fast
 from mosaic_fast import nn as fast_nn
 from mosaic_fast import reference
 from mosaic_fast.ops.token_skip import skip_merge
@@ -154,16 +155,49 @@ def test_fused_select_falls_back_beyond_its_token_limit(triton_backend, fused_op
         skip_select(torch.randn(9, 4), torch.randn(1, 4), torch.randn(1), 3)
 
 
+def merge_formula(x, rows, update, coef):
+    """float64 ``x`` with ``x[rows] + coef ⊗ (update − x[rows])``; coef (T, G) covers D/G adjacent channels per
+    value (channel c takes coef[:, c // (D/G)])."""
+    want = x.double().clone()
+    sel = want[rows]
+    want[rows] = sel + coef.double().repeat_interleave(x.shape[1] // coef.shape[1], dim=1) * (update.double() - sel)
+    return want
+
+
+def _merge_backend(request, backend):
+    if backend == "triton":
+        return request.getfixturevalue("triton_backend")
+    mosaic_fast.set_backend("torch")
+    return "cpu"
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_merge_grouped_coef_matches_formula(request, backend, groups):
+    """Grouped gates (1 < G < D, G | D) against the explicit formula, out of place and in place."""
+    device = _merge_backend(request, backend)
+    tol = TOL_INTERPRETER if backend == "triton" else TOL_CPU_FWD
+    x = torch.randn(12, D, device=device)
+    rows = torch.tensor([3, 0, 11, 6], device=device)
+    upd, coef = torch.randn(4, D, device=device), torch.rand(4, groups, device=device)
+    want = merge_formula(x, rows, upd, coef)
+    assert_parity(skip_merge(x, rows, upd, coef), want, tol, "out of place")
+    y = x.clone()
+    assert skip_merge(y, rows, upd, coef, inplace=True) is y
+    assert_parity(y, want, tol, "in place")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_merge_inplace_rows_only(request, backend):
-    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    device = _merge_backend(request, backend)
+    tol = TOL_INTERPRETER if backend == "triton" else TOL_CPU_FWD
     x = torch.randn(12, D, device=device)
     rows = torch.tensor([3, 0, 11], device=device)
     upd, coef = torch.randn(3, D, device=device), torch.rand(3, 4, device=device)
-    want = skip_merge(x, rows, upd, coef)
+    want = merge_formula(x, rows, upd, coef)
     y = x.clone()
     assert skip_merge(y, rows, upd, coef, inplace=True) is y
-    assert torch.allclose(y, want, atol=1e-6)
+    assert_parity(y, want, tol, "in place")
     untouched = torch.ones(12, dtype=torch.bool)
     untouched[rows.cpu()] = False
     assert torch.equal(y[untouched.to(device)], x[untouched.to(device)])
