@@ -138,14 +138,16 @@ def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, q
 
 
 #: Largest relative output difference to the reference that a benchmarked implementation may show before
-#: the table flags it (DESIGN.md §5's forward tolerances; fp32 at 1e-4 for whole models and CUDA's TF32).
-AGREEMENT_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+#: the table flags it: DESIGN.md §5's bf16/fp16 tolerances, and 1e-3 for fp32, where one ReLU unit whose
+#: pre-activation rounds to the other side of zero in one of two fp32 computations moves a gradient by
+#: ~5e-4 (seen: the fp32 reference's dh 5.8e-4 from float64's, the fast one's 4e-7, B = 8 single adapter).
+AGREEMENT_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 5e-3}
 
 
 def disagreements(record: dict, dtype: str) -> list[str]:
     """Warnings for the implementations of ``record`` whose output differs from the reference's by more
     than :data:`AGREEMENT_TOLERANCE` (or could not be compared)."""
-    tol = AGREEMENT_TOLERANCE.get(dtype.removeprefix("torch."), 1e-4)
+    tol = AGREEMENT_TOLERANCE.get(dtype.removeprefix("torch."), AGREEMENT_TOLERANCE["float32"])
     return [f"    ! {label} differs from the reference: relative error {err:.1e} (tolerance {tol:g})"
             for label, err in record.get("rel_error_vs_reference", {}).items() if not err <= tol]
 
