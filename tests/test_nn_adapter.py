@@ -296,6 +296,31 @@ def test_autocast_cpu_bf16_backward_mixed_and_single():
                 assert_parity(p.grad, p64.grad, TOL_BF16)
 
 
+def test_autocast_cpu_bf16_backward_with_a_large_eps():
+    """The bf16 backward recomputes the LayerNorm from h (the statistics are not saved in the autocast
+    dtype): that recomputation must use the specialists' eps. h of std 0.01 with eps 1e-2 makes eps
+    dominate the variance, so any other eps changes every gradient."""
+    ref, fast = make_pair()
+    for module in (ref, fast):
+        for expert in module.experts:
+            expert.layer_norm.eps = 1e-2
+    h = (torch.randn(3, 4, D) * 0.01).requires_grad_(True)
+    base, gout = torch.randn(3, 4, D), torch.randn(3, 4, D)
+    for routing in (torch.tensor([2, 0, 1]), "B"):
+        ref64 = copy.deepcopy(ref).double()
+        h64 = h.detach().double().requires_grad_(True)
+        (base.double() + ref64(h64, routing)).backward(gout.double())
+        fast.zero_grad(set_to_none=True)
+        h.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast.forward_fused(h, base, routing)
+        out.backward(gout)
+        assert_parity(h.grad, h64.grad, TOL_BF16, f"grad h ({routing})")
+        for (name, p), p64 in zip(fast.named_parameters(), ref64.parameters()):
+            if p64.grad is not None:
+                assert_parity(p.grad, p64.grad, TOL_BF16, f"grad {name} ({routing})")
+
+
 def test_bad_inputs():
     _, fast = make_pair()
     h = torch.randn(3, 4, D)
