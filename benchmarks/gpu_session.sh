@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh profile       # profiler tables of the cases that miss their targets
 #   bash benchmarks/gpu_session.sh model-eager   # the model suite without any torch.compile (faster)
 #   bash benchmarks/gpu_session.sh compiled      # only the torch.compile cases that matter for the targets
+#   bash benchmarks/gpu_session.sh kernels       # the interpreter parity tests, against the compiled kernels
 #
 # Durations on an H200 (2026-11-30): start ~1.5 min; tests ~4 min with autotuning (which dominated; 170 s
 # was too short), so the tests stage now runs each kernel's first config only (MOSAIC_FAST_AUTOTUNE=0;
@@ -39,6 +40,8 @@ for stage in "$@"; do
   case $stage in
     tests) MOSAIC_FAST_AUTOTUNE=0 timeout "${TESTS_S:-200}" python3 -m pytest -m cuda -q -rfEs -p no:cacheprovider --durations=8 tests \
              2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    kernels) MOSAIC_FAST_AUTOTUNE=0 timeout "${TESTS_S:-200}" python3 -m pytest -m "kernels and not cuda" -q -rfEs \
+             -p no:cacheprovider --durations=8 tests 2>&1 | tee "$OUT/pytest_kernels.log" | tail -40 ;;
     tune) timeout "${BENCH_S:-300}" python3 benchmarks/tune_grouped_adapter.py --json "$OUT/${tag}_tune.json" \
              2>&1 | tee "$OUT/tune.log" | tail -45 ;;
     graphs) timeout "${BENCH_S:-300}" python3 benchmarks/run.py all --device cuda --graphs --no-compile --targets \

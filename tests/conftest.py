@@ -53,10 +53,15 @@ def cuda_device():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that take the ``cuda_device`` fixture carry the ``cuda`` marker (``pytest -m cuda``)."""
+    """Tests that take the ``cuda_device`` fixture carry the ``cuda`` marker (``pytest -m cuda``), those
+    that take ``triton_backend`` the ``kernels`` marker (``pytest -m kernels`` on a GPU runs the
+    interpreter parity tests against the compiled kernels)."""
     for item in items:
-        if "cuda_device" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "cuda_device" in fixtures:
             item.add_marker(pytest.mark.cuda)
+        if "triton_backend" in fixtures:
+            item.add_marker(pytest.mark.kernels)
 
 
 @pytest.fixture
