@@ -24,9 +24,10 @@ def test_quick_cases_run_and_agree():
             fast = case.impls["fast"](*inputs)
             assert_parity(fast, ref, 1e-5)
         else:
-            for impl in case.impls.values():
-                assert impl(*inputs) is None
-            assert h.grad is not None and torch.isfinite(h.grad).all()
+            # each implementation on its own fresh inputs returns this call's dh; 1e-3: one ReLU unit
+            # rounding to the other side of zero in either fp32 computation moves dh by ~5e-4
+            ref, fast = (impl(*case.make_inputs(0)) for impl in (case.impls["reference"], case.impls["fast"]))
+            assert_parity(fast, ref, 1e-3, f"{case.name} dh")
 
 
 def test_floors_follow_design():
