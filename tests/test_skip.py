@@ -233,6 +233,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="update"):
         fast(x, lambda t: t[:, :1])
     for router in (fast, make()[0]):
+        with pytest.raises(TypeError, match=r"update is torch\.float64, wider than x"):
+            router(x, lambda t: t.double())
+        assert router(x, lambda t: t.bfloat16()).dtype == torch.float32  # narrower: merged in x's dtype
+    for router in (fast, make()[0]):
         with pytest.raises(ValueError, match=r"idx_x: token indices must be in \[0, 5\)"):
             router.merge(x, torch.tensor([[0, 1], [0, 5]]), torch.ones(2, 2), torch.randn(2, 2, D))
     with pytest.raises(TypeError, match="rows"):

@@ -26,7 +26,14 @@ from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import routed_update_
 from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
 from ..reference.checks import check_input_dtype
-from ..reference.moe import check_pair, check_selection, check_tokens, num_kept, top_k_lowest_index_first
+from ..reference.moe import (
+    check_pair,
+    check_selection,
+    check_tokens,
+    check_update,
+    num_kept,
+    top_k_lowest_index_first,
+)
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
 #: GatedSpecialistAdapter -> (parameter stamp, folded weights), for inference (kept outside the module so
@@ -197,9 +204,8 @@ class SkipRouter(reference.SkipRouter):
 
     def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         check_selection(x, idx, gate, "x")
+        check_update(x, idx, update)
         d = x.shape[-1]
-        if update.shape != (*idx.shape, d):
-            raise ValueError(f"update: expected shape {(*idx.shape, d)}, got {tuple(update.shape)}")
         out = skip_merge(x.reshape(-1, d), _flat_rows(idx, x.shape[1]), update.reshape(-1, d).to(x.dtype),
                          gate.reshape(-1, 1).to(x.dtype))
         return out.view(x.shape)

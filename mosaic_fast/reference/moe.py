@@ -65,6 +65,16 @@ def check_selection(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, name
             raise ValueError(f"idx_{name}: token indices must be in [0, {x.shape[1]}), got values in [{low}, {high}]")
 
 
+def check_update(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor) -> None:
+    """``update`` (B, k, D) for the tokens ``idx`` (B, k) of ``x``, in x's dtype or a narrower one (bf16
+    under autocast): a wider one would not fit the merged tokens into x."""
+    if not isinstance(update, torch.Tensor) or update.shape != (*idx.shape, x.shape[-1]):
+        got = tuple(update.shape) if isinstance(update, torch.Tensor) else type(update).__name__
+        raise ValueError(f"update: expected shape {(*idx.shape, x.shape[-1])}, got {got}")
+    if torch.promote_types(update.dtype, x.dtype) != x.dtype:
+        raise TypeError(f"update is {update.dtype}, wider than x ({x.dtype}): the merged tokens would not fit x")
+
+
 def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest ``scores`` along the last dim (descending) and their indices, equal scores going
     to the lower index. ``torch.topk`` leaves ties unspecified (a zero-initialised router ties every
@@ -245,8 +255,7 @@ class SkipRouter(nn.Module):
     def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``x`` with rows ``idx`` set to ``x + gate·(update − x)``; ``update`` is (B, k, D)."""
         check_selection(x, idx, gate, "x")
-        if update.shape != (*idx.shape, x.shape[-1]):
-            raise ValueError(f"update: expected shape {(*idx.shape, x.shape[-1])}, got {tuple(update.shape)}")
+        check_update(x, idx, update)
         sel = gather_tokens(x, idx)
         return scatter_tokens(x, idx, sel + gate.unsqueeze(-1) * (update - sel))
 
