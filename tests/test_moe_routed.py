@@ -101,29 +101,16 @@ def test_selection_with_column_stride(triton_backend, fused_op_calls):
     assert_parity(got[1], want[1], TOL_INTERPRETER, "med")
 
 
-def test_all_tied_router_scores_route_as_the_reference(triton_backend, fused_op_calls):
-    """A zero router (every score tied, as right after a zero init): the routed op picks the experts the
-    reference picks (the lowest indices), with equal probabilities."""
+@pytest.mark.parametrize(("fast_bias", "ref_bias"), [
+    ([0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]),  # a zero router: every score tied, as right after a zero init
+    ([1.0, 0.5, 0.5, 0.0], [1.0, 0.5, 0.4, 0.0]),  # a tie at the top-k boundary must act as the lower expert
+], ids=["all-tied", "boundary-tie"])
+def test_router_ties_go_to_the_lower_expert(triton_backend, fused_op_calls, fast_bias, ref_bias):
+    """Equal router scores: the routed op takes the lower expert index, as the reference does. With k = 2,
+    scores (1, .5, .5, 0) must act as (1, .5, .4, 0): experts 0 and 1, the same probabilities."""
     ref, fast = make(device=triton_backend)
     with torch.no_grad():
-        for m in (fast, ref):
-            for router in (m.router_gen, m.router_med):
-                router.weight.zero_()
-                router.bias.zero_()
-        xg, xm = (torch.randn(2, 4, D, device=triton_backend) for _ in range(2))
-        want = ref(xg.double(), xm.double())
-        got = fast(xg, xm)
-    assert fused_op_calls["moe"] == 1
-    assert_parity(got[0], want[0], TOL_INTERPRETER, "gen")
-    assert_parity(got[1], want[1], TOL_INTERPRETER, "med")
-
-
-def test_router_ties_go_to_the_lower_expert(triton_backend, fused_op_calls):
-    """Equal router scores at the top-k boundary: the routed op takes the lower expert index. Scores
-    (1, .5, .5, 0) with k = 2 must act as (1, .5, .4, 0): experts 0 and 1, the same probabilities."""
-    ref, fast = make(device=triton_backend)
-    with torch.no_grad():
-        for m, bias in ((fast, [1.0, 0.5, 0.5, 0.0]), (ref, [1.0, 0.5, 0.4, 0.0])):
+        for m, bias in ((fast, fast_bias), (ref, ref_bias)):
             for router in (m.router_gen, m.router_med):
                 router.weight.zero_()
                 router.bias.copy_(torch.tensor(bias))
