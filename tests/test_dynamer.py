@@ -130,6 +130,14 @@ def test_load_npz_and_state_dict(tmp_path):
     model.load_backbone("med", state)
     for (_, a), (_, b) in zip(model.backbone_gen.state_dict().items(), model.backbone_med.state_dict().items()):
         assert torch.equal(a, b)
+    resized = dict(state, pos_embed=torch.randn(1, 1 + 2 * 2, state["pos_embed"].shape[-1]))  # a 2x2 grid (model: 4x4)
+    model.load_backbone("med", resized)
+    assert model.backbone_med.pos_embed.shape == state["pos_embed"].shape
+    before = {k: v.clone() for k, v in model.backbone_med.state_dict().items()}
+    narrow = dict(state, **{"blocks.0.mlp.fc1.weight": torch.zeros(8, state["blocks.0.mlp.fc1.weight"].shape[1])})
+    with pytest.raises(ValueError, match=r"wrong shapes \['blocks\.0\.ffn\.fc1\.weight \(8, "):
+        model.load_backbone("med", narrow)
+    assert all(torch.equal(v, before[k]) for k, v in model.backbone_med.state_dict().items())
     del state["norm.bias"]
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys \['norm.bias'\].*unexpected keys \['extra.weight'\]"):

@@ -170,6 +170,21 @@ def test_load_vit_npz_errors(tmp_path):
     write_google_npz(tmp_path / "deep.npz", depth=3)
     with pytest.raises(ValueError, match="3 encoder blocks but the model has 2"):
         models.load_vit_npz(model, tmp_path / "deep.npz")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    w = write_google_npz(tmp_path / "vit.npz")
+    broken = {k: v for k, v in w.items() if k not in ("cls", "Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias")}
+    broken["Transformer/encoderblock_0/SomethingNew/kernel"] = np.zeros(3, np.float32)
+    broken["head/kernel"] = np.zeros((32, 3), np.float32)  # Google's classifier: ignored, not unexpected
+    np.savez(tmp_path / "broken.npz", **broken)
+    want = (r"missing keys \['Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias', 'cls'\], "
+            r"unexpected keys \['Transformer/encoderblock_0/SomethingNew/kernel'\]")
+    with pytest.raises(ValueError, match=want):
+        models.load_vit_npz(model, tmp_path / "broken.npz")
+    w["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"] = np.zeros((32, 64), np.float32)
+    np.savez(tmp_path / "narrow.npz", **w)
+    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.fc1\.weight: checkpoint shape \(64, 32\)"):
+        models.load_vit_npz(model, tmp_path / "narrow.npz")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a failed load changed the model"
 
 
 def test_ema_update_formula_and_inactive_specialists():

@@ -176,8 +176,8 @@ def format_table(records: list[dict], device: torch.device, dtype: str = "float3
     for r in records:
         row = f"{r['name'][:44]:<44}"
         row += "".join(f"{1e3 * r['times_s'][lab]:>14.3f}" if lab in r["times_s"] else f"{'-':>14}" for lab in labels)
-        row += "".join(f"{r['speedup_vs_reference'].get(lab, float('nan')):>11.2f}" for lab in labels
-                       if lab != "reference")
+        row += "".join(f"{r['speedup_vs_reference'][lab]:>11.2f}" if lab in r["speedup_vs_reference"]
+                       else f"{'-':>11}" for lab in labels if lab != "reference")
         if device.type == "cuda":
             pct = r.get("pct_of_floor", {}).get("fast")
             row += f"{pct:>11.1f}%" if pct is not None else f"{'-':>12}"

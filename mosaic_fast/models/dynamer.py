@@ -26,7 +26,7 @@ from torch import nn
 from .. import reference
 from ..reference.checks import check_input_dtype
 from ..reference.moe import gather_tokens
-from .weights import load_vit_weights, read_npz
+from .weights import load_vit_weights, read_npz, resize_pos_embed
 
 SKIP_MODES = ("adapter", "block")
 
@@ -88,7 +88,9 @@ class ViTBackbone(nn.Module):
         """Load Google's npz layout (a ``.npz`` path) or a plain state_dict (mapping or a torch file path).
 
         State_dicts may use timm's names (``mlp.fc1`` for ``ffn.fc1``); a classifier ``head.*`` is ignored.
-        Missing or unexpected keys raise a ValueError listing them. Returns the names loaded."""
+        Missing or unexpected keys, and tensors of other shapes, raise a ValueError listing them (nothing is
+        loaded then); a position table of another grid is resized bicubically, as for the npz layout.
+        Returns the names loaded."""
         if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
             return load_vit_weights(read_npz(source), patch_proj=self.patch_embed.proj, cls_token=self.cls_token,
                                     pos_embed=self.pos_embed, blocks=list(self.blocks), final_norm=self.norm)
@@ -105,6 +107,12 @@ class ViTBackbone(nn.Module):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"backbone state_dict does not fit: missing keys {missing}, unexpected keys {unexpected}")
+        if state["pos_embed"].shape[1] != own["pos_embed"].shape[1]:
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"].float(), own["pos_embed"].shape[1])
+        wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+                 if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ValueError(f"backbone state_dict does not fit: wrong shapes {wrong}")
         self.load_state_dict(state, strict=True)
         return sorted(state)
 

@@ -18,16 +18,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Top-level groups of Google's file that no backbone loads (the classifier and its pre-logits layer).
+IGNORED_PREFIXES = ("head/", "pre_logits/")
+
+_BLOCK_KEYS = tuple(
+    [f"LayerNorm_{i}/{p}" for i in (0, 2) for p in ("scale", "bias")]
+    + [f"MultiHeadDotProductAttention_1/{n}/{p}" for n in ("query", "key", "value", "out") for p in ("kernel", "bias")]
+    + [f"MlpBlock_3/Dense_{i}/{p}" for i in (0, 1) for p in ("kernel", "bias")]
+)
+
+
+def expected_npz_keys(depth: int) -> set[str]:
+    """Every key a Google-layout ViT of ``depth`` blocks must have (and the only ones loaded)."""
+    keys = {"embedding/kernel", "embedding/bias", "cls", "Transformer/posembed_input/pos_embedding",
+            "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias"}
+    return keys | {f"Transformer/encoderblock_{i}/{k}" for i in range(depth) for k in _BLOCK_KEYS}
+
+
+def _short(keys: list[str], limit: int = 12) -> str:
+    return str(keys[:limit])[:-1] + (f", ... ({len(keys) - limit} more)]" if len(keys) > limit else "]")
+
+
+def check_npz_keys(weights: Mapping[str, np.ndarray], depth: int) -> None:
+    """A ValueError listing every missing and every unexpected key (``head/*``, ``pre_logits/*`` are
+    allowed and ignored), before anything is copied."""
+    expected = expected_npz_keys(depth)
+    missing = sorted(expected - set(weights))
+    unexpected = sorted(k for k in weights if k not in expected and not k.startswith(IGNORED_PREFIXES))
+    if missing or unexpected:
+        raise ValueError(f"the npz does not fit a {depth}-block Google ViT: missing keys {_short(missing)}, "
+                         f"unexpected keys {_short(unexpected)}")
+
 
 def _tensor(weights: Mapping[str, np.ndarray], key: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(weights[key])).float()
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"{what}: checkpoint shape {tuple(src.shape)} does not fit the model's {tuple(dst.shape)}")
+#: (parameter, value, name) to copy once every shape has been checked.
+Assignment = tuple[torch.Tensor, torch.Tensor, str]
+
+
+def _copy_all(assignments: list[Assignment]) -> None:
+    """Check every shape, then copy: a checkpoint that does not fit leaves the model untouched."""
+    for dst, src, what in assignments:
+        if dst.shape != src.shape:
+            raise ValueError(f"{what}: checkpoint shape {tuple(src.shape)} does not fit the model's {tuple(dst.shape)}")
     with torch.no_grad():
-        dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+        for dst, src, _ in assignments:
+            dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
 
 
 def resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -43,31 +81,28 @@ def resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
 
 
-def load_vit_block(block: nn.Module, weights: Mapping[str, np.ndarray], index: int) -> list[str]:
-    """Load encoder block ``index`` into a block with ``norm1, attn.qkv, attn.proj, norm2, ffn.fc1/fc2``."""
+def vit_block_assignments(block: nn.Module, weights: Mapping[str, np.ndarray], index: int) -> list[Assignment]:
+    """What encoder block ``index`` puts into a block with ``norm1, attn.qkv, attn.proj, norm2, ffn.fc1/fc2``
+    (names relative to the block)."""
     pfx = f"Transformer/encoderblock_{index}"
     att = f"{pfx}/MultiHeadDotProductAttention_1"
     dim = block.norm1.weight.shape[0]
-    loaded = []
-
-    def put(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
-        _copy(param, value, f"block {index} {name}")
-        loaded.append(name)
-
-    put(block.norm1.weight, _tensor(weights, f"{pfx}/LayerNorm_0/scale"), "norm1.weight")
-    put(block.norm1.bias, _tensor(weights, f"{pfx}/LayerNorm_0/bias"), "norm1.bias")
     qkv_w = [_tensor(weights, f"{att}/{n}/kernel").reshape(dim, -1).T for n in ("query", "key", "value")]
     qkv_b = [_tensor(weights, f"{att}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]
-    put(block.attn.qkv.weight, torch.cat(qkv_w), "attn.qkv.weight")
-    put(block.attn.qkv.bias, torch.cat(qkv_b), "attn.qkv.bias")
-    put(block.attn.proj.weight, _tensor(weights, f"{att}/out/kernel").reshape(-1, dim).T, "attn.proj.weight")
-    put(block.attn.proj.bias, _tensor(weights, f"{att}/out/bias"), "attn.proj.bias")
-    put(block.norm2.weight, _tensor(weights, f"{pfx}/LayerNorm_2/scale"), "norm2.weight")
-    put(block.norm2.bias, _tensor(weights, f"{pfx}/LayerNorm_2/bias"), "norm2.bias")
+    out = [
+        (block.norm1.weight, _tensor(weights, f"{pfx}/LayerNorm_0/scale"), "norm1.weight"),
+        (block.norm1.bias, _tensor(weights, f"{pfx}/LayerNorm_0/bias"), "norm1.bias"),
+        (block.attn.qkv.weight, torch.cat(qkv_w), "attn.qkv.weight"),
+        (block.attn.qkv.bias, torch.cat(qkv_b), "attn.qkv.bias"),
+        (block.attn.proj.weight, _tensor(weights, f"{att}/out/kernel").reshape(-1, dim).T, "attn.proj.weight"),
+        (block.attn.proj.bias, _tensor(weights, f"{att}/out/bias"), "attn.proj.bias"),
+        (block.norm2.weight, _tensor(weights, f"{pfx}/LayerNorm_2/scale"), "norm2.weight"),
+        (block.norm2.bias, _tensor(weights, f"{pfx}/LayerNorm_2/bias"), "norm2.bias"),
+    ]
     for i, fc in enumerate((block.ffn.fc1, block.ffn.fc2)):
-        put(fc.weight, _tensor(weights, f"{pfx}/MlpBlock_3/Dense_{i}/kernel").T, f"ffn.fc{i + 1}.weight")
-        put(fc.bias, _tensor(weights, f"{pfx}/MlpBlock_3/Dense_{i}/bias"), f"ffn.fc{i + 1}.bias")
-    return loaded
+        out.append((fc.weight, _tensor(weights, f"{pfx}/MlpBlock_3/Dense_{i}/kernel").T, f"ffn.fc{i + 1}.weight"))
+        out.append((fc.bias, _tensor(weights, f"{pfx}/MlpBlock_3/Dense_{i}/bias"), f"ffn.fc{i + 1}.bias"))
+    return out
 
 
 def load_vit_weights(
@@ -80,22 +115,25 @@ def load_vit_weights(
     final_norm: nn.LayerNorm,
     prefix: str = "",
 ) -> list[str]:
-    """Load a Google-layout ViT into the given parts of any backbone; returns the names loaded."""
+    """Load a Google-layout ViT into the given parts of any backbone; returns the names loaded. Keys and
+    shapes are all checked first (one error listing the problems), so a failed load changes nothing."""
     depth = sum(1 for k in weights if k.startswith("Transformer/encoderblock_") and k.endswith("LayerNorm_0/scale"))
     if depth != len(blocks):
         raise ValueError(f"checkpoint has {depth} encoder blocks but the model has {len(blocks)}")
-    loaded = []
-    _copy(patch_proj.weight, _tensor(weights, "embedding/kernel").permute(3, 2, 0, 1), "embedding/kernel")
-    _copy(patch_proj.bias, _tensor(weights, "embedding/bias"), "embedding/bias")
-    _copy(cls_token, _tensor(weights, "cls"), "cls")
+    check_npz_keys(weights, depth)
     pos = resize_pos_embed(_tensor(weights, "Transformer/posembed_input/pos_embedding"), pos_embed.shape[1])
-    _copy(pos_embed, pos, "Transformer/posembed_input/pos_embedding")
-    loaded += [f"{prefix}{n}" for n in ("patch_proj.weight", "patch_proj.bias", "cls_token", "pos_embed")]
+    assignments = [
+        (patch_proj.weight, _tensor(weights, "embedding/kernel").permute(3, 2, 0, 1), "patch_proj.weight"),
+        (patch_proj.bias, _tensor(weights, "embedding/bias"), "patch_proj.bias"),
+        (cls_token, _tensor(weights, "cls"), "cls_token"),
+        (pos_embed, pos, "pos_embed"),
+    ]
     for i, block in enumerate(blocks):
-        loaded += [f"{prefix}blocks.{i}.{n}" for n in load_vit_block(block, weights, i)]
-    _copy(final_norm.weight, _tensor(weights, "Transformer/encoder_norm/scale"), "encoder_norm/scale")
-    _copy(final_norm.bias, _tensor(weights, "Transformer/encoder_norm/bias"), "encoder_norm/bias")
-    return [*loaded, f"{prefix}norm.weight", f"{prefix}norm.bias"]
+        assignments += [(p, v, f"blocks.{i}.{n}") for p, v, n in vit_block_assignments(block, weights, i)]
+    assignments += [(final_norm.weight, _tensor(weights, "Transformer/encoder_norm/scale"), "norm.weight"),
+                    (final_norm.bias, _tensor(weights, "Transformer/encoder_norm/bias"), "norm.bias")]
+    _copy_all(assignments)
+    return [f"{prefix}{name}" for _, _, name in assignments]
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
