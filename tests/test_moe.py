@@ -213,6 +213,9 @@ def test_bad_input():
         reference.GatedMoEAdapter(D, 4, 5, R, D)
     with pytest.raises(ValueError, match="gate_dim"):
         reference.GatedMoEAdapter(D, 4, 2, R, 5)
+    with pytest.raises(ValueError, match="gate_dim=None means D"):  # the default 768 with a smaller width
+        reference.GatedMoEAdapter(D)
+    assert reference.GatedMoEAdapter(D, gate_dim=None).gate_dim == D
     with pytest.raises(TypeError, match="dtype"):
         moe_gated_update(*[torch.randn(3, D)] * 2, *[torch.arange(3)] * 2, torch.zeros(3, 1, dtype=torch.long),
                          torch.ones(3, 1, dtype=torch.float64), torch.ones(3, 1), torch.zeros(3, 1, dtype=torch.long),

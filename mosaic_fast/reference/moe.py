@@ -126,7 +126,8 @@ class GatedMoEAdapter(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if gate_dim < 1 or d_model % gate_dim:
-            raise ValueError(f"gate_dim must divide d_model={d_model} (e.g. D, D/2, D/4, 1), got {gate_dim}")
+            hint = " (the default 768 is ViT-B's width; gate_dim=None means D)" if gate_dim == 768 else ""
+            raise ValueError(f"gate_dim must divide d_model={d_model} (e.g. D, D/2, D/4, 1), got {gate_dim}{hint}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.bottleneck, self.gate_dim = bottleneck, gate_dim
         self.down_weight = nn.Parameter(torch.empty(num_experts, bottleneck, 2 * d_model))
