@@ -285,14 +285,17 @@ def test_triton_bf16_is_never_garbage(triton_backend):
     assert_parity(out, ref, TOL_BF16)
 
 
+def _invalid_ids_case(device):
+    """Kernels, bottlenecks, weights, h, base and ids of which samples 1 and 3 are out of range."""
+    rs = [16, 32]
+    h, base = make_inputs((4, 3, 32), device=device)
+    return _kernels(), rs, make_weights(32, rs, device=device), h, base, torch.tensor([1, 5, 0, -1], device=device)
+
+
 def test_triton_invalid_ids_give_nan_rows(triton_backend, forward_variant):
     """The kernels cannot raise without a host sync: rows of out-of-range ids are NaN, others exact."""
     device = triton_backend
-    k = _kernels()
-    rs = [16, 32]
-    weights = make_weights(32, rs, device=device)
-    h, base = make_inputs((4, 3, 32), device=device)
-    ids = torch.tensor([1, 5, 0, -1], device=device)
+    k, rs, weights, h, base, ids = _invalid_ids_case(device)
     out, *_ = k.forward(h.view(-1, 32), base.view(-1, 32), ids, 3, *weights, rs, 0.1, 1e-5, False)
     out = out.view(4, 3, 32)
     assert torch.isnan(out[1]).all() and torch.isnan(out[3]).all()
@@ -306,11 +309,7 @@ def test_triton_backward_invalid_ids_give_nan_rows(triton_backend, saved_preact)
     """The backward kernels cannot raise either: dh rows of out-of-range ids are NaN (never a plausible
     number), the other rows equal the reference's input gradient."""
     device = triton_backend
-    k = _kernels()
-    rs = [16, 32]
-    weights = make_weights(32, rs, device=device)
-    h, base = make_inputs((4, 3, 32), device=device)
-    ids = torch.tensor([1, 5, 0, -1], device=device)
+    k, rs, weights, h, base, ids = _invalid_ids_case(device)
     _, mean, rstd, a = k.forward(h.view(-1, 32), base.view(-1, 32), ids, 3, *weights, rs, 0.1, 1e-5, True)
     if not saved_preact:
         a = a[:0]  # the backward recomputes the pre-activation
