@@ -309,3 +309,8 @@ def test_module_bad_inputs():
             fast_nn.PatchEmbed3D(16, patch, 1, 32)
     with pytest.raises(ValueError, match=r"img_size .* must be divisible by patch_size"):
         reference.PatchEmbed3D(20, 8, 1, 32)
+    for module in (fast, reference.PatchEmbed3D(16, 8, 1, 32)):  # the reference checks the same
+        with pytest.raises(TypeError, match="x: expected an integer or floating dtype"):
+            module(torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool))
+        with pytest.raises(ValueError, match=r"volume \(0, 16, 16\) is empty"):
+            module(torch.zeros(1, 1, 0, 16, 16))

@@ -64,12 +64,14 @@ class PatchEmbed3D(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Clear errors for a wrong rank, channel count or a size not divisible by the patch."""
+        """Clear errors for a wrong rank, channel count or dtype, or a size not divisible by the patch."""
         if x.dim() != 5 or x.shape[1] != self.in_chans:
             raise ValueError(f"x: expected (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}")
-        if any(s % p for s, p in zip(x.shape[2:], self.patch_size)):
+        if x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"x: expected an integer or floating dtype, got {x.dtype}")
+        if any(s % p or s == 0 for s, p in zip(x.shape[2:], self.patch_size)):
             raise ValueError(
-                f"x: volume {tuple(x.shape[2:])} is not divisible by patch_size {self.patch_size}"
+                f"x: volume {tuple(x.shape[2:])} is empty or not divisible by patch_size {self.patch_size}"
             )
         check_input_dtype("x", x, self.proj.weight)
 
