@@ -134,19 +134,7 @@ class MoSAdapter(reference.MoSAdapter):
     batch's specialists.
     """
 
-    def __init__(
-        self,
-        d_model: int = 768,
-        bottleneck_a: int = 64,
-        bottleneck_b: int = 96,
-        bottleneck_c: int = 192,
-        dropout: float = 0.0,
-        init_option: str = "lora",
-        adapter_scalar: float = 0.1,
-    ) -> None:
-        super().__init__(d_model, bottleneck_a, bottleneck_b, bottleneck_c, dropout, init_option, adapter_scalar)
-        for expert in self.experts:
-            expert.__class__ = Adapter
+    expert_cls = Adapter
 
     def forward(self, h: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
         return self._run(h, None, expert_id)

@@ -104,6 +104,8 @@ class MoSAdapter(nn.Module):
     tensor of 0/1/2 routing each sample of a mixed batch to its specialist.
     """
 
+    expert_cls = Adapter  # the fast twin builds its own Adapter class (as Block.adapter_cls does)
+
     def __init__(
         self,
         d_model: int = 768,
@@ -117,9 +119,9 @@ class MoSAdapter(nn.Module):
         super().__init__()
         self.d_model = d_model
         self.bottleneck_a, self.bottleneck_b, self.bottleneck_c = bottleneck_a, bottleneck_b, bottleneck_c
-        self.expert_a = Adapter(d_model, bottleneck_a, dropout, init_option, adapter_scalar)
-        self.expert_b = Adapter(d_model, bottleneck_b, dropout, init_option, adapter_scalar)
-        self.expert_c = Adapter(d_model, bottleneck_c, dropout, init_option, adapter_scalar)
+        self.expert_a = self.expert_cls(d_model, bottleneck_a, dropout, init_option, adapter_scalar)
+        self.expert_b = self.expert_cls(d_model, bottleneck_b, dropout, init_option, adapter_scalar)
+        self.expert_c = self.expert_cls(d_model, bottleneck_c, dropout, init_option, adapter_scalar)
 
     @property
     def experts(self) -> tuple[Adapter, Adapter, Adapter]:
