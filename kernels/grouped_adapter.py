@@ -758,8 +758,8 @@ def _ln_backward_vectors(bottlenecks, ln_w, ln_b, wd, bd) -> tuple[torch.Tensor,
     key = (tuple(int(r) for r in bottlenecks), wd.device)
     group_of_row = _GROUP_OF_ROW_CACHE.get(key)
     if group_of_row is None:
-        sizes = torch.tensor([int(r) for r in bottlenecks])
-        group_of_row = torch.repeat_interleave(torch.arange(len(bottlenecks)), sizes).to(wd.device)
+        rows = [g for g, r in enumerate(bottlenecks) for _ in range(int(r))]
+        group_of_row = torch.tensor(rows).to(wd.device)
         _GROUP_OF_ROW_CACHE[key] = group_of_row
     wdf = wd.float()
     v1 = (wdf * ln_w.float()[group_of_row]).sum(1)
