@@ -9,6 +9,7 @@ import pytest
 import torch
 from fake_cuda import backward, enable_autocast, fake_cuda
 
+import mosaic_fast
 from mosaic_fast import nn as fast_nn
 from mosaic_fast.bench.cases_model import TrainStep
 from mosaic_fast.models import DynaMerModel, MosaicModel
@@ -78,12 +79,15 @@ def test_python_backward_matches_autograd():
         torch.testing.assert_close(t.grad, w, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("routing", ["mixed", "letter"])
+@pytest.mark.parametrize("routing", ["mixed", "letter", "letter-kernel"])
 def test_mosaic_training_step(monkeypatch, routing):
     """The bench's training step (student fwd/bwd, teacher, fused AdamW, clipping, EMA) in bf16 autocast:
     per-sample ids run the grouped kernels in every block (forward for student and teacher, both backward
-    kernels); a letter runs cuBLAS (no Triton launch). Absent specialists end with no gradient."""
+    kernels); a letter runs cuBLAS (no Triton launch) unless backend "triton" asks for the kernels (the
+    bench's "kernel" column). Absent specialists end with no gradient."""
     model = MosaicModel(fast=True, **MOSAIC)
+    if routing == "letter-kernel":
+        mosaic_fast.set_backend("triton")
     with fake_cuda(monkeypatch) as launches:
         model = model.to("cuda")
         enable_autocast(monkeypatch)
@@ -94,7 +98,7 @@ def test_mosaic_training_step(monkeypatch, routing):
         ids, experts = (torch.tensor([0, 1, 1, 0], device="cuda"), ("A", "B")) if routing == "mixed" else ("B", ("B",))
         step(x, ids, y, experts)
         step(x, ids, y, experts)  # second step: optimizer state and cached casts exist
-        if routing == "mixed":
+        if routing != "letter":
             assert launches.counts == {"_fwd_kernel": 2 * 2 * DEPTH, "_bwd_dh_kernel": 2 * DEPTH,
                                        "_bwd_w_kernel": 2 * DEPTH}
         else:
@@ -116,6 +120,25 @@ def test_mosaic_packed_2d_3d_inference(monkeypatch):
             f2, f3 = model.forward_packed([(x2, torch.tensor([0, 2, 1], device="cuda")), (x3, "C")])
         assert (f2.shape, f3.shape) == ((3, 64), (2, 64))
         assert launches.counts == {"_fwd_kernel": DEPTH, "_patch_embed3d_fwd_kernel": 1}
+
+
+def test_mosaic_3d_training(monkeypatch):
+    """A 3D batch (specialist C) forward+backward in bf16 autocast: the 3D patch projection kernel in the
+    forward; the trainable 3D tokenizer, specialist C and head 17 get gradients, other heads none."""
+    model = MosaicModel(fast=True, **MOSAIC)
+    model.freeze_backbone(verbose=False)
+    with fake_cuda(monkeypatch) as launches:
+        model = model.to("cuda")
+        enable_autocast(monkeypatch)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, logits = model(torch.randn(2, 1, 16, 16, 16, device="cuda"), task_id=17, expert_id="C")
+        logits.float().sum().backward()
+        assert launches.counts == {"_patch_embed3d_fwd_kernel": 1}
+        assert _specialist_grads(model) == {"A": False, "B": False, "C": True}
+        trainable = {n: p.grad is not None for n, p in model.named_parameters() if p.requires_grad}
+        tokenizer = [n for n in trainable if "3d" in n]
+        assert len(tokenizer) == 5 and all(trainable[n] for n in tokenizer)
+        assert {n for n, v in trainable.items() if v and n.startswith("heads.")} == {"heads.17.weight", "heads.17.bias"}
 
 
 @pytest.mark.parametrize("skip_mode", ["adapter", "block"])
