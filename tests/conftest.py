@@ -60,7 +60,8 @@ def pytest_collection_modifyitems(config, items):
         fixtures = getattr(item, "fixturenames", ())
         if "cuda_device" in fixtures:
             item.add_marker(pytest.mark.cuda)
-        if "triton_backend" in fixtures:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "triton_backend" in fixtures or params.get("backend") == "triton":  # also via getfixturevalue
             item.add_marker(pytest.mark.kernels)
 
 

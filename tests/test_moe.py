@@ -10,6 +10,7 @@ from parity import (
     TOL_CPU_GRAD,
     TOL_CUDA_TF32,
     TOL_INTERPRETER,
+    assert_grads_parity,
     assert_parity,
     randomize_,
 )
@@ -54,12 +55,22 @@ def check(ref, fast, call, inputs, tol_fwd, tol_grad):
         assert_parity(f, r, tol_fwd, f"output {i}")
     for i, (f, r) in enumerate(zip(f_in, r_in)):
         assert_parity(f, r, tol_grad, f"input grad {i}")
+    got, want = {}, {}
     for (name, _), f, r in zip(ref.named_parameters(), f_par, r_par):
         assert f is not None, f"{name}: no gradient"
+        assert f.shape == r.shape, f"{name}: gradient shape {tuple(f.shape)} != {tuple(r.shape)}"
         if not r.any():  # e.g. the router under top_k = 1: softmax over one score is constant
             assert not f.any(), f"{name}: reference gradient is 0, fast is not"
             continue
-        assert_parity(f, r, tol_grad, f"grad {name}")
+        got[name], want[name] = f, r
+    # a gate bias of gate_dim = 1 sums terms that nearly cancel (seen: norm 1.7e-3 against 16 for its weight,
+    # the float32 reference itself 2.7e-4 off): the module-norm allowance of assert_grads_parity
+    assert_grads_parity(got, want, tol_grad)
+
+
+def triton_tol(device):
+    """Triton kernels against a reference: the interpreter's bound on CPU, the CUDA one when compiled."""
+    return TOL_INTERPRETER if device == "cpu" else TOL_CUDA_TF32
 
 
 def full(m, xg, xm):
@@ -83,16 +94,18 @@ def test_forward_backward_torch(num_experts, top_k, gate_dim):
 @pytest.mark.parametrize(("num_experts", "top_k", "gate_dim"), [(4, 2, D), (4, 1, 1), (4, 4, D // 4)])
 def test_forward_backward_triton(triton_backend, num_experts, top_k, gate_dim):
     ref, fast = make(num_experts, top_k, gate_dim)
-    check(ref, fast, full, pair(device=triton_backend), TOL_INTERPRETER, TOL_INTERPRETER)
+    tol = triton_tol(triton_backend)
+    check(ref, fast.to(triton_backend), full, pair(device=triton_backend), tol, tol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_skip(request, backend):
     device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
     ref, fast = make()
+    fast.to(device)
     idx_g = torch.tensor([[0, 2, 4], [0, 1, 3]])
     idx_m = torch.tensor([[0, 3], [0, 4]])
-    tol = TOL_INTERPRETER if backend == "triton" else TOL_CPU_GRAD
+    tol = triton_tol(device) if backend == "triton" else TOL_CPU_GRAD
     check(ref, fast, skip_call(idx_g, idx_m), pair(device=device), tol if backend == "triton" else TOL_CPU_FWD, tol)
 
 
@@ -109,7 +122,7 @@ def test_forward_skip_inplace_touches_selected_rows_only(request, backend):
         yg, ym = xg.clone(), xm.clone()
         out = fast.forward_skip(yg, ym, idx_g, gates[0], idx_m, gates[1], inplace=True)
     assert out[0] is yg and out[1] is ym
-    tol = TOL_INTERPRETER if backend == "triton" else TOL_CPU_FWD
+    tol = triton_tol(device) if backend == "triton" else TOL_CPU_FWD
     assert_parity(yg, expect[0], tol, "gen")
     assert_parity(ym, expect[1], tol, "med")
     assert torch.equal(yg[0, 1:5], xg[0, 1:5]), "unselected rows were written"
@@ -139,7 +152,7 @@ def test_forward_skip_inplace_non_contiguous_streams(request, backend, fused_op_
         out = fast.forward_skip(xg, xm, idx_g, gate_g, idx_m, gate_m, inplace=True)
     assert fused_op_calls["moe"] == (1 if backend == "triton" else 0)  # triton: the routed inference op
     assert out[0] is xg and out[1] is xm
-    tol = {"cpu": TOL_INTERPRETER, "cuda": TOL_CUDA_TF32}[device] if backend == "triton" else TOL_CPU_FWD
+    tol = triton_tol(device) if backend == "triton" else TOL_CPU_FWD
     assert_parity(xg, want[0], tol, "gen written in place")
     assert_parity(xm, want[1], tol, "med written in place")
     for buf, old in zip(bufs, before):
@@ -253,12 +266,13 @@ def test_inference_forward_matches_training_forward(request, backend):
     device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
     mosaic_fast.set_backend(backend)
     _, fast = make()
+    fast.to(device)
     xg, xm = (x.detach() for x in pair(device=device))
     want = fast(xg, xm)
     with torch.no_grad():
         got = fast(xg, xm)
     for g, w in zip(got, want):
-        assert_parity(g, w.detach(), TOL_INTERPRETER)
+        assert_parity(g, w.detach(), triton_tol(device) if backend == "triton" else TOL_INTERPRETER)
     torch.library.opcheck(torch.ops.mosaic_fast.moe_gated_update.default, (*_op_args(device), False),
                           test_utils=("test_schema", "test_faketensor"))
 

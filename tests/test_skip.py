@@ -4,7 +4,15 @@ import copy
 
 import pytest
 import torch
-from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_parity, randomize_
+from parity import (
+    TOL_CPU_FWD,
+    TOL_CPU_GRAD,
+    TOL_CUDA_TF32,
+    TOL_INTERPRETER,
+    assert_grads_parity,
+    assert_parity,
+    randomize_,
+)
 
 import mosaic_fast
 from mosaic_fast import nn as fast_nn
@@ -18,6 +26,11 @@ D = 32
 def make(keep_ratio=0.5):
     ref = randomize_(reference.SkipRouter(D, keep_ratio), std=0.2, seed=1)
     return ref, fast_nn.convert(copy.deepcopy(ref))
+
+
+def triton_tol(device):
+    """Triton kernels against a reference: the interpreter's bound on CPU, the CUDA one when compiled."""
+    return TOL_INTERPRETER if device == "cpu" else TOL_CUDA_TF32
 
 
 def update_fn(x_sel):
@@ -42,10 +55,14 @@ def test_parity(request, backend, keep_ratio, n):
     grad = torch.randn_like(x)
     want = run(copy.deepcopy(ref).double().to(device), x.double(), grad.double())
     got = run(fast, x, grad)
-    tol_f, tol_g = (TOL_INTERPRETER, TOL_INTERPRETER) if backend == "triton" else (TOL_CPU_FWD, TOL_CPU_GRAD)
+    tol_f, tol_g = (triton_tol(device),) * 2 if backend == "triton" else (TOL_CPU_FWD, TOL_CPU_GRAD)
     assert_parity(got[0], want[0], tol_f, "output")
-    for i, (g, w) in enumerate(zip(got[1:], want[1:])):
-        assert_parity(g, w, tol_g, f"grad {i}")
+    assert_parity(got[1], want[1], tol_g, "grad x")
+    # fc2.bias (the scalar score bias) sums terms that nearly cancel (seen: the float32 reference itself
+    # 6e-4 off at ρ = 0.3, N = 10): the module-norm allowance of assert_grads_parity
+    names = [n for n, _ in ref.named_parameters()]
+    assert [g.shape for g in got[2:]] == [w.shape for w in want[2:]]
+    assert_grads_parity(dict(zip(names, got[2:])), dict(zip(names, want[2:])), tol_g)
 
 
 def test_selection_semantics():
@@ -103,7 +120,7 @@ def test_fused_select_equals_reference(triton_backend, fused_op_calls, b, n, kee
         i_fast, g_fast = fast.select(x)
     assert fused_op_calls["select"] == 1
     assert torch.equal(i_fast, i_ref) and i_fast.dtype == torch.int64
-    assert_parity(g_fast, g_ref, TOL_INTERPRETER, "gates")
+    assert_parity(g_fast, g_ref, triton_tol(triton_backend), "gates")
 
 
 def test_fused_select_ties_go_to_the_lower_index(triton_backend, fused_op_calls):
@@ -131,7 +148,8 @@ def test_fused_select_only_without_gradients(triton_backend, fused_op_calls):
     with pytest.raises(ValueError, match="kept"):
         from mosaic_fast.ops.token_skip import skip_select
 
-        skip_select(torch.randn(2, 9, 8, device=triton_backend), torch.randn(1, 8), torch.randn(1), 10)
+        w2, b2 = torch.randn(1, 8, device=triton_backend), torch.randn(1, device=triton_backend)
+        skip_select(torch.randn(2, 9, 8, device=triton_backend), w2, b2, 10)
     torch.library.opcheck(torch.ops.mosaic_fast.skip_select.default,
                           (torch.randn(2, 9, 8, device=triton_backend), torch.randn(1, 8, device=triton_backend),
                            torch.randn(1, device=triton_backend), 4), test_utils=("test_schema", "test_faketensor"))
@@ -140,19 +158,22 @@ def test_fused_select_only_without_gradients(triton_backend, fused_op_calls):
 def test_fused_select_falls_back_beyond_its_token_limit(triton_backend, fused_op_calls):
     from mosaic_fast.ops.token_skip import SELECT_MAX_TOKENS, skip_select
 
+    device = triton_backend
     ref, fast = make(0.01)
-    x = torch.randn(1, SELECT_MAX_TOKENS + 1, D, device=triton_backend)
+    fast.to(device)
+    x = torch.randn(1, SELECT_MAX_TOKENS + 1, D, device=device)
     with torch.no_grad():
-        assert torch.equal(fast.select(x)[0], copy.deepcopy(ref).to(triton_backend).select(x)[0])
+        assert torch.equal(fast.select(x)[0], copy.deepcopy(ref).to(device).select(x)[0])
     assert fused_op_calls["select"] == 0
+    w2, b2 = torch.randn(1, 4, device=device), torch.randn(1, device=device)
     with pytest.raises(ValueError, match="tokens"):
-        skip_select(torch.randn(1, SELECT_MAX_TOKENS + 1, 4), torch.randn(1, 4), torch.randn(1), 3)
+        skip_select(torch.randn(1, SELECT_MAX_TOKENS + 1, 4, device=device), w2, b2, 3)
     with pytest.raises(ValueError, match="w2/b2"):
-        skip_select(torch.randn(1, 9, 4), torch.randn(4), torch.randn(1), 3)
+        skip_select(torch.randn(1, 9, 4, device=device), torch.randn(4, device=device), b2, 3)
     with pytest.raises(TypeError, match="w2/b2"):
-        skip_select(torch.randn(1, 9, 4), torch.randn(1, 4).double(), torch.randn(1), 3)
+        skip_select(torch.randn(1, 9, 4, device=device), w2.double(), b2, 3)
     with pytest.raises(ValueError, match="h:"):
-        skip_select(torch.randn(9, 4), torch.randn(1, 4), torch.randn(1), 3)
+        skip_select(torch.randn(9, 4, device=device), w2, b2, 3)
 
 
 def merge_formula(x, rows, update, coef):
