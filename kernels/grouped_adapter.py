@@ -50,6 +50,7 @@ Nothing here imports from ``mosaic_fast``.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -640,15 +641,30 @@ def _fwd_configs() -> list[triton.Config]:
     ]
 
 
+def _one_stage_fewer(config: triton.Config) -> triton.Config:
+    fewer = copy.copy(config)
+    fewer.num_stages = max(1, config.num_stages - 1)
+    return fewer
+
+
+def _fp32_tiles(named_args: dict) -> bool:
+    """Whether the GEMM tiles are fp32 (IEEE dots): twice the shared memory per pipeline stage of bf16."""
+    return named_args["h_ptr"].element_size() == 4 and named_args["wd_ptr"].element_size() == 4
+
+
 def _prune_by_variant(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs of the requested forward variant: "onepass" one-pass only, "fused"/"split" two-pass
-    only, "auto" both (two-pass only where nothing is timed: the interpreter, MOSAIC_FAST_AUTOTUNE=0)."""
+    only, "auto" both (two-pass only where nothing is timed: the interpreter, MOSAIC_FAST_AUTOTUNE=0).
+    One-pass configs in fp32 run one pipeline stage fewer: with three, each needs 246-295 KB of shared
+    memory on sm_90 (limit 227 KiB; tests/sm90_compile.py), with two 164-197 KB."""
     variant = FORWARD_VARIANTS[named_args["VARIANT"]]
     if variant == "auto" and (INTERPRET or not AUTOTUNE):
         variant = "fused"
-    if variant == "auto":
-        return configs
-    return [c for c in configs if c.kwargs["ONEPASS"] == (variant == "onepass")]
+    if variant != "auto":
+        configs = [c for c in configs if c.kwargs["ONEPASS"] == (variant == "onepass")]
+    if _fp32_tiles(named_args):
+        configs = [_one_stage_fewer(c) if c.kwargs["ONEPASS"] else c for c in configs]
+    return configs
 
 
 def _autotuned_fwd_configs() -> list[triton.Config]:
@@ -687,9 +703,19 @@ def _dh_configs() -> list[triton.Config]:
     ]
 
 
-_bwd_dh = triton.autotune(configs=tuned_configs(_dh_configs()), key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM", "T_BUCKET"])(
-    _bwd_dh_kernel
-)
+def _prune_dh(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Recomputing the pre-activation in fp32 runs one pipeline stage fewer: the first config (BK 64,
+    three stages) would need 304 KB of shared memory on sm_90 (limit 227 KiB), with two 156 KB."""
+    if kwargs["RECOMPUTE"] and _fp32_tiles(named_args):
+        return [_one_stage_fewer(c) for c in configs]
+    return configs
+
+
+_bwd_dh = triton.autotune(
+    configs=tuned_configs(_dh_configs()),
+    key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM", "T_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_dh},
+)(_bwd_dh_kernel)
 
 
 def _w_configs() -> list[triton.Config]:

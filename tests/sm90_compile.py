@@ -1,115 +1,445 @@
-"""Compile Triton kernels for Hopper (sm_90) without a GPU: `python tests/sm90_compile.py`.
+"""Compile every Triton kernel for Hopper (sm_90) without a GPU: `python tests/sm90_compile.py`.
 
 Triton's interpreter (how CI runs the kernels) checks their arithmetic but not that they compile: type
 mismatches between branches, unsupported ops or too much shared memory only show on a GPU. This script
-compiles every autotuning config of each kernel ahead of time for sm_90 (Triton's bundled ptxas), with
-the argument types the launchers pass, in bf16 and in fp32 with IEEE dots, and prints one JSON line per
-kernel and config: shared memory bytes, or the error. Run by tests/test_sm90_compile.py in a process
-without TRITON_INTERPRET (the interpreter replaces the kernels when it is set). Covered: the DynaMer
-kernels (routed MoE, skip selection, the training MoE kernels) and the grouped-adapter forward with
-the one-pass variant, i.e. the kernels that have not yet run on a GPU.
+compiles the kernels ahead of time for sm_90 with Triton's bundled ptxas and prints one JSON line per
+kernel, case and config (shared memory bytes, or the error; ``first``: the config MOSAIC_FAST_AUTOTUNE=0
+runs) and a summary on stderr. Run by tests/test_sm90_compile.py in a process without TRITON_INTERPRET
+(the interpreter replaces the kernels when it is set), which also fails when a kernel launched from
+kernels/*.py is not compiled here.
+
+How: each case calls a launcher of kernels/*.py with tensors on torch's "meta" device (shapes and
+dtypes, no data) at the benchmark shapes (ViT-B: D = 768, 197 tokens, batch 32; grouped bottlenecks
+64/96/192, so R_BLOCK 256; 4 experts of r = 64, top-2, 768 gates; 64³ volumes, patch 8, E = 768), with
+``kernel[grid](...)`` recording the launch instead of running it. Each launch is then compiled as
+Triton would compile it: the autotuner's configs after the launcher's ``early_config_prune``, the
+heuristics, and the signature from Triton's own specialisation of the arguments (pointer dtypes,
+i32/fp32 scalars, 16-divisible pointers and ints, ints equal to 1 as constants, ``do_not_specialize``).
+So argument types, constexprs (block sizes derived from the shapes, routing modes, dot precision) and
+configs are the launchers' own and cannot drift from them. (The divisibility matters: it enables the
+pipelined loads, e.g. the routed down kernel's first bf16 config needs 145 KB of shared memory, not
+the 33 KB it compiles to without it.) The grouped weight-gradient split is computed for an H200's
+132 SMs (fp32 partials), and once for a split of 1 (partials in the weight dtype).
+
+Coverage: all 13 kernels, 135 compiles, ~100 s of CPU (in two worker processes). Every config in every
+dtype would take about four times as long (mostly the fp32 configs), so not every config is compiled:
+  * every config, bf16: the kernels not yet run on a GPU (routed MoE route-and-down and gate-combine;
+    the grouped forward's one-pass LayerNorm, which shares the forward's autotuning list, so all 10
+    forward configs, and the split variant's 7), the backward kernels (grouped dh with the
+    pre-activation saved and recomputed, grouped weight gradients), the training MoE kernels
+    (moe_adapter down and combine), the split forward's up projection, and the 3D patch embedding
+    (uint8 volume, bf16 weights);
+  * the first config, for the other cases: fp32 with IEEE dots and fp16 (routed MoE, MoE adapter,
+    grouped forward auto/one-pass/split and backward saved/recomputed; fp32 routed MoE also without
+    selection), fp32 activations with bf16 weights (grouped, as under autocast), and in bf16 each
+    routing mode (single group, segments, permuted rows), no base, inference (nothing saved),
+    weight-dtype split partials, identity routing without skip gates (routed MoE), no mixture output
+    (MoE adapter), and the patch embedding with uint8/fp32/bf16 volumes and fp32/bf16/fp16 weights;
+  * kernels without autotuning, their one config in bf16, fp32 and fp16: the gated specialist (expert
+    and channel gate), the token-skip merge and selection (197 tokens, all kept, 1,000, 2,048).
+A non-first config over the shared-memory limit is not an error: the autotuner skips it (it catches
+OutOfResources while timing configs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+os.environ.pop("TRITON_INTERPRET", None)  # before triton and the kernels are imported
+os.environ["MOSAIC_FAST_AUTOTUNE"] = "1"  # every config in the autotuning lists
+
+import torch
 import triton
+from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.errors import OutOfResources, PTXASError
+from triton.runtime.jit import JITFunction, KernelInterface
 
-from mosaic_fast.kernels import grouped_adapter, moe_adapter, moe_routed, token_skip
-from mosaic_fast.ops.token_skip import SELECT_MAX_TOKENS
+from mosaic_fast.kernels import (
+    gated_specialist,
+    grouped_adapter,
+    moe_adapter,
+    moe_routed,
+    patch_embed3d,
+    token_skip,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
-INT64_PTRS = {"idxg_ptr", "idxm_ptr", "idx_ptr", "rows_ptr", "eidx_ptr"}
-INT32_PTRS = {"order_ptr", "offs_ptr", "tcum_ptr"}
-FP32_PTRS = {"p_ptr", "coef_ptr", "rank_ptr"}
+BACKEND = make_backend(TARGET)
+#: Errors the autotuner catches while timing a config (it then skips that config).
+SKIPPABLE = (OutOfResources, CompileTimeAssertionFailure, PTXASError)
+#: Largest dynamic shared memory one block may use on H100/H200 (227 KiB).
+HOPPER_SHARED_BYTES = 232_448
+#: Streaming multiprocessors of an H200 (the grouped weight-gradient split depends on it).
+H200_SMS = 132
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+I32, I64, U8 = torch.int32, torch.int64, torch.uint8
+DTYPE_NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
+
+# Benchmark shapes (ViT-B/16).
+B, N, D = 32, 197, 768
+T = B * N
+BOTTLENECKS = [64, 96, 192]
+EXPERTS, R, TOPK, GATES = 4, 64, 2, 768
 
 
-def _types(fn, dtype: str, fp32_probs: bool, overrides: dict) -> dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in overrides:
-            sig[name] = overrides[name]
-        elif name in INT64_PTRS:
-            sig[name] = "*i64"
-        elif name in INT32_PTRS:
-            sig[name] = "*i32"
-        elif name in FP32_PTRS and fp32_probs:
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}"
-        else:
-            sig[name] = "i32"
-    return sig
+def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _compile(fn, constexprs: dict, dtype: str, fp32_probs: bool, options: dict, overrides: dict) -> dict:
-    sig = _types(fn, dtype, fp32_probs, overrides)
-    sig.update({name: "constexpr" for name in constexprs})
-    entry = {"kernel": fn.__name__, "dtype": dtype, "constexprs": {k: str(v) for k, v in constexprs.items()},
-             **options}
+# ----------------------------------------------------------------------------------------------------
+# Recording launches
+# ----------------------------------------------------------------------------------------------------
+
+_LAUNCHES: list[tuple[KernelInterface, tuple, dict]] = []
+
+
+@contextmanager
+def _recording():
+    """``kernel[grid](*args, **kwargs)`` records the launch instead of running it, for every JIT function,
+    autotuner and heuristics object (they inherit ``__getitem__`` from KernelInterface)."""
+    launch = KernelInterface.__getitem__
+
+    def record(kernel, grid):
+        return lambda *args, **kwargs: _LAUNCHES.append((kernel, args, kwargs))
+
+    KernelInterface.__getitem__ = record
     try:
-        compiled = triton.compile(ASTSource(fn, sig, constexprs), target=TARGET, options=options)
-        entry["shared"] = compiled.metadata.shared
-    except Exception as exc:  # reported, and the test fails on it
-        entry["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-    return entry
+        yield
+    finally:
+        KernelInterface.__getitem__ = launch
 
 
-def _options(config: triton.Config) -> dict:
-    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+@contextmanager
+def _patched(patches: dict):
+    """Set ``(module, attribute): value`` for the duration of the block."""
+    saved = {key: getattr(*key) for key in patches}
+    try:
+        for (module, name), value in patches.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
 
 
-def _grouped_forward_jobs() -> list[tuple]:
-    """The grouped-adapter forward (kernels/grouped_adapter.py: ``forward``): every config, two-pass and
-    one-pass LayerNorm (the one-pass never run on a GPU yet), bf16, bottleneck up to 192 (R_BLOCK 256),
-    segment routing (ids) and, for the first config, permuted routing (ids, perm, counts)."""
-    ga = grouped_adapter
-    fp32 = {"mean_ptr": "*fp32", "rstd_ptr": "*fp32", "meta_ptr": "*i32", "scale": "fp32", "eps": "fp32"}
-    routing = {ga.MODE_SEG: {"ids_ptr": "*i64", "perm_ptr": "*i64", "cnt_ptr": "*i64"},
-               ga.MODE_PERM: {"ids_ptr": "*i64", "perm_ptr": "*i32", "cnt_ptr": "*i32"}}
+@dataclass
+class Job:
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    info: dict = field(default_factory=dict)
+
+
+def _specialize(fn: JITFunction, bound: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) exactly as ``JITFunction.run`` derives them from the arguments."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+            continue
+        ty, spec = native_specialize_impl(
+            BACKEND, value, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        )
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = value
+        elif isinstance(spec, str):
+            attrs[(i,)] = BACKEND.parse_attr(spec)
+    return signature, constexprs, attrs
+
+
+def _expand(kernel: KernelInterface, args: tuple, kwargs: dict, first_only: bool) -> list[Job]:
+    """The compiles one launch triggers: one per autotuning config (after pruning), heuristics applied."""
+    configs, prune, heuristics = [None], None, []
+    obj = kernel
+    while not isinstance(obj, JITFunction):
+        if isinstance(obj, Autotuner):
+            configs, prune = obj.configs, obj.early_config_prune
+        elif isinstance(obj, Heuristics):
+            heuristics.append(obj.values)
+        else:
+            raise TypeError(f"unexpected kernel wrapper {type(obj).__name__}")
+        obj = obj.fn
+    fn = obj
+    names = set(fn.arg_names)
+    nargs = dict(zip(fn.arg_names, args))
+    if prune is not None:
+        configs = prune(configs, nargs, **kwargs)
     jobs = []
-    for i, cfg in enumerate(ga._fwd_configs()):  # two-pass then one-pass configs (ONEPASS in cfg.kwargs)
-        for mode in (ga.MODE_SEG, ga.MODE_PERM) if i == 0 else (ga.MODE_SEG,):
-            constexprs = dict(MODE=mode, S_BLOCK=64 if mode == ga.MODE_SEG else 16, HAS_BASE=True,
-                              SAVE=True, SAVE_A=False, R_BLOCK=256, EVEN_D=True, UP=True,
-                              DOT_PRECISION="tf32", **cfg.kwargs)
-            jobs.append((ga._fwd_kernel, constexprs, "bf16", False, _options(cfg), {**fp32, **routing[mode]}))
+    for index, config in enumerate(configs[:1] if first_only else configs):
+        call = {**kwargs, **(config.all_kwargs() if config is not None else {})}
+        for values in heuristics:  # outermost first, as they run (after the autotuner's config)
+            for name, rule in values.items():
+                call[name] = rule({**nargs, **call})
+        bound = {**nargs, **{k: v for k, v in call.items() if k in names}}
+        options = {k: v for k, v in call.items() if k not in names}
+        missing = [name for name in fn.arg_names if name not in bound]
+        if missing:
+            raise TypeError(f"{fn.__name__}: launch without {missing}")
+        signature, constexprs, attrs = _specialize(fn, bound)
+        info = {
+            "module": fn.__module__.rsplit(".", 1)[-1],
+            "kernel": fn.__name__,
+            "config": index,
+            "configs": len(configs),
+            "first": index == 0,
+            "constexprs": {fn.arg_names[k[0]]: str(v) for k, v in constexprs.items()},
+            **{k: v for k, v in options.items() if k in ("num_warps", "num_stages")},
+        }
+        jobs.append(Job(fn, signature, constexprs, attrs, options, info))
     return jobs
 
 
-def main() -> None:
-    jobs = []
-    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
-        configs = moe_routed._route_down_configs() if dtype == "bf16" else moe_routed._route_down_configs()[:1]
-        for i, cfg in enumerate(configs):
-            for identity in ((False, True) if i == 0 else (False,)):
-                jobs.append((moe_routed._moe_route_down_kernel,
-                             dict(IDENTITY=identity, HAS_SKIP=not identity, BLOCK_E=16, DOT_PRECISION=precision,
-                                  **cfg.kwargs), dtype, True, _options(cfg)))
-        configs = moe_routed._combine_configs() if dtype == "bf16" else moe_routed._combine_configs()[:1]
-        for cfg in configs:
-            jobs.append((moe_routed._moe_gate_combine_kernel,
-                         dict(IDENTITY=False, DOT_PRECISION=precision, **cfg.kwargs), dtype, True,
-                         _options(cfg)))
-        for block_n in (256, 1024, SELECT_MAX_TOKENS):
-            meta = token_skip.select_meta(block_n)
-            warps = {"num_warps": meta.pop("num_warps")}
-            for all_tokens in (False, True) if block_n == 256 else (False,):
-                jobs.append((token_skip._skip_select_kernel, dict(ALL=all_tokens, **meta), dtype, True, warps))
-        cfg = moe_adapter._down_configs()[0]
-        jobs.append((moe_adapter._moe_down_kernel, dict(BM=moe_adapter._DOWN_BM, BLOCK_R=64, BLOCK_E=8,
-                                                        DOT_PRECISION=precision, **cfg.kwargs),
-                     dtype, False, _options(cfg)))
-        cfg = moe_adapter._combine_configs()[0]
-        jobs.append((moe_adapter._moe_combine_kernel, dict(BLOCK_R=64, STORE_MIX=True, DOT_PRECISION=precision,
-                                                           **cfg.kwargs), dtype, False, _options(cfg)))
-    jobs = [(*job, {}) for job in jobs] + _grouped_forward_jobs()
-    for fn, constexprs, dtype, fp32_probs, options, overrides in jobs:
-        print(json.dumps(_compile(fn, constexprs, dtype, fp32_probs, options, overrides)), flush=True)
+# ----------------------------------------------------------------------------------------------------
+# Launcher calls (meta tensors at the benchmark shapes)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    dtype: str
+    call: Callable[[], None]
+    all_configs: bool = False
+    patches: dict = field(default_factory=dict)
+
+
+def _grouped_weights(dtype):
+    g, r_tot = len(BOTTLENECKS), sum(BOTTLENECKS)
+    shapes = ((g, D), (g, D), (r_tot, D), (r_tot,), (D, r_tot), (g, D))
+    return [meta(*s, dtype=dtype) for s in shapes]
+
+
+def _grouped_routing(routing: str, rows: int):
+    """(h rows, ids, seg_len) for "single" (no ids), "seg" (one id per sample) or "perm" (one per row)."""
+    if routing == "single":
+        return rows, None, 0
+    if routing == "seg":
+        return rows, meta(B, dtype=I64), rows // B
+    return rows, meta(rows, dtype=I64), 1  # per-row routing: more segments than SEG_MAX
+
+
+def grouped_forward(act, wdt=None, routing="seg", base=True, save=True, rows=T):
+    wdt = wdt or act
+    t, ids, seg_len = _grouped_routing(routing, rows)
+    h = meta(t, D, dtype=act)
+    grouped_adapter.forward(
+        h, meta(t, D, dtype=act) if base else None, ids, seg_len, *_grouped_weights(wdt), BOTTLENECKS, 0.1, 1e-5, save
+    )
+
+
+def grouped_backward(act, wdt=None, routing="seg", saved_a=True, need_dh=True, rows=T):
+    wdt = wdt or act
+    t, ids, seg_len = _grouped_routing(routing, rows)
+    a = meta(t if saved_a else 0, max(BOTTLENECKS), dtype=wdt)
+    grouped_adapter.backward(
+        meta(t, D, dtype=act), meta(t, D, dtype=act), ids, seg_len, *_grouped_weights(wdt), BOTTLENECKS,
+        meta(t, dtype=FP32), meta(t, dtype=FP32), a, 0.1, 1e-5, need_dh, True,
+    )  # fmt: skip
+
+
+def moe_adapter_update(dtype, store_mix=True):
+    t = T // 2  # rows selected per stream (ρ = 0.5)
+    x_gen, x_med = meta(T, D, dtype=dtype), meta(T, D, dtype=dtype)
+    rows, eidx = meta(t, dtype=I64), meta(t, TOPK, dtype=I64)
+    w_down, b_down = meta(EXPERTS, R, 2 * D, dtype=dtype), meta(EXPERTS, R, dtype=dtype)
+    w_up, b_up = meta(EXPERTS, D, R, dtype=dtype), meta(EXPERTS, D, dtype=dtype)
+    hidden = moe_adapter.moe_down(x_gen, x_med, torch.cat([rows, rows]), torch.cat([eidx, eidx]), w_down, b_down)
+    moe_adapter.moe_combine(
+        x_gen, x_gen, rows, eidx, meta(t, TOPK, dtype=dtype), hidden[: t * TOPK], w_up, b_up,
+        meta(t, GATES, dtype=dtype), meta(t, D, dtype=dtype) if store_mix else None,
+    )  # fmt: skip
+
+
+def moe_routed_update(dtype, identity=False):
+    kept = (N + 1) // 2
+    x_gen, x_med = meta(B, N, D, dtype=dtype), meta(B, N, D, dtype=dtype)
+    idx = None if identity else meta(B, kept, dtype=I64)
+    skip = None if identity else meta(B, kept, dtype=dtype)
+    router = (meta(EXPERTS, D, dtype=dtype), meta(EXPERTS, dtype=dtype))
+    gate = (meta(GATES, D, dtype=dtype), meta(GATES, dtype=dtype))
+    moe_routed.moe_routed_update(
+        x_gen, x_med, x_gen, x_med, idx, skip, idx, skip, router, router, gate, gate,
+        meta(EXPERTS, R, 2 * D, dtype=dtype), meta(EXPERTS, R, dtype=dtype), meta(EXPERTS, D, R, dtype=dtype),
+        meta(EXPERTS, D, dtype=dtype), TOPK,
+    )  # fmt: skip
+
+
+def skip_select(dtype, tokens=N, kept=(N + 1) // 2):
+    f = D // 4
+    token_skip.skip_select(meta(B, tokens, f, dtype=dtype), meta(1, f, dtype=dtype), meta(1, dtype=dtype), kept)
+
+
+def skip_merge(dtype):
+    t = T // 2
+    x = meta(T, D, dtype=dtype)
+    token_skip.skip_merge(x, x, meta(t, dtype=I64), meta(t, D, dtype=dtype), meta(t, GATES, dtype=dtype))
+
+
+def gated_specialist_forward(dtype, channel=False):
+    r_tot = EXPERTS * R
+    hidden = gated_specialist.gs_down(
+        meta(T, D, dtype=dtype), meta(r_tot, D, dtype=dtype), meta(r_tot, dtype=dtype), meta(r_tot, dtype=I32),
+        meta(T, EXPERTS, dtype=dtype), 1e-5,
+    )  # fmt: skip
+    gated_specialist.gs_up(
+        hidden, meta(D, r_tot, dtype=dtype), meta(EXPERTS, D, dtype=dtype), meta(T, EXPERTS, dtype=dtype),
+        meta(T, D, dtype=dtype) if channel else None,
+    )  # fmt: skip
+
+
+def patch_embed(x_dtype, w_dtype, bias=True, size=64, patch=8, batch=32):
+    x = meta(batch, 1, size, size, size, dtype=x_dtype)
+    weight = meta(768, 1, patch, patch, patch, dtype=w_dtype)
+    b = meta(768, dtype=w_dtype) if bias else None
+    patch_embed3d.patch_embed3d_fwd(x, weight, b, (patch, patch, patch), 1 / 255, 0.0)
+
+
+def _cases() -> list[Case]:
+    ga = grouped_adapter
+    h200 = {(ga, "_num_sms"): lambda device: H200_SMS}
+    variant = {name: {(ga, "FORWARD_VARIANT"): name, **h200} for name in ga.FORWARD_VARIANTS}
+    cases = [
+        # every config: not yet run on a GPU, backward kernels, training MoE kernels
+        Case("routed MoE, kept tokens, skip gates", "bf16", lambda: moe_routed_update(BF16), True),
+        Case("grouped forward (auto: two-pass + one-pass), training", "bf16", lambda: grouped_forward(BF16), True,
+             variant["auto"]),
+        Case("grouped forward, split variant (training)", "bf16", lambda: grouped_forward(BF16), True,
+             variant["split"]),
+        Case("grouped backward, pre-activation saved", "bf16", lambda: grouped_backward(BF16), True, h200),
+        Case("grouped backward, pre-activation recomputed", "bf16", lambda: grouped_backward(BF16, saved_a=False),
+             True, h200),
+        Case("MoE adapter (training), mixture saved", "bf16", lambda: moe_adapter_update(BF16), True),
+        # first config
+        Case("routed MoE, identity (rho = 1)", "bf16", lambda: moe_routed_update(BF16, identity=True)),
+        Case("MoE adapter, no mixture output", "bf16", lambda: moe_adapter_update(BF16, store_mix=False)),
+        Case("grouped forward, one-pass variant", "bf16", lambda: grouped_forward(BF16), patches=variant["onepass"]),
+        Case("grouped forward, inference (no save)", "bf16", lambda: grouped_forward(BF16, save=False),
+             patches=variant["auto"]),
+        Case("grouped forward, single group, no base", "bf16",
+             lambda: grouped_forward(BF16, routing="single", base=False), patches=variant["auto"]),
+        Case("grouped forward, permuted routing", "bf16", lambda: grouped_forward(BF16, routing="perm"),
+             patches=variant["auto"]),
+        Case("grouped backward, single group, no dh", "bf16",
+             lambda: grouped_backward(BF16, routing="single", need_dh=False), patches=h200),
+        Case("grouped backward, permuted routing", "bf16", lambda: grouped_backward(BF16, routing="perm"),
+             patches=h200),
+        Case("grouped backward, split 1 (weight-dtype partials)", "bf16", lambda: grouped_backward(BF16, rows=512),
+             patches=h200),
+        Case("patch embed, uint8 volume", "u8/bf16", lambda: patch_embed(U8, BF16), True),
+        Case("patch embed, uint8 volume", "u8/fp32", lambda: patch_embed(U8, FP32)),
+        Case("patch embed, uint8 volume, no bias", "u8/fp16", lambda: patch_embed(U8, FP16, bias=False)),
+        Case("patch embed, float volume", "fp32/fp32", lambda: patch_embed(FP32, FP32)),
+        Case("patch embed, float volume", "bf16/bf16", lambda: patch_embed(BF16, BF16)),
+        Case("grouped forward, autocast", "fp32 act/bf16 w", lambda: grouped_forward(FP32, BF16),
+             patches=variant["auto"]),
+        Case("grouped backward, autocast", "fp32 act/bf16 w", lambda: grouped_backward(FP32, BF16), patches=h200),
+    ]  # fmt: skip
+    cases.append(Case("routed MoE, identity (rho = 1)", "fp32/ieee", lambda: moe_routed_update(FP32, identity=True)))
+    for dtype in (FP32, FP16):
+        name = DTYPE_NAMES[dtype] + ("/ieee" if dtype == FP32 else "")
+        cases += [
+            Case("routed MoE, kept tokens, skip gates", name, lambda d=dtype: moe_routed_update(d)),
+            Case("MoE adapter (training), mixture saved", name, lambda d=dtype: moe_adapter_update(d)),
+            Case("grouped forward (auto), training", name, lambda d=dtype: grouped_forward(d), patches=variant["auto"]),
+            Case("grouped forward, one-pass variant", name, lambda d=dtype: grouped_forward(d),
+                 patches=variant["onepass"]),
+            Case("grouped forward, split variant", name, lambda d=dtype: grouped_forward(d), patches=variant["split"]),
+            Case("grouped backward, pre-activation saved", name, lambda d=dtype: grouped_backward(d), patches=h200),
+            Case("grouped backward, pre-activation recomputed", name,
+                 lambda d=dtype: grouped_backward(d, saved_a=False), patches=h200),
+        ]  # fmt: skip
+    for dtype in (BF16, FP32, FP16):
+        name = DTYPE_NAMES[dtype]
+        cases += [
+            Case("gated specialist, expert gate", name, lambda d=dtype: gated_specialist_forward(d)),
+            Case("gated specialist, channel gate", name, lambda d=dtype: gated_specialist_forward(d, channel=True)),
+            Case("token-skip merge", name, lambda d=dtype: skip_merge(d)),
+            Case("token-skip selection, 197 tokens", name, lambda d=dtype: skip_select(d)),
+            Case("token-skip selection, all 197 tokens kept", name, lambda d=dtype: skip_select(d, kept=N)),
+            Case("token-skip selection, 1,000 tokens", name, lambda d=dtype: skip_select(d, 1000, 500)),
+            Case("token-skip selection, 2,048 tokens", name, lambda d=dtype: skip_select(d, 2048, 1024)),
+        ]
+    return cases
+
+
+def build_jobs() -> list[Job]:
+    """Every compile of every case, each distinct compile once (the cases that need it listed in it)."""
+    jobs: dict[str, Job] = {}
+    for case in _cases():
+        _LAUNCHES.clear()
+        with _patched(case.patches), _recording():
+            case.call()
+        if not _LAUNCHES:
+            raise RuntimeError(f"case {case.name!r} launched nothing")
+        for kernel, args, kwargs in _LAUNCHES:
+            for job in _expand(kernel, args, kwargs, first_only=not case.all_configs):
+                key = repr((id(job.fn), job.signature, job.constexprs, job.attrs, sorted(job.options.items())))
+                if key in jobs:
+                    seen = jobs[key].info
+                    seen["first"] = seen["first"] or job.info["first"]
+                    if case.name not in seen["cases"]:
+                        seen["cases"].append(case.name)
+                    continue
+                job.info = {**job.info, "dtype": case.dtype, "cases": [case.name]}
+                jobs[key] = job
+    return list(jobs.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiling
+# ----------------------------------------------------------------------------------------------------
+
+JOBS: list[Job] = []
+
+
+def compile_job(index: int) -> dict:
+    job = JOBS[index]
+    entry = dict(job.info)
+    start = time.perf_counter()
+    try:
+        src = ASTSource(job.fn, job.signature, job.constexprs, job.attrs)
+        compiled = triton.compile(src, target=TARGET, options=job.options)
+        entry["shared"] = compiled.metadata.shared
+    except Exception as exc:  # reported; the test fails on it unless the autotuner would skip the config
+        entry["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+        entry["skippable"] = isinstance(exc, SKIPPABLE)
+    entry["seconds"] = round(time.perf_counter() - start, 2)
+    return entry
+
+
+def main() -> int:
+    import multiprocessing
+
+    # fp32 (IEEE dots) compiles take several times longer: start them first so both workers end together
+    JOBS.extend(sorted(build_jobs(), key=lambda job: not job.info["dtype"].startswith("fp32/")))
+    workers = int(os.environ.get("SM90_COMPILE_WORKERS", "2"))
+    summary = {"compiles": len(JOBS), "errors": 0, "first configs over the limit": 0, "other configs over": 0}
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # workers inherit JOBS as built here
+        results = pool.imap(compile_job, range(len(JOBS))) if workers > 1 else map(compile_job, range(len(JOBS)))
+        for entry in results:
+            print(json.dumps(entry), flush=True)
+            summary["errors"] += "error" in entry
+            if entry.get("shared", 0) > HOPPER_SHARED_BYTES:
+                summary["first configs over the limit" if entry["first"] else "other configs over"] += 1
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
