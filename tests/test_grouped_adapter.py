@@ -622,7 +622,9 @@ def test_autotune_can_be_switched_off():
     import sys
 
     code = ("import mosaic_fast.kernels.grouped_adapter as g, mosaic_fast.kernels.patch_embed3d as p; "
-            "fwd = [len(g._prune_by_variant(g._fwd.configs, {'VARIANT': i})) for i in range(len(g.FORWARD_VARIANTS))]; "
+            "import torch; t = torch.empty(0, dtype=torch.bfloat16); "
+            "fwd = [len(g._prune_by_variant(g._fwd.configs, {'VARIANT': i, 'h_ptr': t, 'wd_ptr': t})) "
+            "for i in range(len(g.FORWARD_VARIANTS))]; "
             "print(max(fwd), len(g._up.configs), len(g._bwd_dh.configs), len(g._bwd_w.configs), "
             "len(p._TUNED_CONFIGS))")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOSAIC_FAST_AUTOTUNE")}
@@ -644,8 +646,11 @@ def test_forward_variant_auto_times_both_layernorm_variants(monkeypatch):
     configs = k._fwd_configs()
     code = k._VARIANT_CODE
 
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+
     def kinds(variant):
-        return sorted({c.kwargs["ONEPASS"] for c in k._prune_by_variant(configs, {"VARIANT": code[variant]})})
+        args = {"VARIANT": code[variant], "h_ptr": bf16, "wd_ptr": bf16}
+        return sorted({c.kwargs["ONEPASS"] for c in k._prune_by_variant(configs, args)})
 
     monkeypatch.setattr(k, "INTERPRET", False)
     monkeypatch.setattr(k, "AUTOTUNE", True)
@@ -654,3 +659,30 @@ def test_forward_variant_auto_times_both_layernorm_variants(monkeypatch):
     monkeypatch.setattr(k, "AUTOTUNE", False)
     assert kinds("auto") == [False]
     assert k.FORWARD_VARIANT == "auto"
+
+
+def test_fp32_tiles_run_one_pipeline_stage_fewer_where_shared_memory_needs_it(monkeypatch):
+    """fp32 tiles take twice the shared memory of bf16 ones: the one-pass forward configs and the
+    recomputing dh configs drop a pipeline stage in fp32 (tests/sm90_compile.py measures the fit on
+    sm_90); bf16, the two-pass forward and the dh kernel with a saved pre-activation keep theirs."""
+    k = _kernels()
+    monkeypatch.setattr(k, "INTERPRET", False)
+    monkeypatch.setattr(k, "AUTOTUNE", True)
+    fwd, dh = k._fwd_configs(), k._dh_configs()
+    stages = {(c.kwargs["ONEPASS"], tuple(sorted(c.kwargs.items()))): c.num_stages for c in fwd}
+
+    def fwd_stages(dtype):
+        t = torch.empty(0, dtype=dtype)
+        pruned = k._prune_by_variant(fwd, {"VARIANT": k._VARIANT_CODE["auto"], "h_ptr": t, "wd_ptr": t})
+        return {(c.kwargs["ONEPASS"], tuple(sorted(c.kwargs.items()))): c.num_stages for c in pruned}
+
+    assert fwd_stages(torch.bfloat16) == stages
+    assert fwd_stages(torch.float32) == {key: st - 1 if key[0] else st for key, st in stages.items()}
+    assert all(c.num_stages == stages[(c.kwargs["ONEPASS"], tuple(sorted(c.kwargs.items())))] for c in fwd)
+
+    def dh_stages(dtype, recompute):
+        t = torch.empty(0, dtype=dtype)
+        return [c.num_stages for c in k._prune_dh(dh, {"h_ptr": t, "wd_ptr": t}, RECOMPUTE=recompute)]
+
+    assert dh_stages(torch.bfloat16, True) == dh_stages(torch.float32, False) == [c.num_stages for c in dh]
+    assert dh_stages(torch.float32, True) == [max(1, c.num_stages - 1) for c in dh]
