@@ -8,7 +8,8 @@ computes only its output's metadata, and reading a value on the host (``.item()`
 ``bool(t)``, ``nonzero``, ``repeat_interleave`` without ``output_size``) raises, which is exactly the
 host synchronisation that CUDA-graph capture and ``torch.compile`` cannot take. Each Triton launch is
 checked against its kernel's parameters (every argument known, none missing once the autotuning configs
-and heuristics add theirs) and counted instead of run.
+and heuristics add theirs) and counted instead of run; copies from host memory to the GPU (which wait for
+the GPU when the memory is pageable) are listed.
 
 Autograd's engine needs a CUDA driver for CUDA tensors, so :func:`backward` runs the graph node by node
 in Python (the same node functions, in a topological order). Module-level caches keyed by device are
@@ -21,6 +22,7 @@ import collections
 import contextlib
 import inspect
 import sys
+import traceback
 import types
 import warnings
 from collections.abc import Iterator
@@ -28,6 +30,8 @@ from collections.abc import Iterator
 import torch
 from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
@@ -64,10 +68,12 @@ def _kernel_function(launcher) -> tuple[types.FunctionType, set[str]]:
 
 
 class LaunchRecorder:
-    """Counts launches per kernel name; a launch whose arguments do not fit the kernel raises."""
+    """Counts launches per kernel name (a launch whose arguments do not fit the kernel raises) and lists
+    the host-to-device copies (``host_copies``: op and the package's innermost line)."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
+        self.host_copies: list[str] = []
 
     def __call__(self, launcher, *args, **kwargs) -> None:
         fn, supplied = _kernel_function(launcher)
@@ -84,6 +90,31 @@ class LaunchRecorder:
 
     def clear(self) -> None:
         self.counts.clear()
+        self.host_copies.clear()
+
+
+class _HostCopies(TorchDispatchMode):
+    """Records ops that combine a CPU tensor with CUDA tensors or make CUDA tensors from one: a copy from
+    pageable host memory, after which the host waits for the GPU. 0-dim CPU tensors are read as numbers
+    (no copy) and not recorded."""
+
+    def __init__(self, recorder: LaunchRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in inputs):
+            outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if any(t.is_cuda for t in inputs + outputs):
+                self.recorder.host_copies.append(f"{func} at {_package_line()}")
+        return out
+
+
+def _package_line() -> str:
+    frames = [f for f in traceback.extract_stack() if "/mosaic_fast/" in f.filename or "/kernels/" in f.filename]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "outside the package"
 
 
 @contextlib.contextmanager
@@ -111,7 +142,8 @@ def fake_cuda(monkeypatch) -> Iterator[LaunchRecorder]:
             monkeypatch.setattr(torch.cuda, "synchronize", _refuse_synchronize)
             monkeypatch.setattr(torch.Tensor, "backward", backward)
             monkeypatch.setattr(torch.autograd, "grad", grad)
-            yield recorder
+            with _HostCopies(recorder):
+                yield recorder
     finally:
         for module, name, content in saved:
             cache = getattr(module, name)

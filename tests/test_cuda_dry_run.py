@@ -33,11 +33,11 @@ def _specialist_grads(model: MosaicModel) -> dict[str, bool]:
 
 
 def test_harness_catches_host_reads_and_bad_launches(monkeypatch):
-    """The dry run can fail: a value read on the host raises, a launch missing an argument raises, and a
-    launch of host tensors raises."""
+    """The dry run can fail: a value read on the host raises, a launch missing an argument raises, a launch
+    of host tensors raises, and copies from the host are listed."""
     from mosaic_fast.kernels import token_skip
 
-    with fake_cuda(monkeypatch):
+    with fake_cuda(monkeypatch) as launches:
         x = torch.randn(4, 8, device="cuda")
         with pytest.raises(Exception, match=r"local_scalar_dense|data-dependent|DataDependent"):
             x.sum().item()
@@ -45,6 +45,10 @@ def test_harness_catches_host_reads_and_bad_launches(monkeypatch):
             torch.nonzero(x)
         with pytest.raises(RuntimeError, match="synchronize"):
             torch.cuda.synchronize()
+        torch.arange(3).to("cuda")
+        x[torch.tensor([0, 2])]  # a host index is copied to the GPU
+        torch.ones(()).to("cuda")  # a 0-dim tensor is a number: no copy to record
+        assert len(launches.host_copies) == 2
         kernel = token_skip._skip_merge_kernel
         with pytest.raises(TypeError, match="misses"):
             kernel[(1,)](x)
@@ -84,7 +88,8 @@ def test_mosaic_training_step(monkeypatch, routing):
     """The bench's training step (student fwd/bwd, teacher, fused AdamW, clipping, EMA) in bf16 autocast:
     per-sample ids run the grouped kernels in every block (forward for student and teacher, both backward
     kernels); a letter runs cuBLAS (no Triton launch) unless backend "triton" asks for the kernels (the
-    bench's "kernel" column). Absent specialists end with no gradient."""
+    bench's "kernel" column). Absent specialists end with no gradient; the second step copies nothing
+    from the host."""
     model = MosaicModel(fast=True, **MOSAIC)
     if routing == "letter-kernel":
         mosaic_fast.set_backend("triton")
@@ -97,29 +102,34 @@ def test_mosaic_training_step(monkeypatch, routing):
         y = torch.randint(0, 9, (4,), device="cuda")
         ids, experts = (torch.tensor([0, 1, 1, 0], device="cuda"), ("A", "B")) if routing == "mixed" else ("B", ("B",))
         step(x, ids, y, experts)
-        step(x, ids, y, experts)  # second step: optimizer state and cached casts exist
+        launches.clear()
+        step(x, ids, y, experts)  # optimizer state, cached casts and routing tables exist now
         if routing != "letter":
-            assert launches.counts == {"_fwd_kernel": 2 * 2 * DEPTH, "_bwd_dh_kernel": 2 * DEPTH,
-                                       "_bwd_w_kernel": 2 * DEPTH}
+            assert launches.counts == {"_fwd_kernel": 2 * DEPTH, "_bwd_dh_kernel": DEPTH, "_bwd_w_kernel": DEPTH}
         else:
             assert not launches.counts
+        assert not launches.host_copies
         assert _specialist_grads(model) == {e: e in experts for e in "ABC"}
         assert step.opt.state, "AdamW took no step"
 
 
 def test_mosaic_packed_2d_3d_inference(monkeypatch):
     """A 2D batch (per-sample ids) and a 3D batch in one packed pass: the grouped kernel once per block over
-    the packed tokens, the 3D patch projection kernel once."""
+    the packed tokens, the 3D patch projection kernel once; a second pass copies nothing from the host."""
     model = MosaicModel(fast=True, **MOSAIC).eval()
     with fake_cuda(monkeypatch) as launches:
         model = model.to("cuda")
         enable_autocast(monkeypatch)
         x2 = torch.randn(3, 3, 32, 32, device="cuda")
         x3 = torch.randn(2, 1, 16, 16, 16, device="cuda")
+        ids = torch.tensor([0, 2, 1], device="cuda")
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            f2, f3 = model.forward_packed([(x2, torch.tensor([0, 2, 1], device="cuda")), (x3, "C")])
+            model.forward_packed([(x2, ids), (x3, "C")])
+            launches.clear()
+            f2, f3 = model.forward_packed([(x2, ids), (x3, "C")])
         assert (f2.shape, f3.shape) == ((3, 64), (2, 64))
         assert launches.counts == {"_fwd_kernel": DEPTH, "_patch_embed3d_fwd_kernel": 1}
+        assert not launches.host_copies
 
 
 def test_mosaic_3d_training(monkeypatch):
@@ -145,13 +155,18 @@ def test_mosaic_3d_training(monkeypatch):
 @pytest.mark.parametrize("keep_ratio", [0.5, 1.0])
 def test_dynamer_inference(monkeypatch, skip_mode, keep_ratio):
     """bf16 DynaMer inference: per block the routed MoE op (two launches for both streams) and one selection
-    kernel per stream (at ρ = 1 it keeps every token but still computes the gates); nothing else of ours."""
+    kernel per stream (at ρ = 1 it keeps every token but still computes the gates); nothing else of ours,
+    and no copy from the host once the first forward has built its tables."""
     model = DynaMerModel(5, keep_ratio=keep_ratio, skip_mode=skip_mode, **DYNAMER).eval()
     with fake_cuda(monkeypatch) as launches:
         model = model.to("cuda", torch.bfloat16)
+        x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            out = model(torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.bfloat16))
+            model(x)
+            launches.clear()
+            out = model(x)
         assert out.shape == (2, 5)
+        assert not launches.host_copies
         assert launches.counts == {"_moe_route_down_kernel": DEPTH, "_moe_gate_combine_kernel": DEPTH,
                                    "_skip_select_kernel": 2 * DEPTH}
 
@@ -160,15 +175,20 @@ def test_dynamer_inference(monkeypatch, skip_mode, keep_ratio):
 def test_dynamer_training(monkeypatch, skip_mode):
     """DynaMer forward+backward under bf16 autocast: per block the training MoE op's down kernel (both
     streams) and its combine kernel per stream; the backward is torch ops; every trainable parameter gets
-    a gradient."""
+    a gradient; the second step copies nothing from the host."""
     model = DynaMerModel(5, keep_ratio=0.5, skip_mode=skip_mode, **DYNAMER).train()
     with fake_cuda(monkeypatch) as launches:
         model = model.to("cuda")
         enable_autocast(monkeypatch)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(torch.randn(2, 3, 32, 32, device="cuda"))
-        out.float().sum().backward()
+        x = torch.randn(2, 3, 32, 32, device="cuda")
+        for _ in range(2):
+            launches.clear()
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().sum().backward()
         assert launches.counts == {"_moe_down_kernel": DEPTH, "_moe_combine_kernel": 2 * DEPTH}
+        assert not launches.host_copies
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not missing
 
