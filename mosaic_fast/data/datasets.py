@@ -59,16 +59,19 @@ class MedMNISTSplit(Dataset):
             expected: tuple[int, ...] = (s, s, s)
         else:
             expected = (s, s) if spec.n_channels == 1 else (s, s, 3)
-        width = spec.num_classes if spec.task.startswith("multi-label") else 1
+        multi_label = spec.task.startswith("multi-label")
+        width = spec.num_classes if multi_label else 1
         if tuple(images.shape[1:]) != expected or labels.shape[1] != width:
             raise DatasetFileError(
                 f"dataset file {self.path}: {self.split} images have shape {images.shape[1:]} and labels "
                 f"{labels.shape[1:]}, expected {expected} and ({width},) for {spec.name}"
             )
-        if labels.size and int(labels.max()) >= max(spec.num_classes, 2):
+        limit = 2 if multi_label else spec.num_classes  # multi-label: one 0/1 column per label
+        if labels.size and int(labels.max()) >= limit:
+            what = "its labels are 0 or 1" if multi_label else f"it has {spec.num_classes} classes"
             raise DatasetFileError(
                 f"dataset file {self.path}: {self.split} labels reach {int(labels.max())} but {spec.name} "
-                f"has {spec.num_classes} classes"
+                f"is {spec.task}: {what}"
             )
 
     def __len__(self) -> int:

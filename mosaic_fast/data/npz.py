@@ -107,7 +107,13 @@ def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"dataset file {path} does not exist; use --download to fetch it")
     keys = (f"{split}_images", f"{split}_labels")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array, not an archive of arrays
+            raise DatasetFileError(
+                f"dataset file {path} is not an npz archive (it holds one {type(loaded).__name__}, "
+                f"not the MedMNIST keys {keys[0]}, {keys[1]}, ...)"
+            )
+        with loaded as data:
             missing = [k for k in keys if k not in data.files]
             if missing:
                 raise DatasetFileError(
@@ -124,11 +130,15 @@ def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         ) from err
     if labels.ndim == 1:
         labels = labels[:, None]
-    if images.shape[0] != labels.shape[0] or labels.ndim != 2:
+    if images.ndim == 0 or labels.ndim != 2 or images.shape[0] != labels.shape[0]:
         raise DatasetFileError(
-            f"dataset file {path}: {keys[0]} has {images.shape[0]} samples but {keys[1]} has shape "
-            f"{labels.shape}"
+            f"dataset file {path}: {keys[0]} has shape {images.shape} but {keys[1]} has shape {labels.shape} "
+            f"(expected (N, ...) images and (N, L) labels)"
         )
     if images.dtype != np.uint8:
         raise DatasetFileError(f"dataset file {path}: {keys[0]} must be uint8, got {images.dtype}")
+    if labels.dtype.kind not in "biu":  # float labels would be truncated to classes silently
+        raise DatasetFileError(f"dataset file {path}: {keys[1]} must be integer class labels, got {labels.dtype}")
+    if labels.size and int(labels.min()) < 0:
+        raise DatasetFileError(f"dataset file {path}: {keys[1]} holds negative labels ({int(labels.min())})")
     return images, labels

@@ -4,12 +4,19 @@
 (softmax, or sigmoid for multi-label): binary uses the last column at 0.5, multi-label the per-label mean
 at 0.5, multi-class and ordinal the exact argmax; AUC is one-vs-rest averaged over all classes.
 
+Probabilities are computed in the precision of the logits (float32 for a model's output), as the seed
+and medmnist's own training scripts do (``torch.softmax`` on float32 logits): AUC is a ranking, and
+float32 probabilities that round to the same value (confident predictions saturate at 1.0) tie, where
+float64 ones would not, so a float64 softmax gives other AUCs than the references.
+
 ``"mosaic"`` (the seed's ``engine/evaluator.py``, to compare with its tables): ordinal ACC counts
 ``|argmax − y| ≤ 1`` as correct, binary ACC is the argmax of the two logits, multi-label ACC the element
 mean of ``logit > 0``; AUC skips the classes (labels) absent from the split.
 
 Where AUC is undefined (a split holding one class only, which the medmnist definition cannot score) it is
-NaN rather than a made-up number; mean AUCs are taken over the defined values.
+NaN rather than a made-up number; mean AUCs are taken over the defined values. (The seed returns 0.0
+there, or NaN for a one-class binary split where sklearn warns instead of raising, and averages it into
+its mean AUC: the one place where ``"mosaic"`` deliberately differs from it.)
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ def _check(labels: np.ndarray, logits: np.ndarray, task: str, mode: str) -> tupl
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if mode not in METRIC_MODES:
         raise ValueError(f"mode must be one of {METRIC_MODES}, got {mode!r}")
-    labels, logits = np.asarray(labels), np.asarray(logits, dtype=np.float64)
+    labels, logits = np.asarray(labels), np.asarray(logits)
+    if logits.dtype != np.float64:  # float32 stays float32 (the precision the references score in)
+        logits = logits.astype(np.float32)
     if labels.ndim == 1:
         labels = labels[:, None]
     if logits.ndim != 2 or labels.ndim != 2 or len(labels) != len(logits) or len(labels) < 2:
@@ -41,14 +50,22 @@ def _check(labels: np.ndarray, logits: np.ndarray, task: str, mode: str) -> tupl
         )
     if task.startswith("multi-label") and labels.shape[1] != logits.shape[1]:
         raise ValueError(f"multi-label: labels {labels.shape} and logits {logits.shape} must match")
+    if labels.dtype.kind not in "biu" or labels.min() < 0:
+        raise ValueError(f"labels must be non-negative integers, got dtype {labels.dtype}, min {labels.min()}")
+    if task.startswith("multi-label") and labels.max() > 1:
+        raise ValueError(f"multi-label: labels must be 0 or 1, got values up to {labels.max()}")
     if not task.startswith("multi-label") and (labels.shape[1] != 1 or labels.max() >= logits.shape[1]):
         raise ValueError(f"{task}: labels must be (N, 1) class indices < {logits.shape[1]}, got {labels.shape}")
+    if not np.isfinite(logits).all():
+        raise ValueError("logits must be finite (NaN or inf found)")
     return labels, logits
 
 
 def scores_from_logits(logits: np.ndarray, task: str) -> np.ndarray:
-    """Probabilities: sigmoid for multi-label, softmax over classes otherwise."""
-    t = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    """Probabilities: sigmoid for multi-label, softmax over classes otherwise (in the logits' precision:
+    float64 stays float64, anything else is computed in float32)."""
+    logits = np.asarray(logits)
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float64 if logits.dtype == np.float64 else np.float32))
     return (t.sigmoid() if task.startswith("multi-label") else t.softmax(dim=1)).numpy()
 
 
