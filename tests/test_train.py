@@ -90,15 +90,17 @@ def test_training_on_real_files_lowers_the_loss_and_writes_outputs(real_root, tm
             "rng", "progress", "config"} <= set(ckpt)
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["cyclic", "mixed"])
-def test_resume_after_interruption_matches_uninterrupted_run(root, tmp_path, mixed):
+@pytest.mark.parametrize(("mixed", "extra"), [(False, 2), (True, 2), (False, 0)],
+                         ids=["cyclic", "mixed", "cyclic-round-boundary"])
+def test_resume_after_interruption_matches_uninterrupted_run(root, tmp_path, mixed, extra):
     _trainer(root, tmp_path / "full", mixed_batches=mixed).fit()
     steps_per_round = len(_trainer(root, tmp_path / "probe", mixed_batches=mixed)._round_batches(0))
-    stop = steps_per_round + 2  # in the middle of the second round
+    stop = steps_per_round + extra  # in the middle of the second round, or after the first round's last step
     assert _trainer(root, tmp_path / "cut", mixed_batches=mixed, max_steps=stop).fit() is None
     resumed = _trainer(root, tmp_path / "cut", seed=123, mixed_batches=mixed)  # other init: resume must load
     resumed.resume(tmp_path / "cut" / "last.pt")
-    assert (resumed.round, resumed.step_in_round, resumed.global_step) == (1, 2, stop)
+    position = (1, extra) if extra else (0, steps_per_round)  # a boundary stop comes before validation
+    assert (resumed.round, resumed.step_in_round, resumed.global_step) == (*position, stop)
     resumed.fit()
     full = ckpt_io.load(tmp_path / "full" / "last.pt")
     cut = ckpt_io.load(tmp_path / "cut" / "last.pt")

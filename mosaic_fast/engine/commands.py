@@ -78,9 +78,14 @@ def _workers(args, info: DistInfo) -> int:
 
 
 def _seed_everything(seed: int) -> None:
+    """Seed the global generators and, as the seed's ``set_seed``, make cuDNN pick deterministic
+    algorithms (the 2D tokenizer's Conv2d and the reference model's Conv3d run on cuDNN), so that a
+    resumed run can match an uninterrupted one on a GPU too."""
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seeds the legacy global generator third-party code may use)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _load_pretrained(model: MosaicModel, path: str) -> list[str]:

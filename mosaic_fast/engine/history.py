@@ -1,4 +1,10 @@
-"""Learning-curve records: one entry per round, written as JSON, CSV and a PNG plot (matplotlib, Agg)."""
+"""Learning-curve records: one entry per round, written as JSON, CSV and a PNG plot (matplotlib, Agg).
+
+An entry (see :class:`~mosaic_fast.engine.trainer.Trainer`): ``round``, ``lr``, ``time_s``, ``train_loss``
+(per dataset and their mean), ``train_loss_cls``, ``train_loss_consist``, ``val`` (student and teacher
+metrics) and ``avg_forgetting`` (as the seed's logger: mean over datasets of the student's validation ACC
+drop below its best of the earlier rounds).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ def _flat(entry: dict) -> dict:
     row = {"round": entry["round"], "lr": entry["lr"], "train_loss": entry["train_loss"]["mean"],
            "train_loss_cls": entry["train_loss_cls"], "train_loss_consist": entry["train_loss_consist"],
            "time_s": entry["time_s"]}
+    if "avg_forgetting" in entry:  # the seed logger's measure (absent in histories of older versions)
+        row["avg_forgetting"] = entry["avg_forgetting"]
     for model, res in entry["val"].items():
         for key, value in res.items():
             if isinstance(value, dict):

@@ -5,7 +5,11 @@ One step: the student sees the augmented view, the teacher (no gradient) the cle
 feature, teacher CLS feature); AdamW step with gradient clipping; then the EMA teacher moves towards the
 student for the specialists active in the batch. The learning rate follows a linear warm-up (0.01 → 1)
 and a cosine to ``min_lr``, stepped once per round. After each round both models are validated; early
-stopping watches the student's mean validation ACC, and the best student + teacher are kept.
+stopping watches the student's mean validation ACC (of the ``metrics`` mode: medmnist's, or the seed's
+with ``"mosaic"``), and the best student + teacher are kept. As in the seed, a round's ``train_loss["mean"]``
+is the mean over its datasets of each dataset's mean step loss (not weighted by their step counts), and
+``avg_forgetting`` is the mean over datasets of the student's drop in validation ACC below its best in
+earlier rounds.
 
 DDP: the student runs inside :class:`StudentStep` wrapped by ``DistributedDataParallel`` with
 ``find_unused_parameters=True``, because a batch only uses its specialists, its heads and one tokenizer.
@@ -14,17 +18,22 @@ prints, shows progress bars and writes files.
 
 Exact resume: batch plans and augmentations are functions of (seed, round, position), and ``last.pt``
 records the round, the step inside it, optimizer / scheduler / scaler / RNG state and the running
-losses; a resumed run takes the same next batch and ends with the same parameters.
+losses; a resumed run takes the same next batch and ends with the same parameters. A run that had already
+stopped early (or reached ``max_steps``) is not trained further on resume; a checkpoint taken inside a round
+resumes only when the options give the same batch plan for that round (checked against a digest).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +73,16 @@ def drop_absent_specialist_grads(specialist_params: dict[str, list[torch.Tensor]
         if expert not in active:
             for p in params:
                 p.grad = None
+
+
+def plan_digest(batches: Sequence[Sequence[tuple[int, int, int]]]) -> str:
+    """SHA-256 of a round's batch plan (keys and batch boundaries), to check that a resumed run would
+    continue the same plan."""
+    h = hashlib.sha256()
+    for b in batches:
+        h.update(np.asarray(b, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -197,6 +216,7 @@ class Trainer:
         self.no_improve = 0
         self.round_sums: dict = {}
         self.history: list[dict] = []
+        self.plan_digest: str | None = None  # of the current round's plan, recorded in mid-round checkpoints
 
     # ---------------------------------------------------------------- logging and checkpoints
     def log(self, msg: str) -> None:
@@ -216,6 +236,7 @@ class Trainer:
                 "round": self.round, "step_in_round": self.step_in_round, "global_step": self.global_step,
                 "best_acc": self.best_acc, "best_round": self.best_round, "no_improve": self.no_improve,
                 "round_sums": self.round_sums,
+                "plan_digest": self.plan_digest if self.step_in_round else None,
             },
             "history": self.history,
             "config": self.s.config,
@@ -246,13 +267,23 @@ class Trainer:
         saved_names = ckpt.get("config", {}).get("datasets")
         if saved_names is not None and list(saved_names) != self.names:
             raise ValueError(f"--resume: the checkpoint trained on {list(saved_names)}, now {self.names}")
+        p = ckpt["progress"]
+        if p["step_in_round"] and p.get("plan_digest") is not None:
+            batches = self._round_batches(p["round"])
+            if len(batches) < p["step_in_round"] or plan_digest(batches) != p["plan_digest"]:
+                raise ValueError(
+                    f"--resume: {path} was taken after step {p['step_in_round']} of round {p['round'] + 1}, but "
+                    f"these options give that round another batch plan, so the rest of the round would skip "
+                    f"or repeat samples. Resume with the options it was trained with (--seed, --batch_size "
+                    f"times the number of processes, --samples_per_round, --mixed_batches), or from a "
+                    f"checkpoint written at the end of a round"
+                )
         ckpt_io.load_model_state(self.student, ckpt["student_state_dict"], f"{path}: student_state_dict")
         ckpt_io.load_model_state(self.teacher.model, ckpt["teacher_state_dict"], f"{path}: teacher_state_dict")
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
         self.scaler.load_state_dict(ckpt.get("scaler_state_dict", {}))
         ckpt_io.set_rng_state(ckpt["rng"])
-        p = ckpt["progress"]
         self.round, self.step_in_round, self.global_step = p["round"], p["step_in_round"], p["global_step"]
         self.best_acc, self.best_round, self.no_improve = p["best_acc"], p["best_round"], p["no_improve"]
         self.round_sums = p["round_sums"]
@@ -322,14 +353,42 @@ class Trainer:
 
     # ---------------------------------------------------------------- rounds
     def _record(self, names: list[str], losses: dict[str, float]) -> None:
-        key = names[0] if len(names) == 1 else "mixed"
+        """Add one step's losses to the round's sums, per dataset (cyclic) or under "mixed"."""
+        key = names[0] if len(names) == 1 and not self.s.mixed_batches else "mixed"
         sums = self.round_sums
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v
         sums["steps"] = sums.get("steps", 0) + 1
-        per = sums.setdefault("per_dataset", {})
-        total, count = per.get(key, (0.0, 0))
-        per[key] = (total + losses["loss"], count + 1)
+        for field_name, per_key in (("loss", "per_dataset"), ("loss_cls", "per_dataset_cls"),
+                                    ("loss_consist", "per_dataset_consist")):
+            per = sums.setdefault(per_key, {})
+            total, count = per.get(key, (0.0, 0))
+            per[key] = (total + losses[field_name], count + 1)
+
+    def round_losses(self) -> dict:
+        """The round's training losses as the seed reports them: each dataset's mean step loss, and their
+        unweighted mean over the datasets ("mean"; with mixed batches, the mean step loss)."""
+        sums = self.round_sums
+
+        def means(per_key: str, total_key: str) -> tuple[dict[str, float], float]:
+            per = {k: t / c for k, (t, c) in sums.get(per_key, {}).items()}
+            if per:
+                return per, sum(per.values()) / len(per)
+            # a mid-round checkpoint of an older version recorded only the step sums of the cls/consist parts
+            return per, sums.get(total_key, float("nan")) / max(sums.get("steps", 0), 1)
+
+        per, mean = means("per_dataset", "loss")
+        return {"train_loss": {**per, "mean": mean},
+                "train_loss_cls": means("per_dataset_cls", "loss_cls")[1],
+                "train_loss_consist": means("per_dataset_consist", "loss_consist")[1]}
+
+    def _forgetting(self, val: dict) -> float:
+        """Mean over datasets of max(0, best student val ACC of the earlier rounds − this round's)."""
+        drops = []
+        for name in self.names:
+            earlier = [e["val"]["student"][name]["acc"] for e in self.history if name in e["val"]["student"]]
+            drops.append(max(0.0, max(earlier) - val["student"][name]["acc"]) if earlier else 0.0)
+        return sum(drops) / len(drops)
 
     def _round_batches(self, r: int) -> list[list[tuple[int, int, int]]]:
         """The global batches of round ``r`` (see :func:`round_plan`)."""
@@ -360,18 +419,14 @@ class Trainer:
     def _end_round(self, r: int, t0: float) -> bool:
         """Scheduler step, validation, early stopping, history, checkpoints; True when training stops."""
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a run resumed after the round's last step steps the scheduler before its first optimizer
+            # step; torch warns of a skipped first value, which a per-round LambdaLR cannot skip
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         val = self.validate(self.val_data, f"validation after round {r + 1}")
-        sums = self.round_sums
-        steps = max(sums.get("steps", 0), 1)
-        per = {k: t / c for k, (t, c) in sums.get("per_dataset", {}).items()}
-        entry = {
-            "round": r + 1, "lr": lr, "time_s": time.time() - t0,
-            "train_loss": {**per, "mean": sums.get("loss", float("nan")) / steps},
-            "train_loss_cls": sums.get("loss_cls", float("nan")) / steps,
-            "train_loss_consist": sums.get("loss_consist", float("nan")) / steps,
-            "val": val,
-        }
+        entry = {"round": r + 1, "lr": lr, "time_s": time.time() - t0, **self.round_losses(), "val": val,
+                 "avg_forgetting": self._forgetting(val)}
         self.history.append(entry)
         self.log(format_table(val, self.names, f"validation, round {r + 1} (lr {lr:.2e}, train loss "
                                                f"{entry['train_loss']['mean']:.4f})"))
@@ -402,10 +457,18 @@ class Trainer:
         """Train from the current position; returns the test results of the best model, or None when
         stopped early by ``max_steps`` (a checkpoint to resume from is written)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.s.max_steps is not None and self.global_step >= self.s.max_steps:
+            self.log(f"already at step {self.global_step} of --max_steps {self.s.max_steps}: nothing to train")
+            return None
+        if self.round < self.s.num_rounds and self.no_improve >= self.s.early_stopping_patience:
+            self.log(f"this run had stopped early after round {self.round} ({self.no_improve} rounds without "
+                     f"improvement, patience {self.s.early_stopping_patience}): no further training")
+            return self.final_test()
         for r in range(self.round, self.s.num_rounds):
             t0 = time.time()
             self.round = r
             batches = self._round_batches(r)
+            self.plan_digest = plan_digest(batches)
             todo = batches[self.step_in_round :]
             shards = [shard_batch(b, self.info.rank, self.info.world_size) for b in todo]
             loader = DataLoader(

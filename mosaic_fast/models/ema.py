@@ -6,6 +6,12 @@ the volumetric specialist's teacher weights). Momentum: 0.9 for A and B, 0.95 fo
 When several specialists are active (a mixed batch), each specialist's adapters use its own momentum
 and the shared trainable parameters (heads, 3D tokenizer) the largest active momentum (the slowest,
 most conservative update).
+
+The seed's ``TeacherModel.ema_update`` walks over every parameter, frozen ones included, with the momentum
+of the dataset's specialist; for a frozen parameter (equal in student and teacher) that rewrites it with
+itself, up to an ulp of rounding, so skipping frozen parameters gives the same teacher (and keeps the frozen
+backbone bitwise equal to the student's). Every head moves at every step, also those of the other datasets,
+as in the seed.
 """
 
 from __future__ import annotations
