@@ -205,3 +205,24 @@ def test_m4oe_adapter(monkeypatch, gate):
         assert out.shape == h.shape and h.grad is not None
         assert set(launches.counts) >= {"_gs_down_kernel", "_gs_up_kernel"}
         assert all(p.grad is not None for p in module.parameters())
+
+
+def test_benchmark_shapes(monkeypatch):
+    """The bench's shapes (ViT-B/16 width and 197 tokens; two blocks suffice): a mixed-batch MOSAIC training
+    step at batch 64 and bf16 DynaMer inference at batch 32, ρ = .5, block mode; the launchers' shape-
+    dependent choices (tile sizes, weight-gradient split over 132 SMs, selection limits) run here."""
+    vit_b = dict(embed_dim=768, depth=2, num_heads=12)
+    model = MosaicModel(fast=True, **vit_b)
+    dynamer = DynaMerModel(9, keep_ratio=0.5, skip_mode="block", **vit_b).eval()
+    with fake_cuda(monkeypatch) as launches:
+        model, dynamer = model.to("cuda"), dynamer.to("cuda", torch.bfloat16)
+        enable_autocast(monkeypatch)
+        step = TrainStep(model, torch.device("cuda"), torch.bfloat16)
+        x = torch.randn(64, 3, 224, 224, device="cuda")
+        step(x, torch.arange(64, device="cuda") % 3, torch.randint(0, 9, (64,), device="cuda"), ("A", "B", "C"))
+        assert launches.counts == {"_fwd_kernel": 4, "_bwd_dh_kernel": 2, "_bwd_w_kernel": 2}
+        launches.clear()
+        with torch.no_grad():
+            out = dynamer(torch.randn(32, 3, 224, 224, device="cuda", dtype=torch.bfloat16))
+        assert out.shape == (32, 9)
+        assert launches.counts == {"_moe_route_down_kernel": 2, "_moe_gate_combine_kernel": 2, "_skip_select_kernel": 4}
