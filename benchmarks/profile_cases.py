@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from mosaic_fast.bench.core import pristine_copy
 from mosaic_fast.bench.run import DTYPES, SUITES, bench_dtype, collect_cases
 
 
@@ -36,18 +37,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def profile_impl(fn, inputs, device: torch.device, calls: int, rows: int) -> str:
-    """The profiler table of ``calls`` calls of ``fn(*inputs)`` and launches (or ops) and wall ms per call."""
+def profile_impl(fn, inputs, device: torch.device, calls: int, rows: int, mutates_inputs: bool = False) -> str:
+    """The profiler table of ``calls`` calls of ``fn(*inputs)`` and launches (or ops) and wall ms per call.
+
+    ``mutates_inputs`` (an in-place implementation): every call gets its own copy of ``inputs``, made
+    before profiling, so no call runs on what an earlier one wrote."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(3):
-        fn(*inputs)
+    copies = pristine_copy([inputs] * (3 + calls)) if mutates_inputs else [inputs] * (3 + calls)
+    for args in copies[:3]:
+        fn(*args)
     sync()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(calls):
-            fn(*inputs)
+        for args in copies[3:]:
+            fn(*args)
         sync()
     wall_ms = 1e3 * (time.perf_counter() - start) / calls
     events = prof.key_averages()
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = case.make_inputs(0)
         for name in (n for n in impls if n in case.impls):
             try:
-                text = profile_impl(case.impls[name], inputs, device, args.calls, args.rows)
+                text = profile_impl(case.impls[name], inputs, device, args.calls, args.rows, case.mutates_inputs)
             except Exception as exc:  # keep the other cases' tables
                 text = f"failed: {type(exc).__name__}: {exc}"
             header = f"== {case.name} / {name} ({device}, {str(dtype).replace('torch.', '')})"

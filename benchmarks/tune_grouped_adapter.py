@@ -96,14 +96,34 @@ def _backward_variants(h_sets, ids, weights, rs, device):
         out[name] = bwd
     if ids is None:
         leaves = [[t.detach().clone().requires_grad_() for t in (h, *weights)] for h in flat]
-        with torch.enable_grad():
-            graphs = [ga.grouped_adapter(lv[0], *lv[1:], rs) for lv in leaves]
+        # The forward decides what autograd runs backward: record it on backend "auto" (one group: the
+        # torch ops), whatever the caller's backend ("triton" would record the kernels' autograd Function).
+        saved_backend = mosaic_fast.get_backend()
+        mosaic_fast.set_backend("auto")
+        try:
+            with torch.enable_grad():
+                graphs = [ga.grouped_adapter(lv[0], *lv[1:], rs) for lv in leaves]
+        finally:
+            mosaic_fast.set_backend(saved_backend)
 
         def cublas_bwd(i):
             graphs[i].backward(douts[i], retain_graph=True)
 
         out["bwd: cuBLAS autograd"] = cublas_bwd
     return out
+
+
+def floors(t: int, d: int, rs: list[int], routed_r: list[int], n: int, elem: int,
+           ceilings: dict) -> tuple[float, float]:
+    """Roofline floors (seconds) of the forward and of the backward alone (DESIGN.md §6): forward reads h
+    and base and writes out (3·T·D) plus the weights, 4·T·D·r flops; backward reads dout and h and
+    writes dh (3·T·D), reads the weights and writes their gradients, twice the forward's flops."""
+    weights = sum(2 * d + 2 * r * d + r + d for r in rs) * elem
+    flops = 4.0 * d * n * sum(routed_r)
+    act = 3 * t * d * elem
+    fwd = max((act + weights) / ceilings["bytes_per_s"], flops / ceilings["flops_bf16"])
+    bwd = max((act + 2 * weights) / ceilings["bytes_per_s"], 2 * flops / ceilings["flops_bf16"])
+    return fwd, bwd
 
 
 def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: dict,
@@ -117,18 +137,16 @@ def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: 
             ids = None if routing == "single" else torch.arange(b, device=device) % 3  # per sample, as the model
             weights = _weights(d, rs, device, dtype)
             routed_r = [rs[i % len(rs)] for i in range(b)] if routing == "mixed" else [rs[0]] * b
-            flops = 4.0 * d * n * sum(routed_r)
             elem = torch.empty((), dtype=dtype).element_size()
-            floor = max(3 * t * d * elem / ceilings["bytes_per_s"], flops / ceilings["flops_bf16"])
-            floor_bwd = max(3 * t * d * elem / ceilings["bytes_per_s"], 2 * flops / ceilings["flops_bf16"])
+            floor, floor_bwd = floors(t, d, rs, routed_r, n, elem, ceilings)
             mosaic_fast.set_backend("triton")
             try:
                 with torch.no_grad():
                     variants = _variants(h_sets, base_sets, ids, weights, rs, device)
                     variants.update(_backward_variants(h_sets, ids, weights, rs, device))
                     for name, fn in variants.items():
-                        if name.startswith(("cuBLAS", "  ", "bwd: cuBLAS")):
-                            mosaic_fast.set_backend("auto")
+                        torch_path = name.startswith(("cuBLAS", "  ", "bwd: cuBLAS"))
+                        mosaic_fast.set_backend("auto" if torch_path else "triton")
                         floor_v = floor_bwd if name.startswith("bwd") else floor
                         try:
                             fn(0)

@@ -60,3 +60,12 @@ def test_merged_files_keep_their_runs_apart():
     merged = load_results([str(CPU), str(H200)])
     assert len(merged["runs"]) == 3 and {r["run"] for r in merged["records"]} == {0, 1, 2}
     assert [r["file"] for r in merged["runs"]] == [CPU.name, H200.name, H200.name]
+
+
+def test_gpu_targets_apply_to_a_run_on_an_indexed_cuda_device():
+    """`--device cuda:1` records bench_device "cuda:1": still a GPU run, checked against the GPU targets."""
+    results = load_results([str(H200)])
+    results["environment"]["bench_device"] = "cuda:1"
+    checks = check_targets(results)
+    assert not [c for c in checks if c.target.startswith("CPU")]
+    assert find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=0)

@@ -6,11 +6,15 @@ Inference runs the models in the benchmark dtype; training keeps fp32 weights un
 includes the EMA teacher forward and update, as a real MOSAIC step does. Routing is what the trainer
 passes: the letter "A" for a one-specialist ("single") batch, per-sample ids for a mixed one. (The H200
 run of 2026-11-30 passed all-zero ids for "single", so its single rows ran the grouped kernel.)
+The training steps' "err" compares one step of fresh reference and fast steps built from the same
+weights (the clipped gradients of the adapters and the 3D tokenizer); peak memory counts each step on its
+own, CUDA-graph pools included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +185,8 @@ class TrainStep:
         return self._replayed(self.graphed_teacher, CUDAGraphInference,
                               lambda x, e: teacher(x, task_id=0, return_features=True, expert_id=e), x, ids)
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, experts: tuple[str, ...]) -> None:
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, experts: tuple[str, ...]) -> torch.Tensor:
+        """One step; returns its loss (detached, no host sync)."""
         with self.autocast:
             feats, logits = self.student(x, ids)
             feats_t = self.teacher_features(x, ids)
@@ -192,6 +197,31 @@ class TrainStep:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.teacher.update(self.model, experts)
+        return loss.detach()
+
+    def computed(self, *inputs) -> list[torch.Tensor]:
+        """The gradients one step leaves, after clipping, on the trainable parameters other than the heads
+        (the specialists' adapters, the 3D tokenizer; by name, zeros where the step left none), to
+        compare implementations that start from the same weights. The loss and the heads' gradients (plain
+        Linear layers in both models) are left out: larger than the adapters' gradients, they would hide
+        an adapter computed wrongly in the relative difference."""
+        self(*inputs)
+        return [p.grad if p.grad is not None else torch.zeros_like(p)
+                for name, p in sorted(self.model.named_parameters())
+                if p.requires_grad and not name.startswith("heads.")]
+
+
+def _agreement_steps(cfg: dict, device: torch.device, dtype: torch.dtype, kernel: bool) -> dict:
+    """Fresh reference and fast training steps from the same weights (and the fast one on the fused
+    kernels, "kernel"), each computing one step (:meth:`TrainStep.computed`): the timed steps have
+    updated their weights a different number of times, so their own calls cannot be compared. The
+    optimizer and EMA update are the same code for all (:class:`TrainStep`), not compared here."""
+    ref, fast = _pair(cfg, device)
+    twin = copy.deepcopy(fast) if kernel else None
+    steps = {"reference": TrainStep(ref, device, dtype).computed, "fast": TrainStep(fast, device, dtype).computed}
+    if twin is not None:
+        steps["kernel"] = on_triton_backend(TrainStep(twin, device, dtype).computed)
+    return steps
 
 
 def _resident_bytes(step: TrainStep) -> int:
@@ -207,23 +237,33 @@ def _resident_bytes(step: TrainStep) -> int:
     return sum(seen.values())
 
 
+def _graph_pool_segments() -> dict[int, int]:
+    """Address -> size of every CUDA allocator segment owned by a private pool (CUDA graphs' memory)."""
+    return {seg["address"]: seg["total_size"] for seg in torch.cuda.memory_snapshot()
+            if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)}
+
+
 def _peak_memory(step: TrainStep, inputs: tuple, device: torch.device) -> int | str | None:
-    """Peak CUDA memory of one training step on its own: the setup's resident bytes plus the step's peak
-    above what was allocated before it (gradients, activations, temporaries). Other models alive in the
+    """Peak CUDA memory of one training step on its own: the setup's resident bytes, the CUDA-graph pools
+    the step created (a replayed step's activations and temporaries live there, reserved for the graphs:
+    a replay allocates nothing, so ``max_memory_allocated`` does not see them), plus the step's peak above
+    what was allocated before it (gradients, activations, temporaries). Other models alive in the
     benchmark process are not counted. Returns the error instead if the step fails."""
     if device.type != "cuda":
         return None
     try:
-        step(*inputs)  # optimizer state exists after a first step
+        pools_before = _graph_pool_segments()
+        step(*inputs)  # optimizer state exists after a first step; a graphed step captures here
         step.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step(*inputs)
         torch.cuda.synchronize()
+        pools = sum(size for address, size in _graph_pool_segments().items() if address not in pools_before)
     except Exception as exc:  # the timing run reports the same failure; keep the other implementations
         return f"{type(exc).__name__}: {exc}"[:300]
-    return _resident_bytes(step) + int(torch.cuda.max_memory_allocated()) - baseline
+    return _resident_bytes(step) + pools + int(torch.cuda.max_memory_allocated()) - baseline
 
 
 def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_compile: bool = True,
@@ -255,6 +295,7 @@ def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_c
             suite="model", name=f"mosaic_train_step_{'mixedAB' if mixed else 'single'}_b{b}",
             params=dict(batch=b, mixed=mixed, **{k: cfg[k] for k in ("embed_dim", "depth")}),
             make_inputs=make, impls=steps, compile_reference=False,
+            agreement_impls=lambda kernel="kernel" in steps: _agreement_steps(cfg, device, dtype, kernel),
             extra={"peak_memory_bytes": memory} if device.type == "cuda" else {},
             notes="student fwd+bwd + teacher fwd + AdamW + EMA; compiled = torch.compile(reference model)",
         ))

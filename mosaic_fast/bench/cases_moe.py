@@ -55,13 +55,28 @@ def _selection(cfg: dict, rho: float, device: torch.device, dtype: torch.dtype, 
     return idx.to(device), torch.rand(b, k, generator=g).to(device, dtype)
 
 
-def _floor(cfg: dict, rows: float, dtype: torch.dtype) -> tuple[float, float]:
-    """Bytes and flops of both streams' updates over ``rows`` selected rows per stream."""
-    d, r, k = cfg["dim"], cfg["bottleneck"], cfg["top_k"]
+def _weight_bytes(cfg: dict, elt: int) -> int:
+    """Every parameter of the module (experts, both routers, both gates), read once."""
+    d, r, n, g = cfg["dim"], cfg["bottleneck"], cfg["experts"], cfg["dim"]
+    experts = n * (r * 2 * d + r + d * r + d)
+    return elt * (experts + 2 * (d * n + n) + 2 * (d * g + g))
+
+
+def _floor(cfg: dict, kept: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Bytes and flops of both streams' updates when each stream updates ``kept`` tokens per sample.
+
+    Bytes: each token of the union of the two selections reads its pair (both streams' rows, 2·D), each
+    updated row is written (D per stream and kept token), plus the weights once. The selections are
+    independent apart from CLS, so the expected union is ``1 + (N−1)(1 − (1 − (kept−1)/(N−1))²)`` tokens
+    (N when every token is kept). Flops per updated row: k experts (down 2D→r, up r→D), the router
+    (D→n) and the gate (D→g; g = D here, the largest GEMM of the op)."""
+    b, n_tok, d, r, k = cfg["batch"], cfg["tokens"], cfg["dim"], cfg["bottleneck"], cfg["top_k"]
     elt = torch.finfo(dtype).bits // 8
-    bytes_ = 2 * rows * (2 * d + d) * elt  # read the pair once per stream, write the row
-    flops = 2 * rows * k * (2 * 2 * d * r + 2 * r * d)
-    return bytes_, flops
+    frac = (kept - 1) / (n_tok - 1) if n_tok > 1 else 1.0
+    union = 1 + (n_tok - 1) * (1 - (1 - frac) ** 2)
+    bytes_ = b * (union * 2 * d + 2 * kept * d) * elt + _weight_bytes(cfg, elt)
+    per_row = k * (2 * 2 * d * r + 2 * r * d) + 2 * d * cfg["experts"] + 2 * d * cfg["dim"]
+    return bytes_, 2.0 * b * kept * per_row
 
 
 def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = False) -> list[Case]:
@@ -78,8 +93,7 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = 
                 return module(xg, xm)
         return run
 
-    rows = cfg["batch"] * cfg["tokens"]
-    fb, ff = _floor(cfg, rows, dtype)
+    fb, ff = _floor(cfg, cfg["tokens"], dtype)
     out = [Case("ops", "moe_adapter", dict(shape), lambda i: _pair_inputs(cfg, device, dtype, i),
                 {"reference": full(ref), "fast": full(fast)}, floor_bytes=fb, floor_flops=ff,
                 notes="both streams, no skipping (every token of both streams updated)")]
@@ -96,12 +110,13 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool, graphs: bool = 
             sel_g = _selection(cfg, rho, device, dtype, 100 + i)
             return [xg, xm, *sel_g, *_selection(cfg, rho, device, dtype, 200 + i)]
 
-        kept = cfg["batch"] * num_kept(rho, cfg["tokens"])
-        fb, ff = _floor(cfg, kept, dtype)
+        fb, ff = _floor(cfg, num_kept(rho, cfg["tokens"]), dtype)
+        # "fast" writes into its inputs: mutates_inputs has the runner put them back between timed calls
+        # (repeated in-place updates would converge the rows and collapse the routing onto two experts)
         out.append(Case("ops", f"moe_skip_rho{rho:g}", dict(shape, rho=rho), make,
                         {"reference": skipped(ref, False), "fast": skipped(fast, True),
                          **({"fast+graphs": CUDAGraphInference(skipped(fast, True))} if graphs else {})},
-                        floor_bytes=fb, floor_flops=ff,
+                        floor_bytes=fb, floor_flops=ff, mutates_inputs=True,
                         notes="adapter on the kept tokens of both streams; fast: in place, kept rows only"))
     return out + m4oe_cases(device, dtype, quick)
 
@@ -134,10 +149,13 @@ def m4oe_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Ca
             g = torch.Generator().manual_seed(300 + i)
             return [torch.randn(batch, tokens, dim, generator=g).to(device, dtype)]
 
-        gate_flops = 2 * rows * dim * (len(bottlenecks) if gate == "expert" else dim)
+        gate_out = len(bottlenecks) if gate == "expert" else dim
+        gate_flops = 2 * rows * dim * gate_out
+        weights = sum(2 * dim + 2 * r * dim + r + dim for r in bottlenecks) + dim * gate_out + gate_out
         out.append(Case("ops", f"m4oe_adapter_{gate}", dict(B=batch, N=tokens, D=dim, bottlenecks=bottlenecks,
                                                             gate=gate), make,
                         {"reference": run(ref), "fast": run(fast)},
-                        floor_bytes=2 * rows * dim * elt, floor_flops=2 * rows * dim * r_total * 2 + gate_flops,
+                        floor_bytes=(2 * rows * dim + weights) * elt,
+                        floor_flops=2 * rows * dim * r_total * 2 + gate_flops,
                         notes="M4oE: dense mixture of the three specialists, gate over experts or channels"))
     return out

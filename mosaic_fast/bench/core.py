@@ -34,6 +34,13 @@ class Case:
     ``make_inputs(i)`` builds the i-th input set (fresh random data, never zeros); implementations take
     the unpacked input set. ``floor_bytes``/``floor_flops`` give the roofline floor of the workload;
     ``items_per_call`` (e.g. images per batch) adds a throughput (items/s) per implementation.
+    ``mutates_inputs``: an implementation writes into its input tensors (an in-place fast path). Repeated
+    calls would then run on inputs that drift (an in-place skip op converges its rows to a fixed point, its
+    tokens onto two experts); :func:`time_case` instead puts every input set back from a pristine copy
+    after each call, outside the timed region, for every implementation of the case alike.
+    ``agreement_impls``: for implementations that carry state across calls (a training step updates its
+    weights), a factory of fresh implementations from one common state for :func:`output_errors`; each
+    returns the tensors one call computed (a training step: the gradients it leaves, after clipping).
     """
 
     suite: str
@@ -47,6 +54,8 @@ class Case:
     items_per_call: int | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    mutates_inputs: bool = False
+    agreement_impls: Callable[[], dict[str, Callable[..., Any]]] | None = None
 
 
 #: Input set used for the agreement check (not one of the timed sets, which in-place cases overwrite).
@@ -64,10 +73,16 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 def output_errors(case: Case, impls: dict[str, Callable[..., Any]]) -> dict[str, float]:
     """‖impl − reference‖ / ‖reference‖ (float64, all output tensors together) of every implementation on
     one freshly built input set per implementation (so in-place updates cannot leak between them); empty
-    when the reference returns no tensors (e.g. a training step). NaN marks outputs of another structure
-    or shape, or non-finite values."""
+    when the reference returns no tensors. With ``case.agreement_impls`` the fresh implementations it
+    builds are compared instead (those of ``impls``'s labels that it provides). NaN marks outputs of
+    another structure or shape, or non-finite values."""
     if "reference" not in impls:
         return {}
+    if case.agreement_impls is not None:
+        fresh = case.agreement_impls()
+        impls = {label: fresh[label] for label in impls if label in fresh}
+        if "reference" not in impls:
+            return {}
     want = _tensors(impls["reference"](*case.make_inputs(AGREEMENT_INPUT)))
     if not want:
         return {}
@@ -85,23 +100,104 @@ def output_errors(case: Case, impls: dict[str, Callable[..., Any]]) -> dict[str,
     return errors
 
 
+class Rotating:
+    """A no-argument call of ``fn`` on the input sets in turn (so caches don't flatter).
+
+    With ``pristine`` (a copy of every input set), :meth:`restore` puts back each set used since the
+    last restore: called between timed calls (never inside one) for implementations that write into
+    their inputs, so every call sees the inputs it was built with. A set is restored right after its
+    use, not right before its next one, so restoring does not warm the caches for the next call."""
+
+    def __init__(self, fn: Callable[..., Any], input_sets: list[Sequence[Any]],
+                 pristine: list[Sequence[Any]] | None = None) -> None:
+        self.fn, self.input_sets, self.pristine = fn, input_sets, pristine
+        self._order = itertools.cycle(range(len(input_sets)))
+        self._used: list[int] = []
+
+    def __call__(self) -> Any:
+        i = next(self._order)
+        if self.pristine is not None:
+            self._used.append(i)
+        return self.fn(*self.input_sets[i])
+
+    def restore(self) -> None:
+        if self.pristine is None:
+            return
+        with torch.no_grad():
+            for i in dict.fromkeys(self._used):
+                for t, p in zip(self.input_sets[i], self.pristine[i]):
+                    if isinstance(t, torch.Tensor):
+                        t.copy_(p)
+        self._used.clear()
+
+
 def rotating(fn: Callable[..., Any], input_sets: list[Sequence[Any]]) -> Callable[[], Any]:
     """A no-argument call of ``fn`` on the input sets in turn (so caches don't flatter)."""
-    cycle = itertools.cycle(input_sets)
-    return lambda: fn(*next(cycle))
+    return Rotating(fn, input_sets)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float = 0.5) -> float:
-    """Median seconds of one call of ``fn`` (the caller warms it up first)."""
+def pristine_copy(input_sets: list[Sequence[Any]]) -> list[list[Any]]:
+    """A detached copy of every tensor of ``input_sets`` (other items as they are)."""
+    return [[t.detach().clone() if isinstance(t, torch.Tensor) else t for t in s] for s in input_sets]
+
+
+#: L2 flush between timed calls, as ``triton.testing.do_bench`` does (256 MB, larger than any L2).
+_L2_FLUSH_BYTES = 256 * 10**6
+
+
+def _cuda_median_with_setup(fn: Callable[[], Any], setup: Callable[[], Any], warmup_ms: float = 25,
+                            rep_ms: float = 100) -> float:
+    """``triton.testing.do_bench(fn, warmup_ms, rep_ms, return_mode="median")`` with ``setup()`` before
+    every call, outside the timed region (do_bench has no per-call setup): the same estimate, warm-up,
+    L2 flush before each call, CUDA events around each call, median; milliseconds."""
+    flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def timed(n: int) -> list[float]:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            setup()
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+
+    setup()
+    fn()
+    torch.cuda.synchronize()
+    estimate_ms = max(statistics.mean(timed(5)), 1e-6)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        setup()
+        fn()
+    return statistics.median(timed(max(1, int(rep_ms / estimate_ms))))
+
+
+def measure(fn: Callable[[], Any], device: torch.device, min_run_time: float = 0.5,
+            setup: Callable[[], Any] | None = None) -> float:
+    """Median seconds of one call of ``fn`` (the caller warms it up first).
+
+    ``setup`` (e.g. :meth:`Rotating.restore`) runs before every call, untimed: on CUDA in a do_bench-like
+    loop (:func:`_cuda_median_with_setup`), on CPU by timing single calls with ``torch.utils.benchmark``
+    (each sample also makes two untimed warm-up calls, so such cases take about three times as long)."""
     if device.type == "cuda":
+        if setup is not None:
+            return _cuda_median_with_setup(fn, setup) / 1e3
         import triton.testing
 
         torch.cuda.synchronize()
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) / 1e3
     from torch.utils import benchmark
 
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+    if setup is None:
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+    timer = benchmark.Timer(stmt="fn()", setup="setup()", globals={"fn": fn, "setup": setup},
+                            num_threads=torch.get_num_threads())
+    samples: list[float] = []
+    while len(samples) < 5 or sum(samples) < min_run_time:
+        samples.append(float(timer.timeit(number=1).median))
+    return statistics.median(samples)
 
 
 def measure_ceilings(device: torch.device) -> dict[str, float]:
@@ -142,6 +238,7 @@ def time_case(
     ``with_mkl`` (CPU): also the fast path with its fp32 GEMMs on MKL, as the reference's are ("fast+mkl"),
     to separate what the oneDNN GEMMs (:mod:`mosaic_fast.ops.cpu_gemm`) bring from the rest."""
     input_sets = [case.make_inputs(i) for i in range(rotate)]
+    pristine = pristine_copy(input_sets) if case.mutates_inputs else None
     impls = dict(case.impls)
     if with_mkl and device.type == "cpu" and "fast" in impls and cpu_gemm.onednn_enabled():
         impls["fast+mkl"] = with_cpu_gemm("mkl", impls["fast"])
@@ -151,14 +248,16 @@ def time_case(
         torch._dynamo.reset()
         impls["compiled"] = torch.compile(impls["reference"])
     record: dict[str, Any] = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {}}
-    runners = {}
+    runners: dict[str, Rotating] = {}
     for label, fn in impls.items():
-        runner = rotating(fn, input_sets)
+        runner = Rotating(fn, input_sets, pristine)
         try:
             for _ in range(2):  # warm-up: compilation, autotuning, allocator
                 runner()
+                runner.restore()
             runners[label] = runner
         except Exception as exc:  # torch.compile may fail on some setups: record, don't hide
+            runner.restore()
             record.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"[:300]
     errors = output_errors(case, {label: impls[label] for label in runners})
     if errors:
@@ -167,7 +266,9 @@ def time_case(
     samples: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(repeats):
         for label, runner in runners.items():
-            samples[label].append(measure(runner, device, min_run_time))
+            setup = runner.restore if case.mutates_inputs else None
+            samples[label].append(measure(runner, device, min_run_time, setup))
+            runner.restore()
     record["times_s"] = {label: statistics.median(v) for label, v in samples.items()}
     ref = record["times_s"].get("reference")
     record["speedup_vs_reference"] = {k: ref / v for k, v in record["times_s"].items() if ref and v}
@@ -194,13 +295,15 @@ def with_cpu_gemm(library: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def on_triton_backend(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run with backend "triton" (the fused kernel even for one specialist), then back to "auto"."""
+    """``fn`` run with backend "triton" (the fused kernel even for one specialist), then back to the
+    backend that was set (e.g. "torch" from MOSAIC_FAST_BACKEND, which the other columns keep)."""
 
     def run(*args):
+        saved = mosaic_fast.get_backend()
         mosaic_fast.set_backend("triton")
         try:
             return fn(*args)
         finally:
-            mosaic_fast.set_backend("auto")
+            mosaic_fast.set_backend(saved)
 
     return run

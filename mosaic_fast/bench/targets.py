@@ -111,7 +111,8 @@ def _run_checks(run: list[dict], cpu: bool) -> list[Check]:
 
 def check_targets(results: dict) -> list[Check]:
     """Every target the results can speak to (see the module docstring), run by run."""
-    cpu = results["environment"].get("bench_device", "cpu") != "cuda"
+    # "cuda", or "cuda:1" for ``--device cuda:1``: the GPU targets either way
+    cpu = str(results["environment"].get("bench_device", "cpu")).split(":")[0] != "cuda"
     return [replace(check, run=i) for i, run in enumerate(split_runs(results["records"]))
             for check in _run_checks(run, cpu)]
 
