@@ -1,6 +1,7 @@
 """DynaMerModel: fast vs reference parity (both skip modes), skipping semantics, weight loading, errors."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -82,17 +83,99 @@ def test_cuda_fast_inference_runs_the_fused_ops(cuda_device, fused_op_calls, ski
 
 
 def test_block_mode_skips_the_block_for_unselected_tokens():
-    """At the smallest ρ only the CLS token runs the blocks: the patch tokens of the last layer's input
-    equal the embedding wherever no layer selected them."""
-    model = DynaMerModel(3, keep_ratio=0.01, skip_mode="block", fast=False, **SMALL)
+    """At the smallest ρ only the CLS token is kept: block 0 (no selection before it) sees every token, each
+    later block only the token the previous layer's router kept (DESIGN.md §3: unselected tokens also
+    bypass the next block)."""
+    model = DynaMerModel(3, keep_ratio=0.01, skip_mode="block", fast=False, **dict(SMALL, depth=3))
     x = torch.randn(1, 3, 32, 32)
     seen = []
-    model.backbone_gen.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    for block in (*model.backbone_gen.blocks, *model.backbone_med.blocks):
+        block.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     with torch.no_grad():
         model(x)
-    assert seen == [1]
+    assert seen == [17, 17, 1, 1, 1, 1]  # layer by layer: gen, med (16 patches + CLS)
     model.keep_ratio = 1.0
     assert all(r.keep_ratio == 1.0 for r in (*model.skip_gen, *model.skip_med))
+
+
+def _design_moe(adapter, yg, ym):
+    """x̂ of both streams written out from DESIGN.md §3: every expert on [x_gen ; x_med], top-k of each
+    stream's router scores softmaxed, mixed, then the per-stream sigmoid gate (one value per D/g channels)."""
+    pair = torch.cat([yg, ym], -1)
+    experts = torch.stack([torch.relu(pair @ adapter.down_weight[j].T + adapter.down_bias[j]) @ adapter.up_weight[j].T
+                           + adapter.up_bias[j] for j in range(adapter.num_experts)], dim=-2)
+    hats = []
+    for x, router, gate in ((yg, adapter.router_gen, adapter.gate_gen), (ym, adapter.router_med, adapter.gate_med)):
+        scores = x @ router.weight.T + router.bias
+        top, index = scores.topk(adapter.top_k, dim=-1)  # fp64 random scores: no ties
+        chosen = experts.gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+        mix = (top.softmax(-1).unsqueeze(-1) * chosen).sum(-2)
+        g = torch.sigmoid(x @ gate.weight.T + gate.bias).repeat_interleave(x.shape[-1] // adapter.gate_dim, -1)
+        hats.append(g * mix + (1 - g) * x)
+    return hats
+
+
+def _design_select(router, y):
+    """Kept tokens of each sample (CLS + the top ⌈ρN⌉ − 1 others by score) and σ(score) of every token."""
+    scores = (torch.nn.functional.gelu(y @ router.fc1.weight.T + router.fc1.bias) @ router.fc2.weight.T
+              + router.fc2.bias).squeeze(-1)
+    n = y.shape[1]
+    k = max(1, math.ceil(round(router.keep_ratio * n, 6)))
+    kept = [[0, *scores[b, 1:].topk(k - 1).indices.add(1).tolist()] for b in range(y.shape[0])]
+    return kept, torch.sigmoid(scores)
+
+
+def _design_dynamer(model, x):
+    """DynaMerModel's logits from DESIGN.md §3, token by token: block l (in block mode on the tokens layer
+    l − 1 kept only, attention among them), the shared MoE adapter's x̂ on the pair of block outputs, the
+    skip router on the block output: kept tokens take y + σ(s)(x̂ − y), the rest y; head on the CLS mean."""
+    streams = [model.backbone_gen.embed(x), model.backbone_med.embed(x)]
+    kept = [None, None]
+    for layer in range(model.depth):
+        blocks = (model.backbone_gen.blocks[layer], model.backbone_med.blocks[layer])
+        routers = (model.skip_gen[layer], model.skip_med[layer])
+        ys = []
+        for s in range(2):
+            if model.skip_mode == "block" and kept[s] is not None:
+                y = streams[s].clone()
+                for b, rows in enumerate(kept[s]):
+                    y[b, rows] = blocks[s](streams[s][b : b + 1, rows])[0]
+                ys.append(y)
+            else:
+                ys.append(blocks[s](streams[s]))
+        hats = _design_moe(model.adapters[layer], ys[0], ys[1])
+        for s in range(2):
+            kept[s], sig = _design_select(routers[s], ys[s])
+            out = ys[s].clone()
+            for b, rows in enumerate(kept[s]):
+                out[b, rows] = ys[s][b, rows] + sig[b, rows, None] * (hats[s][b, rows] - ys[s][b, rows])
+            streams[s] = out
+    cls = 0.5 * (model.backbone_gen.norm(streams[0])[:, 0] + model.backbone_med.norm(streams[1])[:, 0])
+    return model.head(cls)
+
+
+@pytest.mark.parametrize("skip_mode", ["adapter", "block"])
+@pytest.mark.parametrize("keep_ratio", [0.3, 1.0])
+def test_model_equals_design_formula(skip_mode, keep_ratio):
+    """The reference model (and so every fast path tested against it) against DESIGN.md §3 written out by
+    hand, in float64 with every parameter random (gates, routers, zero-initialised up projections)."""
+    model = randomize_(DynaMerModel(5, keep_ratio=keep_ratio, skip_mode=skip_mode, fast=False,
+                                    **dict(SMALL, depth=3)), std=0.2, seed=1).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = _design_dynamer(model, x)
+        assert_parity(model(x), want, 1e-12, "logits")
+        assert want.abs().max() > 1e-2
+
+
+def test_block_mode_at_rho_one_equals_adapter_mode():
+    """skip_mode changes only what the unselected tokens do: with every token kept both modes are one function."""
+    adapter = randomize_(DynaMerModel(5, keep_ratio=1.0, skip_mode="adapter", fast=False, **SMALL), std=0.2, seed=2)
+    block = DynaMerModel(5, keep_ratio=1.0, skip_mode="block", fast=False, **SMALL)
+    block.load_state_dict(adapter.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), adapter(x), rtol=0, atol=0)
 
 
 def test_different_backbone_configs_and_trainable_set():

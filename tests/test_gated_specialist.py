@@ -170,3 +170,30 @@ def test_cuda(cuda_device):
     for gate in ("expert", "channel"):
         ref, fast = make(gate)
         check(ref, fast, torch.randn(4, 50, D, device=cuda_device), TOL_CUDA_TF32, TOL_CUDA_TF32)
+
+
+@pytest.mark.parametrize("gate", ["expert", "channel"])
+def test_reference_equals_design_formula(gate):
+    """DESIGN.md §3 (not fast vs reference): "expert": Σ_e softmax(W_g h)_e · adapter_e(h) with each
+    specialist's own LayerNorm and scale; "channel": softmax over the D channels of Linear(D, D)(h) times
+    Σ_e adapter_e(h)."""
+    ref, _ = make(gate)
+    ref = ref.double()
+    ref.expert_b.scale = 0.3  # per-expert scaling
+    h = torch.randn(2, 5, D, dtype=torch.float64)
+
+    def adapter(e):
+        ln = torch.nn.functional.layer_norm(h, (D,), e.layer_norm.weight, e.layer_norm.bias, 1e-5)
+        return e.scale * (torch.relu(ln @ e.down_proj.weight.T + e.down_proj.bias) @ e.up_proj.weight.T
+                          + e.up_proj.bias)
+
+    outs = [adapter(e) for e in ref.experts]
+    logits = h @ ref.gate.weight.T + ref.gate.bias
+    if gate == "expert":
+        assert logits.shape[-1] == 3
+        want = sum(torch.softmax(logits, -1)[..., e, None] * outs[e] for e in range(3))
+    else:
+        assert logits.shape[-1] == D
+        want = torch.softmax(logits, -1) * sum(outs)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(h), want, rtol=1e-12, atol=1e-12)

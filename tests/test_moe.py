@@ -361,3 +361,30 @@ def test_autocast_cpu_bf16_runs_in_the_stream_dtype(call):
         w = w.detach()
         err, err_ref = (float((t.detach().double() - w).norm()) for t in (g, b))
         assert err <= 2 * err_ref + 1e-6 * float(w.norm()), f"{name}: {err:.3e} > 2 x reference {err_ref:.3e}"
+
+
+@pytest.mark.parametrize("gate_dim", [D, D // 2, D // 4, 1])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_reference_equals_design_formula(gate_dim, top_k):
+    """DESIGN.md §3 written out token by token (not fast vs reference): expert j on [x_gen ; x_med], top-k of
+    the stream's own router scores softmaxed over the kept ones, gate value c of σ(G(x)) on channels
+    [c·D/g, (c+1)·D/g), x̂ = σ·x̃ + (1 − σ)·x."""
+    ref = randomize_(reference.GatedMoEAdapter(D, 4, top_k, R, gate_dim), std=0.3, seed=3).double()
+    xg, xm = (torch.randn(2, 3, D, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        got = ref(xg, xm)
+        for b in range(2):
+            for i in range(3):
+                u = torch.cat([xg[b, i], xm[b, i]])
+                experts = [ref.up_weight[j] @ torch.relu(ref.down_weight[j] @ u + ref.down_bias[j]) + ref.up_bias[j]
+                           for j in range(4)]
+                for s, (x, router, gate) in enumerate(((xg, ref.router_gen, ref.gate_gen),
+                                                       (xm, ref.router_med, ref.gate_med))):
+                    scores = router.weight @ x[b, i] + router.bias
+                    kept = sorted(range(4), key=lambda j: -float(scores[j]))[:top_k]
+                    p = torch.softmax(scores[kept], dim=0)
+                    mix = sum(p[t] * experts[j] for t, j in enumerate(kept))
+                    g = torch.sigmoid(gate.weight @ x[b, i] + gate.bias)
+                    g = torch.stack([g[c // (D // gate_dim)] for c in range(D)])
+                    want = g * mix + (1 - g) * x[b, i]
+                    torch.testing.assert_close(got[s][b, i], want, rtol=1e-12, atol=1e-12)

@@ -5,9 +5,12 @@ Our reading of the paper (DESIGN.md §3; no public code). Per layer l and stream
 * ``skip_mode="adapter"`` (paper eq. 4): ``y_s = block_s(x_s)``; the skip router R_S of stream s scores
   ``y_s`` and keeps the top ⌈ρN⌉ tokens (CLS always); the shared adapter updates only those:
   ``x_s ← y_s + σ(score)(x̂_s − y_s)`` on kept tokens, ``y_s`` elsewhere. Saves adapter work only.
-* ``skip_mode="block"``: R_S scores the block input ``x_s``; only the kept tokens go through the block
-  (attention among the kept tokens of the sample) and then the adapter; the others bypass both. This is
-  where inference time falls with ρ.
+* ``skip_mode="block"``: the same routers, on the same inputs (the block outputs ``y_s``), with the same
+  adapter update; in addition the tokens that layer l's router did not keep bypass the next transformer
+  block, block l + 1 (DESIGN.md §3): only layer l's kept tokens of a sample go through block l + 1, with
+  attention among those tokens only; the others keep their value. Block 0 has no selection before it
+  and sees every token. At ρ = 1 both modes compute the same function. This is where inference time
+  falls with ρ.
 
 The expert input of a kept token is the pair of both streams' current tokens at that position (block
 outputs, or the unchanged token where the other stream skipped it). The head reads the mean of the two
@@ -211,14 +214,15 @@ class DynaMerModel(nn.Module):
         xg, xm = self.backbone_gen.embed(x), self.backbone_med.embed(x)
         inplace = not torch.is_grad_enabled()
         layers = zip(self.backbone_gen.blocks, self.backbone_med.blocks, self.adapters, self.skip_gen, self.skip_med)
+        idx_g = idx_m = None  # the previous layer's kept tokens (none before block 0)
         for block_g, block_m, adapter, router_g, router_m in layers:
-            if self.skip_mode == "adapter":
-                xg, xm = block_g(xg), block_m(xm)
-                (idx_g, gate_g), (idx_m, gate_m) = router_g.select(xg), router_m.select(xm)
-            else:
-                (idx_g, gate_g), (idx_m, gate_m) = router_g.select(xg), router_m.select(xm)
+            if self.skip_mode == "block" and idx_g is not None:
+                # tokens the previous layer's routers did not keep bypass this block
                 xg = self._block_on(block_g, xg, idx_g, inplace)
                 xm = self._block_on(block_m, xm, idx_m, inplace)
+            else:
+                xg, xm = block_g(xg), block_m(xm)
+            (idx_g, gate_g), (idx_m, gate_m) = router_g.select(xg), router_m.select(xm)
             xg, xm = adapter.forward_skip(xg, xm, idx_g, gate_g, idx_m, gate_m, inplace=inplace)
         return 0.5 * (self.backbone_gen.norm(xg)[:, 0] + self.backbone_med.norm(xm)[:, 0])
 
