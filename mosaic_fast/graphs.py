@@ -1,10 +1,11 @@
 """CUDA-graph replay: one launch per forward (and per backward) instead of hundreds.
 
-Small-batch ViT inference with routers and gathers (DynaMer: ~1,800 torch ops per forward) is bound by
-the host launching kernels, not by the GPU: on an H200 both DynaMer models took 27-45 ms per batch of 32
-whatever ρ. The fast paths never synchronise with the host, so a whole forward can be captured once into
-a ``torch.cuda.CUDAGraph`` and replayed (the pattern of PyTorch's CUDA-graph notes; ``torch.compile(...,
-mode="reduce-overhead")`` does the same after compiling, at a compile cost per shape).
+Small-batch ViT inference with routers and gathers (DynaMer: over a thousand torch ops per forward) is
+bound by the host launching kernels, not by the GPU: on an H200 both DynaMer models took 22-45 ms per
+batch of 32 whatever ρ in the first two GPU runs. The fast paths never synchronise with the host, so a
+whole forward can be captured once into a ``torch.cuda.CUDAGraph`` and replayed (the pattern of PyTorch's
+CUDA-graph notes; ``torch.compile(..., mode="reduce-overhead")`` does the same after compiling, at a
+compile cost per shape).
 
 * :class:`CUDAGraphInference`: a no-grad forward (inference, an EMA teacher) replayed.
 * :class:`CUDAGraphTraining`: a module's forward and backward replayed inside an otherwise eager training

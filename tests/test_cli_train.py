@@ -232,3 +232,13 @@ def test_readme_lists_the_seed_options_that_differ(capsys):
             parse_train_args([option.rstrip("`"), "1"])
     capsys.readouterr()
     assert parse_train_args([]).data_root == "./data" and "`--data_root` defaults to `./data`" in readme
+
+
+def test_option_prefixes_are_refused():
+    """A prefix of an option is refused like any unknown option (argparse would otherwise guess it)."""
+    from mosaic_fast.engine.config import eval_parser, train_parser
+
+    cases = ((train_parser(), ["--num_r", "3"]), (eval_parser(), ["--checkpoint", "x.pt", "--metr", "mosaic"]))
+    for parser, argv in cases:
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="real (GPU) shapes even on CPU (slow)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--graphs", action="store_true",
-                   help="CUDA: also time inference under CUDA-graph replay (mosaic_fast.graphs), as extra columns")
+                   help="CUDA: also time the model inference cases, the MoE skip op and the training step under "
+                        "CUDA-graph replay (mosaic_fast.graphs), as extra columns")
     p.add_argument("--cpu-gemm-mkl", action="store_true",
                    help="CPU: also time the fast path with MKL GEMMs, as the reference uses (column fast+mkl), "
                         "to separate the oneDNN GEMM speed-up from the rest")

@@ -132,7 +132,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def train_parser() -> argparse.ArgumentParser:
     """Parser of ``mosaic-fast train``."""
-    p = argparse.ArgumentParser(prog="mosaic-fast train", description="Train MOSAIC on MedMNIST (cyclic rounds).")
+    # allow_abbrev=False: a prefix of an option (--num_r) is refused like any unknown option, not guessed
+    p = argparse.ArgumentParser(prog="mosaic-fast train", description="Train MOSAIC on MedMNIST (cyclic rounds).",
+                                allow_abbrev=False)
     _add(p, "demo", action="store_true",
          help="small model on the packaged real MedMNIST subset (no download; a few minutes on a CPU)")
     _add_common(p)
@@ -188,7 +190,7 @@ def train_parser() -> argparse.ArgumentParser:
 def eval_parser() -> argparse.ArgumentParser:
     """Parser of ``mosaic-fast eval``."""
     p = argparse.ArgumentParser(
-        prog="mosaic-fast eval", description="Evaluate a MOSAIC checkpoint on MedMNIST.",
+        prog="mosaic-fast eval", description="Evaluate a MOSAIC checkpoint on MedMNIST.", allow_abbrev=False,
         epilog="Data settings default to those the checkpoint recorded in training (data root, file size "
                "per dataset), so eval reads the files training read; options given here win. Datasets "
                "the checkpoint never trained on (e.g. through --datasets) are evaluated with a warning: "
