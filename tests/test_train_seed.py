@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TINY
 from torch import nn
 
 from mosaic_fast.data import MedMNISTSplit, MultiSource
@@ -31,8 +32,6 @@ from mosaic_fast.engine.trainer import Trainer, TrainSettings
 from mosaic_fast.models import EMATeacher, MosaicModel
 
 NAMES = ("BreastMNIST", "ChestMNIST", "RetinaMNIST", "AdrenalMNIST3D")
-TINY = dict(embed_dim=32, depth=1, num_heads=2, img_size_2d=28, patch_size_2d=7, img_size_3d=28, patch_size_3d=14,
-            adapter_bottleneck_a=8, adapter_bottleneck_b=8, adapter_bottleneck_c=16)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
