@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import mosaic_fast
-from mosaic_fast.bench.core import measure, measure_ceilings, rotating
+from mosaic_fast.bench.core import Rotating, measure, measure_ceilings
 from mosaic_fast.kernels import grouped_adapter as kernels
 from mosaic_fast.ops import grouped_adapter as ga
 
@@ -150,7 +150,7 @@ def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: 
                         floor_v = floor_bwd if name.startswith("bwd") else floor
                         try:
                             fn(0)
-                            sec = measure(rotating(fn, [(i,) for i in range(3)]), device, min_run_time=0.01)
+                            sec = measure(Rotating(fn, [(i,) for i in range(3)]), device, min_run_time=0.01)
                             rows.append(dict(routing=routing, B=b, variant=name, ms=sec * 1e3,
                                              pct_floor=100 * floor_v / sec))
                         except Exception as exc:  # a config that does not compile: report, go on

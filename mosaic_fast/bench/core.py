@@ -131,11 +131,6 @@ class Rotating:
         self._used.clear()
 
 
-def rotating(fn: Callable[..., Any], input_sets: list[Sequence[Any]]) -> Callable[[], Any]:
-    """A no-argument call of ``fn`` on the input sets in turn (so caches don't flatter)."""
-    return Rotating(fn, input_sets)
-
-
 def pristine_copy(input_sets: list[Sequence[Any]]) -> list[list[Any]]:
     """A detached copy of every tensor of ``input_sets`` (other items as they are)."""
     return [[t.detach().clone() if isinstance(t, torch.Tensor) else t for t in s] for s in input_sets]
