@@ -216,3 +216,63 @@ def test_training_steps_are_compared_from_one_common_state():
 
     case.agreement_impls = with_fast(unclipped)
     assert output_errors(case, case.impls)["fast"] > 0.5
+
+
+def test_restore_puts_back_only_the_sets_used_since_the_last_restore():
+    """A restore copies back the sets used since the previous restore, not every set ever used (each
+    extra copy costs time between calls and warms caches for the next one)."""
+    sets = [(torch.zeros(3),), (torch.zeros(3),)]
+    copies = []
+    runner = Rotating(lambda x: x.add_(1.0), sets, pristine_copy(sets))
+    runner()
+    runner.restore()
+    runner()  # the second set
+    original = torch.Tensor.copy_
+    try:
+        torch.Tensor.copy_ = lambda self, src, *a, **k: copies.append(self) or original(self, src, *a, **k)
+        runner.restore()
+    finally:
+        torch.Tensor.copy_ = original
+    assert len(copies) == 1 and copies[0] is sets[1][0]
+    assert float(sets[0][0].sum()) == 0.0 and float(sets[1][0].sum()) == 0.0
+
+
+def test_agreement_compares_only_the_implementations_being_timed():
+    """``agreement_impls`` may build more implementations than the case times (e.g. a "kernel" column
+    that failed its warm-up): only the labels passed in are compared."""
+    from mosaic_fast.bench.core import output_errors
+
+    def make(i):
+        return (torch.randn(4, 4, generator=torch.Generator().manual_seed(i)),)
+
+    def broken(x):
+        raise AssertionError("not timed, must not be compared")
+
+    fresh = {"reference": lambda x: x * 2.0, "fast": lambda x: x + x, "kernel": broken}
+    case = Case("ops", "toy", {}, make, {"reference": lambda x: x * 3.0, "fast": lambda x: x * 3.0},
+                agreement_impls=lambda: dict(fresh))
+    assert output_errors(case, dict(case.impls)) == {"fast": 0.0}
+    assert output_errors(case, {"fast": case.impls["fast"]}) == {}  # no reference timed: nothing to compare
+
+
+def test_agreement_kernel_step_trains_its_own_copy_of_the_fast_model(monkeypatch):
+    """The "kernel" agreement step starts from the fast model's weights but on its own copy: sharing the
+    model would let one step's update (and gradients) leak into the other's."""
+    models = []
+
+    class Recording:
+        def __init__(self, model, device, dtype):
+            models.append(model)
+            self.computed = lambda *inputs: []
+
+    monkeypatch.setattr(cases_model, "TrainStep", Recording)
+    monkeypatch.setattr(cases_model, "_pair", lambda cfg, device: (torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+    steps = cases_model._agreement_steps({}, torch.device("cpu"), torch.float32, kernel=True)
+    assert set(steps) == {"reference", "fast", "kernel"}
+    ref, fast, twin = models
+    assert ref is not fast and twin is not fast
+    assert all(p is not q for p, q in zip(twin.parameters(), fast.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), fast.parameters()))
+    models.clear()
+    assert set(cases_model._agreement_steps({}, torch.device("cpu"), torch.float32, kernel=False)) == {
+        "reference", "fast"}

@@ -188,3 +188,13 @@ def test_malformed_files_are_named(tmp_path, case):
         np.savez(path, train_images=images, train_labels=labels)
     with pytest.raises(DatasetFileError, match=rf"{name.lower()}\.npz.*{match}"):
         MedMNISTSplit(name, "train", tmp_path, input_size=28)
+
+
+def test_scalar_images_are_named(tmp_path):
+    """Scalar (0-d) images give a DatasetFileError naming the file and both shapes, not an IndexError."""
+    from mosaic_fast.data.npz import load_split
+
+    path = tmp_path / "breastmnist.npz"
+    np.savez(path, train_images=np.uint8(0), train_labels=np.array([0]))
+    with pytest.raises(DatasetFileError, match=r"breastmnist\.npz.*train_images has shape \(\)"):
+        load_split(path, "train")

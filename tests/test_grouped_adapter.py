@@ -686,3 +686,21 @@ def test_fp32_tiles_run_one_pipeline_stage_fewer_where_shared_memory_needs_it(mo
 
     assert dh_stages(torch.bfloat16, True) == dh_stages(torch.float32, False) == [c.num_stages for c in dh]
     assert dh_stages(torch.float32, True) == [max(1, c.num_stages - 1) for c in dh]
+
+
+def test_fp32_pipeline_stage_reduction_needs_both_operands_fp32_and_keeps_one_stage():
+    """Only fp32 activations *and* fp32 weights make fp32 (IEEE) tiles: mixed bf16/fp32 operands keep the
+    configs' stages. A config with a single stage (the interpreter's, MOSAIC_FAST_AUTOTUNE=0) keeps it:
+    Triton needs at least one, and the copy leaves the shared config alone."""
+    import triton
+
+    k = _kernels()
+    f32, bf16 = torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.bfloat16)
+    assert k._fp32_tiles({"h_ptr": f32, "wd_ptr": f32})
+    assert not k._fp32_tiles({"h_ptr": f32, "wd_ptr": bf16})
+    assert not k._fp32_tiles({"h_ptr": bf16, "wd_ptr": f32})
+    one = triton.Config({"BK": 16}, num_warps=4, num_stages=1)
+    assert k._one_stage_fewer(one).num_stages == 1 and one.num_stages == 1
+    dh = k._dh_configs()
+    mixed = k._prune_dh(dh, {"h_ptr": f32, "wd_ptr": bf16}, RECOMPUTE=True)
+    assert [c.num_stages for c in mixed] == [c.num_stages for c in dh]

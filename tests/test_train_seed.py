@@ -203,3 +203,28 @@ def test_seeding_makes_cudnn_deterministic_as_the_seed():
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def test_round_losses_and_forgetting_by_hand(root, tmp_path):
+    """Direct checks of the round records: with mixed batches every step (even one drawing a single
+    dataset) counts under "mixed"; cyclic steps count per dataset and "mean" is their unweighted mean;
+    ``avg_forgetting`` is the drop below the *best* earlier ACC, never negative."""
+    losses = [dict(loss=1.0, loss_cls=0.5, loss_consist=5.0), dict(loss=3.0, loss_cls=1.5, loss_consist=15.0)]
+    mixed = _trainer(root, tmp_path / "mixed", mixed_batches=True)
+    mixed._record(["BreastMNIST"], losses[0])
+    mixed._record(["BreastMNIST", "ChestMNIST"], losses[1])
+    assert mixed.round_losses() == {"train_loss": {"mixed": 2.0, "mean": 2.0}, "train_loss_cls": 1.0,
+                                    "train_loss_consist": 10.0}
+    cyclic = _trainer(root, tmp_path / "cyclic")
+    for names, step in ((["BreastMNIST"], losses[0]), (["BreastMNIST"], losses[0]), (["ChestMNIST"], losses[1])):
+        cyclic._record(names, step)
+    assert cyclic.round_losses() == {"train_loss": {"BreastMNIST": 1.0, "ChestMNIST": 3.0, "mean": 2.0},
+                                     "train_loss_cls": 1.0, "train_loss_consist": 10.0}
+
+    def val(*accs):
+        return {"student": {n: {"acc": a} for n, a in zip(NAMES, accs)}}
+
+    assert cyclic._forgetting(val(0.5, 0.5, 0.5, 0.5)) == 0.0  # no earlier round
+    cyclic.history = [{"val": val(0.6, 0.2, 0.5, 0.5)}, {"val": val(0.4, 0.3, 0.5, 0.5)}]
+    # BreastMNIST: best 0.6, now 0.5 → 0.1; ChestMNIST improves (0.9 > 0.3) → 0, not negative
+    assert cyclic._forgetting(val(0.5, 0.9, 0.5, 0.5)) == pytest.approx(0.1 / 4)
