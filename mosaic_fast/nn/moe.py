@@ -18,9 +18,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .. import backend, reference
+from .. import reference
 from ..ops import cpu_gemm
-from ..ops._common import autocast_dtype, is_exact_gelu
+from ..ops._common import autocast_dtype, is_exact_gelu, use_kernels
 from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import routed_update_
@@ -47,8 +47,9 @@ FUSED_INFERENCE = True
 
 def _fused_inference(x: torch.Tensor, params: tuple[torch.Tensor, ...], *others: torch.Tensor) -> bool:
     """Whether an inference-only fused op may run on ``x``: :data:`FUSED_INFERENCE`, Triton backend, no
-    autocast, no gradient to record (for x, ``others`` or ``params``), every parameter in x's dtype."""
-    if not FUSED_INFERENCE or not backend.use_triton(x) or autocast_dtype(x.device.type) is not None:
+    autocast, no gradient to record (for x, ``others`` or ``params``), every parameter in x's dtype. Not
+    for float64 (:func:`~mosaic_fast.ops._common.use_kernels`: the kernels would score and route in fp32)."""
+    if not FUSED_INFERENCE or not use_kernels(x) or autocast_dtype(x.device.type) is not None:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *params)):
         return False
@@ -143,6 +144,11 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
+        for name, gate in (("gate_gen", gate_gen), ("gate_med", gate_med)):
+            if torch.promote_types(gate.dtype, x_gen.dtype) != x_gen.dtype:  # (the reference fails in scatter;
+                # the op would name its internal c_gen/c_med)
+                raise TypeError(f"{name} is {gate.dtype}, wider than x_gen ({x_gen.dtype}): the gated tokens would "
+                                "not fit the streams")
         n = x_gen.shape[1]
         direct = inplace and x_gen.is_contiguous() and x_med.is_contiguous()
         weights = self._routed_inference(x_gen, x_med, gate_gen, gate_med)
@@ -258,6 +264,8 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
             return super().forward(h)
         if h.dim() < 2 or h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected shape (..., {self.d_model}), got {tuple(h.shape)}")
+        if not h.is_floating_point():  # (the reference fails inside a Linear with "mixed dtype")
+            raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
         check_input_dtype("h", h, self.gate.weight)
         h2 = h.reshape(-1, self.d_model)
         w_fold, b_fold, w_up, b_up, scales = self._folded(h)

@@ -7,6 +7,8 @@
 * :func:`check_index`: an int64/int32 index tensor of a given shape, returned as int64.
   :func:`check_index_values_on_cpu`: its values in range (and unique where asked), only for CPU tensors
   (on CUDA reading the values would synchronise the host, which the fast paths never do).
+* :func:`once_differentiable_strict`: a backward that refuses to be differentiated (double backward raises).
+* :func:`use_kernels`: the backend's choice of the Triton kernels, float64 excepted (torch fallback).
 * :func:`is_exact_gelu`: whether an activation module is the exact GELU that fused epilogues compute.
 * :func:`autocast_dtype`: the autocast dtype for a device, or None when autocast is off there. Ops run
   in the autocast dtype by casting their weights (differentiably), never by silently casting otherwise.
@@ -16,10 +18,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
 
+from .. import backend
 from ..reference.adapter import check_id_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -109,6 +113,14 @@ def is_exact_gelu(act: object) -> bool:
     return isinstance(act, torch.nn.GELU) and act.approximate == "none"
 
 
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` runs its Triton kernels: the backend's choice, except for float64. The kernels
+    load and accumulate in fp32, so float64 would silently get fp32 precision (seen: ~3e-8 relative error
+    against the float64 reference, and top-k choices made on fp32 scores); float64 takes the torch fallback
+    and is computed in float64 like the reference (as the grouped adapter already does)."""
+    return x.dtype != torch.float64 and backend.use_triton(x)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype on ``device_type`` when autocast is enabled there, else None."""
     if torch.is_autocast_enabled(device_type):
@@ -133,3 +145,48 @@ def resolve_compute_dtype(
                 f".to({h.dtype})) or run under torch.autocast"
             )
     return None
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Identity on the first ``num`` tensors, attached to the ``anchors`` that follow; its backward raises."""
+
+    @staticmethod
+    def forward(ctx, num, *tensors):
+        return tuple(t.clone() for t in tensors[:num])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("mosaic_fast: this fused op's backward is not differentiable (double backward, "
+                           "create_graph=True); use the mosaic_fast.reference modules for higher-order gradients")
+
+
+def once_differentiable_strict(fn):
+    """``torch.autograd.function.once_differentiable`` for a backward ``fn(ctx, *grads)``, made strict.
+
+    torch's decorator attaches its error node to detached copies of the gradients, and only when an incoming
+    gradient requires grad. A double backward taken with ``torch.autograd.grad(..., inputs)`` prunes that
+    node, and with constant incoming gradients there is none: this backward was then silently taken as
+    constant and second-order gradients came out wrong (seen: relative errors 1e-3 to 1 against the
+    reference, e.g. a gradient penalty ‖∇ₓ L‖²) instead of raising. Here, under ``create_graph=True``, the
+    computed gradients hang off the tensors they depend on (incoming gradients and saved tensors that
+    require grad) through a node whose backward raises. When none of those requires grad the gradients are
+    constants, which is exact. Without ``create_graph`` (grad mode is off in a backward, also when
+    torch.compile traces it) ``fn`` runs unchanged."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return fn(ctx, *grads)
+        with torch.no_grad():
+            outputs = fn(ctx, *grads)
+        single = not isinstance(outputs, tuple)
+        outs = [outputs] if single else list(outputs)
+        anchors = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+        which = [i for i, t in enumerate(outs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if anchors and which:
+            wrapped = _NotTwiceDifferentiable.apply(len(which), *(outs[i] for i in which), *anchors)
+            for i, t in zip(which, wrapped):
+                outs[i] = t
+        return outs[0] if single else tuple(outs)
+
+    return wrapper

@@ -17,9 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend
 from . import cpu_gemm
-from ._common import INDEX_DTYPES, autocast_dtype, check_index_values_on_cpu, check_same_device, check_tensor
+from ._common import (
+    INDEX_DTYPES,
+    autocast_dtype,
+    check_index_values_on_cpu,
+    check_same_device,
+    check_tensor,
+    once_differentiable_strict,
+    use_kernels,
+)
 from .token_skip import _interpret_upcast
 
 
@@ -33,7 +40,7 @@ def _torch_gated_specialist(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expe
 
 def _forward(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expert: Tensor, scale: Tensor, w_up: Tensor,
              b_up: Tensor, channel_weight: Tensor | None, eps: float) -> Tensor:
-    if not backend.use_triton(h):
+    if not use_kernels(h):
         return _torch_gated_specialist(h, w_fold, b_fold, unit_expert, scale, w_up, b_up, channel_weight, eps)
     from mosaic_fast.kernels.gated_specialist import gs_down, gs_up
 
@@ -65,6 +72,7 @@ def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(h, w_fold, b_fold, unit_expert, scale, w_up, b_up, cw)
 
 
+@once_differentiable_strict  # recomputes on detached inputs: a double backward would be wrong
 def _backward(ctx, grad: Tensor):
     h, w_fold, b_fold, unit_expert, scale, w_up, b_up, cw = ctx.saved_tensors
     diff = [t.detach().requires_grad_() for t in (h, w_fold, b_fold, scale, w_up, b_up)]
@@ -123,7 +131,7 @@ def gated_specialist(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expert: Ten
     [0, E)), scale (T, E), w_up (D, R), b_up (E, D), channel_weight (T, D) or None; outside autocast all
     floating arguments in h's dtype."""
     check_gated_specialist_args(h, w_fold, b_fold, unit_expert, scale, w_up, b_up, channel_weight)
-    if not backend.use_triton(h):
+    if not use_kernels(h):
         return _torch_gated_specialist(h, w_fold, b_fold, unit_expert, scale, w_up, b_up, channel_weight, eps)
     cw = channel_weight.contiguous() if channel_weight is not None else None
     return _gated_specialist_op(h.contiguous(), w_fold.contiguous(), b_fold.contiguous(),

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from .. import backend
 from . import cpu_gemm
-from ._common import check_ids, check_ids_range, check_tensor, resolve_compute_dtype
+from ._common import check_ids, check_ids_range, check_tensor, once_differentiable_strict, resolve_compute_dtype
 
 __all__ = ["adapter_torch", "group_offsets", "grouped_adapter", "pack_adapters", "run_adapter", "run_packed",
            "single_adapter_uses_torch"]
@@ -444,7 +444,7 @@ class GroupedAdapterFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable_strict  # torch's once_differentiable let a double backward pass silently
     def backward(ctx, dout):
         return (*_input_grads(ctx, dout, _backward_impl), None, None, None)
 
@@ -500,6 +500,8 @@ def _check_h_base_devices(h: Tensor, base: Tensor | None, D: int, weights) -> No
     """h's last dim, base's shape/dtype/device and the weights' device (what the packed checks skip)."""
     if h.dim() == 0 or h.shape[-1] != D:
         raise ValueError(f"h: expected last dim {D}, got shape {tuple(h.shape)}")
+    if not h.is_floating_point():  # (else the dtype check below suggests casting the module to an integer dtype)
+        raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
     if base is not None:
         check_tensor("base", base, floating=True)
         if base.shape != h.shape:

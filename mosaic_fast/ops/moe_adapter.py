@@ -23,9 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backend
 from . import cpu_gemm
-from ._common import check_index, check_index_values_on_cpu, check_same_device, check_tensor
+from ._common import (
+    check_index,
+    check_index_values_on_cpu,
+    check_same_device,
+    check_tensor,
+    once_differentiable_strict,
+    use_kernels,
+)
 from .token_skip import _interpret_upcast, expand_coef
 
 
@@ -73,7 +79,7 @@ def _forward_into(
     d = x_gen.shape[1]
     # Distinct empty tensors: outputs of a custom op must not alias each other (torch checks this).
     empty_g, empty_m = x_gen.new_empty(0, d), x_gen.new_empty(0, d)
-    if not backend.use_triton(x_gen):
+    if not use_kernels(x_gen):
         with torch.no_grad():
             mix_g, mix_m = _torch_mixes(x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med),
                                         (p_gen, p_med), w_down, b_down, w_up, b_up)
@@ -140,6 +146,7 @@ def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:14], output[2], output[3], output[4])
 
 
+@once_differentiable_strict  # uses the saved hidden/mixes as constants: a double backward would be wrong
 def _backward(ctx, g_gen: Tensor, g_med: Tensor, _g_hidden, _g_mix_gen, _g_mix_med):
     (x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med,
      w_down, _b_down, w_up, b_up, hidden, mix_gen, mix_med) = ctx.saved_tensors
@@ -267,14 +274,14 @@ def moe_gated_update(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     idx = (rows_gen, rows_med, eidx_gen, eidx_med)
     if inplace and not needs_grad and x_gen.is_contiguous() and x_med.is_contiguous():
-        if backend.use_triton(x_gen) and torch.compiler.is_compiling():  # eagerly: no custom-op dispatch cost
+        if use_kernels(x_gen) and torch.compiler.is_compiling():  # eagerly: no custom-op dispatch cost
             torch.ops.mosaic_fast.moe_gated_update_(x_gen, x_med, *idx[:2], idx[2], p_gen, c_gen, idx[3], p_med,
                                                     c_med, w_down, b_down, w_up, b_up)
         else:
             _forward_into(x_gen, x_med, x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med,
                           p_med, c_med, w_down, b_down, w_up, b_up, False)
         return x_gen, x_med
-    if backend.use_triton(x_gen):
+    if use_kernels(x_gen):
         c = [t.contiguous() for t in (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)]
         out_gen, out_med, *_ = _moe_op(c[0], c[1], rows_gen, rows_med, eidx_gen, c[2], c[3], eidx_med, c[4], c[5],
                                        c[6], c[7], c[8], c[9], needs_grad)

@@ -211,7 +211,8 @@ def _proj_backward(ctx, grad):
     g2 = grad.reshape(-1, e).to(weight.dtype)
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dp = (g2 @ w2).view(x.shape[0], -1, w2.shape[1])
+        # L from grad (B, L, E), not -1: with B = 0 the view of an empty tensor would be ambiguous
+        dp = (g2 @ w2).view(x.shape[0], grad.shape[1], w2.shape[1])
         dx = _unpatchify3d_op(dp, tuple(x.shape), ctx.patch, ctx.scale).to(x.dtype)
     if ctx.needs_input_grad[1]:
         p = _patchify3d_op(x, ctx.patch, ctx.scale, ctx.shift).to(weight.dtype)

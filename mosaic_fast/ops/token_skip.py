@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ._common import check_index, check_index_values_on_cpu, check_same_device, check_tensor
+from ._common import check_index, check_index_values_on_cpu, check_same_device, check_tensor, use_kernels
 
 
 def expand_coef(coef: Tensor, d: int) -> Tensor:
@@ -29,7 +29,7 @@ def _interpret_upcast(*tensors: Tensor) -> bool:
 
 
 def _merge_into(x: Tensor, out: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> None:
-    if backend.use_triton(x):
+    if use_kernels(x):
         from mosaic_fast.kernels.token_skip import skip_merge as kernel
 
         if _interpret_upcast(x, update):
@@ -115,12 +115,12 @@ def skip_merge(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor, inplace: b
     rows = check_merge_args(x, rows, update, coef)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, update, coef))
     if inplace and not needs_grad and x.is_contiguous():
-        if backend.use_triton(x):
+        if use_kernels(x):
             torch.ops.mosaic_fast.skip_merge_(x, rows, update, coef)
         else:
             _merge_into(x, x, rows, update, coef)
         return x
-    if backend.use_triton(x):
+    if use_kernels(x):
         out = _skip_merge_op(x.contiguous(), rows, update.contiguous(), coef.contiguous())
     else:
         sel = x.index_select(0, rows)
