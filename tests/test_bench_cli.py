@@ -8,10 +8,11 @@ from mosaic_fast.bench.core import Case, floor_seconds, time_case
 from mosaic_fast.bench.run import format_table, main
 
 
-def test_run_writes_json_then_renders_it(tmp_path):
+def test_run_writes_json_then_renders_it(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     assert main(["ops", "--device", "cpu", "--filter", "moe_skip_rho0.1", "--no-compile", "--min-run-time", "0.02",
-                 "--json", str(out)]) == 0
+                 "--graphs", "--json", str(out)]) == 0
+    assert "--graphs needs --device cuda" in capsys.readouterr().err  # said, not silently ignored
     results = json.loads(out.read_text())
     (record,) = results["records"]
     assert record["name"] == "moe_skip_rho0.1" and set(record["times_s"]) == {"reference", "fast"}

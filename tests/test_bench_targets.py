@@ -36,12 +36,20 @@ def test_gpu_targets_from_the_h200_run():
     assert find(checks, "DynaMer ≥ 2×", "dynamer_adapter_rho1", "fast+graphs").met
     assert not find(checks, "DynaMer block mode", "dynamer_block_rho0.5", "fast+graphs").met
     assert find(checks, "3D patch embed ≥ 1.5×", "patch_embed3d B=8 64^3 p8", "fast").met
+    grouped = find(checks, "mixed forward ≥ 5×", "mos_adapter_mixed_B32_fwd", "fast")
+    assert grouped.issue == 3 and grouped.value == pytest.approx(2.79, abs=0.01) and not grouped.met
+    floor = find(checks, "mixed forward ≥ 70 %", "mos_adapter_mixed_B32_fwd", "fast")
+    assert floor.value == pytest.approx(2.24, abs=0.01) and not floor.met
+    assert not find(checks, "mixed forward+backward", "mos_adapter_mixed_B32_fwd+bwd", "fast").met
     assert not [c for c in checks if c.target.startswith("CPU")]
 
 
 def test_cpu_targets_and_the_cli(capsys):
     checks = check_targets(load_results([str(CPU)]))
-    assert {c.target for c in checks} == {"CPU: fast model ≥ 1.0× reference", "CPU: 3D patch embed ≥ 1.3× at B=8, 64³"}
+    assert {c.target for c in checks} == {"CPU: fast model ≥ 1.0× reference", "CPU: 3D patch embed ≥ 1.3× at B=8, 64³",
+                                          "CPU: adapter fallback ≥ 1.0× reference"}
+    adapter = [c for c in checks if c.issue == 3]
+    assert len(adapter) == 8 and all(c.case.startswith("mos_adapter_") for c in adapter)
     assert {c.column for c in checks} == {"fast"}
     assert main(["--from-json", str(CPU), "--targets"]) == 0
     out = capsys.readouterr().out

@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mosaic-fast bench: --device cuda was requested but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.graphs and device.type != "cuda":
+        print("mosaic-fast bench: note: --graphs needs --device cuda (CUDA graphs); no graph columns on "
+              f"{device.type}", file=sys.stderr)
     dtype = bench_dtype(device, args.dtype)
     quick = device.type == "cpu" and not args.full
     suites = list(SUITES) if args.suite == "all" else [args.suite]

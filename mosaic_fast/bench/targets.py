@@ -81,6 +81,34 @@ def _model_checks(record: dict, cpu: bool) -> list[Check]:
     return checks
 
 
+def _grouped_adapter_checks(record: dict, cpu: bool) -> list[Check]:
+    """Issue #3 (resolved; its targets are still reported): the mixed A/B/C adapter at B = 32 on the GPU
+    (forward ≥ 5× eager, ≥ 1.5× torch.compile(reference), ≥ 70 % of the memory floor; forward+backward ≥ 3×
+    eager), and on the CPU every adapter case's fallback ≥ 1.0× the reference."""
+    name, times = record["name"], record["times_s"]
+    if "reference" not in times:
+        return []
+    if cpu:
+        return [Check(0, 3, "CPU: adapter fallback ≥ 1.0× reference", name, col, times["reference"] / times[col],
+                      1.0, True) for col in _fast_columns(record, cpu)]
+    checks = []
+    if name == "mos_adapter_mixed_B32_fwd":
+        floor = record.get("pct_of_floor", {})
+        for col in _fast_columns(record, cpu):
+            checks.append(Check(0, 3, "mixed forward ≥ 5× eager", name, col, times["reference"] / times[col], 5.0,
+                                True))
+            if "compiled" in times:
+                checks.append(Check(0, 3, "mixed forward ≥ 1.5× torch.compile(reference)", name, col,
+                                    times["compiled"] / times[col], 1.5, True))
+            if isinstance(floor.get(col), (int, float)):
+                checks.append(Check(0, 3, "mixed forward ≥ 70 % of the memory floor", name, col, floor[col], 70.0,
+                                    True))
+    elif name == "mos_adapter_mixed_B32_fwd+bwd":
+        checks += [Check(0, 3, "mixed forward+backward ≥ 3× eager", name, col, times["reference"] / times[col], 3.0,
+                         True) for col in _fast_columns(record, cpu)]
+    return checks
+
+
 def _run_checks(run: list[dict], cpu: bool) -> list[Check]:
     by_name = {r["name"]: r for r in run}
     checks = []
@@ -88,6 +116,8 @@ def _run_checks(run: list[dict], cpu: bool) -> list[Check]:
         name, times = record["name"], record.get("times_s", {})
         if name.startswith(("mosaic_infer_", "mosaic_train_step_")):
             checks += _model_checks(record, cpu)
+        elif name.startswith("mos_adapter_"):
+            checks += _grouped_adapter_checks(record, cpu)
         elif name.startswith("patch_embed3d B=8 64^3") and "reference" in times:
             bound, what = (1.3, "CPU: 3D patch embed ≥ 1.3× at B=8, 64³") if cpu else \
                 (1.5, "3D patch embed ≥ 1.5× cuDNN at B=8, 64³")
