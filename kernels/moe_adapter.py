@@ -17,6 +17,7 @@ Expert e maps the pair u = [x_gen[row] ; x_med[row]] (2D wide) to up_e(relu(down
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -137,11 +138,27 @@ def _combine_configs() -> list[triton.Config]:
     ]
 
 
+def _prune_down(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Bottlenecks above 128 (BLOCK_R 256 and up) take K chunks narrower in proportion (BK scaled by
+    128/BLOCK_R, at least 16): the two streams' pipelined (BK, BLOCK_R) weight tiles would otherwise need
+    240-320 KiB of shared memory on sm_90 at r = 200 (limit 227 KiB; tests/sm90_compile.py), so the first
+    config (MOSAIC_FAST_AUTOTUNE=0) could not launch, nor any fp32 config. Scaled: 80-164 KiB."""
+    block_r = kwargs["BLOCK_R"]
+    if block_r <= 128:
+        return configs
+    narrow = []
+    for config in configs:
+        config = copy.copy(config)
+        config.kwargs = {**config.kwargs, "BK": max(16, config.kwargs["BK"] * 128 // block_r)}
+        narrow.append(config)
+    return narrow
+
+
 # The first config of each list is what the kernels ran before they were tuned (and what
 # MOSAIC_FAST_AUTOTUNE=0 keeps). The combine kernel may write in place (out is x): the autotuner
 # restores ``out`` (and ``mix``) after each timed run, so tuning never applies the update twice.
-_moe_down = triton.autotune(configs=tuned_configs(_down_configs()), key=["D", "R", "n_exp", "A_BUCKET"])(
-    _moe_down_kernel)
+_moe_down = triton.autotune(configs=tuned_configs(_down_configs()), key=["D", "R", "n_exp", "A_BUCKET"],
+                            prune_configs_by={"early_config_prune": _prune_down})(_moe_down_kernel)
 _moe_combine = triton.autotune(configs=tuned_configs(_combine_configs()),
                                key=["D", "R", "K", "n_exp", "G", "STORE_MIX", "T_BUCKET"],
                                restore_value=["out_ptr", "mix_ptr"])(_moe_combine_kernel)

@@ -21,7 +21,7 @@ pipelined loads, e.g. the routed down kernel's first bf16 config needs 145 KB of
 the 33 KB it compiles to without it.) The grouped weight-gradient split is computed for an H200's
 132 SMs (fp32 partials), and once for a split of 1 (partials in the weight dtype).
 
-Coverage: all 13 kernels, 135 compiles, ~100 s of CPU (in two worker processes). Every config in every
+Coverage: all 13 kernels, ~170 compiles, ~160 s of CPU (in two worker processes). Every config in every
 dtype would take about four times as long (mostly the fp32 configs), so not every config is compiled:
   * every config, bf16: the kernels not yet run on a GPU (routed MoE route-and-down and gate-combine;
     the grouped forward's one-pass LayerNorm, which shares the forward's autotuning list, so all 10
@@ -36,7 +36,14 @@ dtype would take about four times as long (mostly the fp32 configs), so not ever
     weight-dtype split partials, identity routing without skip gates (routed MoE), no mixture output
     (MoE adapter), and the patch embedding with uint8/fp32/bf16 volumes and fp32/bf16/fp16 weights;
   * kernels without autotuning, their one config in bf16, fp32 and fp16: the gated specialist (expert
-    and channel gate), the token-skip merge and selection (197 tokens, all kept, 1,000, 2,048).
+    and channel gate), the token-skip merge and selection (197 tokens, all kept, 1,000, 2,048);
+  * other widths (:data:`WIDTHS`: ViT-S/L/H, D = 384, 1024, 1280; ViT-H with 257 tokens), every kernel's
+    first config in bf16, fp32 and fp16, and the MoE kernels with r = 200 at D = 1024; an odd width
+    (:data:`ODD_WIDTH` = 200, not a multiple of 16) in bf16 (``--all-dtypes``: fp32 and fp16 too).
+    At widths divisible by 16 nearly all of these are the very compiles of D = 768 (D is a runtime
+    argument and no tile spans a whole row): ~33 compiles and ~60 s of CPU more in all.
+    ``--widths 1024,1280`` picks the widths (``none``: the benchmark shapes only); ``--table`` prints the
+    first configs at each width; the summary counts them per width.
 A non-first config over the shared-memory limit is not an error: the autotuner skips it (it catches
 OutOfResources while timing configs).
 """
@@ -87,11 +94,22 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 I32, I64, U8 = torch.int32, torch.int64, torch.uint8
 DTYPE_NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
 
-# Benchmark shapes (ViT-B/16).
+# Benchmark shapes (ViT-B/16); the MoE gates have gate_dim = D (the default).
 B, N, D = 32, 197, 768
 T = B * N
 BOTTLENECKS = [64, 96, 192]
-EXPERTS, R, TOPK, GATES = 4, 64, 2, 768
+EXPERTS, R, TOPK = 4, 64, 2
+#: Other ViT widths -> tokens per sample at 224² (ViT-S/16 and ViT-L/16: 197, ViT-H/14: 257), compiled at the
+#: first config in bf16, fp32 (IEEE dots) and fp16. The kernels loop over D in BK/BN chunks (no tile holds
+#: a whole row) and D is a runtime argument, so at a width divisible by 16 a kernel compiles exactly as at
+#: 768 (the same compile, listed once with all its cases); the MoE adapter's larger bottleneck and ViT-H's
+#: 257 tokens change tiles (BLOCK_R, the selection's BLOCK_N) and are compiled anew.
+WIDTHS = {384: 197, 1024: 197, 1280: 257}
+#: A width that is not a multiple of 16 (odd configurations): unaligned rows, the EVEN_D = False branches.
+#: First config in bf16 by default; ``--all-dtypes`` adds fp32 and fp16 (about a minute more of CPU).
+ODD_WIDTH = 200
+#: A MoE bottleneck above the benchmark's 64 (the MoE adapter kernels' BLOCK_R 256), compiled with ViT-L.
+WIDE_R = 200
 
 
 def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -218,11 +236,12 @@ class Case:
     call: Callable[[], None]
     all_configs: bool = False
     patches: dict = field(default_factory=dict)
+    width: int = D
 
 
-def _grouped_weights(dtype):
+def _grouped_weights(dtype, d=D):
     g, r_tot = len(BOTTLENECKS), sum(BOTTLENECKS)
-    shapes = ((g, D), (g, D), (r_tot, D), (r_tot,), (D, r_tot), (g, D))
+    shapes = ((g, d), (g, d), (r_tot, d), (r_tot,), (d, r_tot), (g, d))
     return [meta(*s, dtype=dtype) for s in shapes]
 
 
@@ -235,83 +254,128 @@ def _grouped_routing(routing: str, rows: int):
     return rows, meta(rows, dtype=I64), 1  # per-row routing: more segments than SEG_MAX
 
 
-def grouped_forward(act, wdt=None, routing="seg", base=True, save=True, rows=T):
+def grouped_forward(act, wdt=None, routing="seg", base=True, save=True, rows=T, d=D):
     wdt = wdt or act
     t, ids, seg_len = _grouped_routing(routing, rows)
-    h = meta(t, D, dtype=act)
+    h = meta(t, d, dtype=act)
     grouped_adapter.forward(
-        h, meta(t, D, dtype=act) if base else None, ids, seg_len, *_grouped_weights(wdt), BOTTLENECKS, 0.1, 1e-5, save
-    )
+        h, meta(t, d, dtype=act) if base else None, ids, seg_len, *_grouped_weights(wdt, d), BOTTLENECKS, 0.1, 1e-5,
+        save,
+    )  # fmt: skip
 
 
-def grouped_backward(act, wdt=None, routing="seg", saved_a=True, need_dh=True, rows=T):
+def grouped_backward(act, wdt=None, routing="seg", saved_a=True, need_dh=True, rows=T, d=D):
     wdt = wdt or act
     t, ids, seg_len = _grouped_routing(routing, rows)
     a = meta(t if saved_a else 0, max(BOTTLENECKS), dtype=wdt)
     grouped_adapter.backward(
-        meta(t, D, dtype=act), meta(t, D, dtype=act), ids, seg_len, *_grouped_weights(wdt), BOTTLENECKS,
+        meta(t, d, dtype=act), meta(t, d, dtype=act), ids, seg_len, *_grouped_weights(wdt, d), BOTTLENECKS,
         meta(t, dtype=FP32), meta(t, dtype=FP32), a, 0.1, 1e-5, need_dh, True,
     )  # fmt: skip
 
 
-def moe_adapter_update(dtype, store_mix=True):
+def moe_adapter_update(dtype, store_mix=True, d=D, r=R):
     t = T // 2  # rows selected per stream (ρ = 0.5)
-    x_gen, x_med = meta(T, D, dtype=dtype), meta(T, D, dtype=dtype)
+    x_gen, x_med = meta(T, d, dtype=dtype), meta(T, d, dtype=dtype)
     rows, eidx = meta(t, dtype=I64), meta(t, TOPK, dtype=I64)
-    w_down, b_down = meta(EXPERTS, R, 2 * D, dtype=dtype), meta(EXPERTS, R, dtype=dtype)
-    w_up, b_up = meta(EXPERTS, D, R, dtype=dtype), meta(EXPERTS, D, dtype=dtype)
+    w_down, b_down = meta(EXPERTS, r, 2 * d, dtype=dtype), meta(EXPERTS, r, dtype=dtype)
+    w_up, b_up = meta(EXPERTS, d, r, dtype=dtype), meta(EXPERTS, d, dtype=dtype)
     hidden = moe_adapter.moe_down(x_gen, x_med, torch.cat([rows, rows]), torch.cat([eidx, eidx]), w_down, b_down)
     moe_adapter.moe_combine(
         x_gen, x_gen, rows, eidx, meta(t, TOPK, dtype=dtype), hidden[: t * TOPK], w_up, b_up,
-        meta(t, GATES, dtype=dtype), meta(t, D, dtype=dtype) if store_mix else None,
+        meta(t, d, dtype=dtype), meta(t, d, dtype=dtype) if store_mix else None,
     )  # fmt: skip
 
 
-def moe_routed_update(dtype, identity=False):
-    kept = (N + 1) // 2
-    x_gen, x_med = meta(B, N, D, dtype=dtype), meta(B, N, D, dtype=dtype)
+def moe_routed_update(dtype, identity=False, d=D, n=N, r=R):
+    kept = (n + 1) // 2
+    x_gen, x_med = meta(B, n, d, dtype=dtype), meta(B, n, d, dtype=dtype)
     idx = None if identity else meta(B, kept, dtype=I64)
     skip = None if identity else meta(B, kept, dtype=dtype)
-    router = (meta(EXPERTS, D, dtype=dtype), meta(EXPERTS, dtype=dtype))
-    gate = (meta(GATES, D, dtype=dtype), meta(GATES, dtype=dtype))
+    router = (meta(EXPERTS, d, dtype=dtype), meta(EXPERTS, dtype=dtype))
+    gate = (meta(d, d, dtype=dtype), meta(d, dtype=dtype))  # gate_dim = D (the default)
     moe_routed.moe_routed_update(
         x_gen, x_med, x_gen, x_med, idx, skip, idx, skip, router, router, gate, gate,
-        meta(EXPERTS, R, 2 * D, dtype=dtype), meta(EXPERTS, R, dtype=dtype), meta(EXPERTS, D, R, dtype=dtype),
-        meta(EXPERTS, D, dtype=dtype), TOPK,
+        meta(EXPERTS, r, 2 * d, dtype=dtype), meta(EXPERTS, r, dtype=dtype), meta(EXPERTS, d, r, dtype=dtype),
+        meta(EXPERTS, d, dtype=dtype), TOPK,
     )  # fmt: skip
 
 
-def skip_select(dtype, tokens=N, kept=(N + 1) // 2):
-    f = D // 4
+def skip_select(dtype, tokens=N, kept=(N + 1) // 2, d=D):
+    f = d // 4
     token_skip.skip_select(meta(B, tokens, f, dtype=dtype), meta(1, f, dtype=dtype), meta(1, dtype=dtype), kept)
 
 
-def skip_merge(dtype):
+def skip_merge(dtype, d=D):
     t = T // 2
-    x = meta(T, D, dtype=dtype)
-    token_skip.skip_merge(x, x, meta(t, dtype=I64), meta(t, D, dtype=dtype), meta(t, GATES, dtype=dtype))
+    x = meta(T, d, dtype=dtype)
+    token_skip.skip_merge(x, x, meta(t, dtype=I64), meta(t, d, dtype=dtype), meta(t, d, dtype=dtype))
 
 
-def gated_specialist_forward(dtype, channel=False):
+def gated_specialist_forward(dtype, channel=False, d=D):
     r_tot = EXPERTS * R
     hidden = gated_specialist.gs_down(
-        meta(T, D, dtype=dtype), meta(r_tot, D, dtype=dtype), meta(r_tot, dtype=dtype), meta(r_tot, dtype=I32),
+        meta(T, d, dtype=dtype), meta(r_tot, d, dtype=dtype), meta(r_tot, dtype=dtype), meta(r_tot, dtype=I32),
         meta(T, EXPERTS, dtype=dtype), 1e-5,
     )  # fmt: skip
     gated_specialist.gs_up(
-        hidden, meta(D, r_tot, dtype=dtype), meta(EXPERTS, D, dtype=dtype), meta(T, EXPERTS, dtype=dtype),
-        meta(T, D, dtype=dtype) if channel else None,
+        hidden, meta(d, r_tot, dtype=dtype), meta(EXPERTS, d, dtype=dtype), meta(T, EXPERTS, dtype=dtype),
+        meta(T, d, dtype=dtype) if channel else None,
     )  # fmt: skip
 
 
-def patch_embed(x_dtype, w_dtype, bias=True, size=64, patch=8, batch=32):
+def patch_embed(x_dtype, w_dtype, bias=True, size=64, patch=8, batch=32, d=D):
     x = meta(batch, 1, size, size, size, dtype=x_dtype)
-    weight = meta(768, 1, patch, patch, patch, dtype=w_dtype)
-    b = meta(768, dtype=w_dtype) if bias else None
+    weight = meta(d, 1, patch, patch, patch, dtype=w_dtype)
+    b = meta(d, dtype=w_dtype) if bias else None
     patch_embed3d.patch_embed3d_fwd(x, weight, b, (patch, patch, patch), 1 / 255, 0.0)
 
 
-def _cases() -> list[Case]:
+def _width_cases(d: int, n: int, dtypes, variant: dict, h200: dict) -> list[Case]:
+    """First configs of every kernel at width ``d`` with ``n`` tokens per sample."""
+    cases = []
+    for dtype in dtypes:
+        name = DTYPE_NAMES[dtype] + ("/ieee" if dtype == FP32 else "")
+        at = f" (D = {d})"
+        cases += [
+            Case("grouped forward (auto), training" + at, name, lambda t=dtype: grouped_forward(t, d=d),
+                 patches=variant["auto"], width=d),
+            Case("grouped forward, one-pass variant" + at, name, lambda t=dtype: grouped_forward(t, d=d),
+                 patches=variant["onepass"], width=d),
+            Case("grouped forward, split variant" + at, name, lambda t=dtype: grouped_forward(t, d=d),
+                 patches=variant["split"], width=d),
+            Case("grouped backward, pre-activation saved" + at, name, lambda t=dtype: grouped_backward(t, d=d),
+                 patches=h200, width=d),
+            Case("grouped backward, pre-activation recomputed" + at, name,
+                 lambda t=dtype: grouped_backward(t, saved_a=False, d=d), patches=h200, width=d),
+            Case("routed MoE, kept tokens, skip gates" + at, name, lambda t=dtype: moe_routed_update(t, d=d, n=n),
+                 width=d),
+            Case("MoE adapter (training), mixture saved" + at, name, lambda t=dtype: moe_adapter_update(t, d=d),
+                 width=d),
+            Case("gated specialist, expert gate" + at, name, lambda t=dtype: gated_specialist_forward(t, d=d),
+                 width=d),
+            Case("gated specialist, channel gate" + at, name,
+                 lambda t=dtype: gated_specialist_forward(t, channel=True, d=d), width=d),
+            Case("token-skip merge" + at, name, lambda t=dtype: skip_merge(t, d=d), width=d),
+            Case(f"token-skip selection, {n} tokens" + at, name, lambda t=dtype: skip_select(t, n, (n + 1) // 2, d=d),
+                 width=d),
+            Case("patch embed, uint8 volume" + at, "u8/" + DTYPE_NAMES[dtype],
+                 lambda t=dtype: patch_embed(U8, t, d=d), width=d),
+        ]  # fmt: skip
+        if d == 1024:
+            at = f" (D = {d}, r = {WIDE_R})"
+            cases += [
+                Case("routed MoE, kept tokens, skip gates" + at, name,
+                     lambda t=dtype: moe_routed_update(t, d=d, n=n, r=WIDE_R), width=d),
+                Case("MoE adapter (training), mixture saved" + at, name,
+                     lambda t=dtype: moe_adapter_update(t, d=d, r=WIDE_R), width=d),
+            ]  # fmt: skip
+    return cases
+
+
+def _cases(widths: dict[int, int] | None = None, odd_dtypes=(BF16,)) -> list[Case]:
+    """The benchmark-shape cases, then the first configs at ``widths`` (default :data:`WIDTHS` and
+    :data:`ODD_WIDTH` in ``odd_dtypes``; ``{}``: none)."""
     ga = grouped_adapter
     h200 = {(ga, "_num_sms"): lambda device: H200_SMS}
     variant = {name: {(ga, "FORWARD_VARIANT"): name, **h200} for name in ga.FORWARD_VARIANTS}
@@ -376,13 +440,19 @@ def _cases() -> list[Case]:
             Case("token-skip selection, 1,000 tokens", name, lambda d=dtype: skip_select(d, 1000, 500)),
             Case("token-skip selection, 2,048 tokens", name, lambda d=dtype: skip_select(d, 2048, 1024)),
         ]
+    if widths is None:
+        widths = {**WIDTHS, ODD_WIDTH: N}
+    for d, n in widths.items():
+        dtypes = (BF16, FP32, FP16) if d % 16 == 0 else odd_dtypes
+        cases += _width_cases(d, n, dtypes, variant, h200)
     return cases
 
 
-def build_jobs() -> list[Job]:
-    """Every compile of every case, each distinct compile once (the cases that need it listed in it)."""
+def build_jobs(widths: dict[int, int] | None = None, odd_dtypes=(BF16,)) -> list[Job]:
+    """Every compile of every case, each distinct compile once (the cases that need it listed in it, and in
+    ``first_widths`` the widths at which it is a first config)."""
     jobs: dict[str, Job] = {}
-    for case in _cases():
+    for case in _cases(widths, odd_dtypes):
         _LAUNCHES.clear()
         with _patched(case.patches), _recording():
             case.call()
@@ -391,13 +461,15 @@ def build_jobs() -> list[Job]:
         for kernel, args, kwargs in _LAUNCHES:
             for job in _expand(kernel, args, kwargs, first_only=not case.all_configs):
                 key = repr((id(job.fn), job.signature, job.constexprs, job.attrs, sorted(job.options.items())))
+                first_at = [case.width] if job.info["first"] else []
                 if key in jobs:
                     seen = jobs[key].info
                     seen["first"] = seen["first"] or job.info["first"]
                     if case.name not in seen["cases"]:
                         seen["cases"].append(case.name)
+                    seen["first_widths"] = sorted(set(seen["first_widths"] + first_at))
                     continue
-                job.info = {**job.info, "dtype": case.dtype, "cases": [case.name]}
+                job.info = {**job.info, "dtype": case.dtype, "cases": [case.name], "first_widths": first_at}
                 jobs[key] = job
     return list(jobs.values())
 
@@ -424,20 +496,66 @@ def compile_job(index: int) -> dict:
     return entry
 
 
-def main() -> int:
+def _parse_args(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", default=None,
+                        help="comma-separated widths D (tokens N: 257 for 1280, else 197) compiled at their first "
+                             f"configs besides the benchmark shapes; 'none' for none (default: {sorted(WIDTHS)} "
+                             f"and {ODD_WIDTH})")
+    parser.add_argument("--all-dtypes", action="store_true",
+                        help="widths that are not multiples of 16 in fp32 and fp16 too (default: bf16 only)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the first configs at each width (kernel, dtype, shared memory) on stderr")
+    args = parser.parse_args(argv)
+    if args.widths is None:
+        widths = None
+    elif args.widths.strip().lower() == "none":
+        widths = {}
+    else:
+        widths = {int(w): WIDTHS.get(int(w), N) for w in args.widths.split(",") if w.strip()}
+    return widths, (BF16, FP32, FP16) if args.all_dtypes else (BF16,), args.table
+
+
+def _width_summary(entries: list[dict]) -> dict:
+    """Per width: the first-config compiles (at 768 the benchmark cases'), the largest shared memory among
+    them, how many exceed the limit, and errors."""
+    out: dict[int, dict] = {}
+    for e in entries:
+        for w in e["first_widths"]:
+            row = out.setdefault(w, {"first configs": 0, "max shared": 0, "over the limit": 0, "errors": 0})
+            row["first configs"] += 1
+            row["max shared"] = max(row["max shared"], e.get("shared", 0))
+            row["over the limit"] += e.get("shared", 0) > HOPPER_SHARED_BYTES
+            row["errors"] += "error" in e
+    return dict(sorted(out.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
     import multiprocessing
 
+    widths, odd_dtypes, table = _parse_args(sys.argv[1:] if argv is None else argv)
     # fp32 (IEEE dots) compiles take several times longer: start them first so both workers end together
-    JOBS.extend(sorted(build_jobs(), key=lambda job: not job.info["dtype"].startswith("fp32/")))
+    JOBS.extend(sorted(build_jobs(widths, odd_dtypes), key=lambda job: not job.info["dtype"].startswith("fp32/")))
     workers = int(os.environ.get("SM90_COMPILE_WORKERS", "2"))
     summary = {"compiles": len(JOBS), "errors": 0, "first configs over the limit": 0, "other configs over": 0}
+    entries = []
     with multiprocessing.get_context("fork").Pool(workers) as pool:  # workers inherit JOBS as built here
         results = pool.imap(compile_job, range(len(JOBS))) if workers > 1 else map(compile_job, range(len(JOBS)))
         for entry in results:
             print(json.dumps(entry), flush=True)
+            entries.append(entry)
             summary["errors"] += "error" in entry
             if entry.get("shared", 0) > HOPPER_SHARED_BYTES:
                 summary["first configs over the limit" if entry["first"] else "other configs over"] += 1
+    summary["first configs per width"] = _width_summary(entries)
+    if table:
+        for e in sorted(entries, key=lambda e: (e["module"], e["kernel"], e["dtype"])):
+            for w in e["first_widths"]:
+                if w != D:
+                    print(f"D={w:<5} {e['module']}.{e['kernel']:<26} {e['dtype']:<10} "
+                          f"{e.get('shared', e.get('error', '')[:60])}", file=sys.stderr)
     print(json.dumps(summary), file=sys.stderr)
     return 0
 

@@ -1,6 +1,7 @@
 """Every Triton kernel launched from kernels/ compiles for Hopper (sm_90) without a GPU (see sm90_compile.py):
 no compile errors, and the first autotuning config of every case (the one MOSAIC_FAST_AUTOTUNE=0 runs) fits
-in shared memory. A kernel entry point that the script does not compile fails the test."""
+in shared memory, at ViT-B's width and at D = 384, 1024, 1280 and an odd width (200). A kernel entry point
+that the script does not compile fails the test."""
 
 import ast
 import importlib.util
@@ -89,3 +90,13 @@ def test_kernels_compile_for_sm90():
     assert not too_big, "first configs over the shared memory limit:\n" + "\n".join(
         f"{e['module']}.{e['kernel']} {e['dtype']} {e['cases']} {e['constexprs']}: {e['shared']} bytes" for e in too_big
     )
+
+    # the other ViT widths (384, 1024, 1280) and the odd width: every kernel's first config compiled there too
+    widths = {768, 384, 1024, 1280, 200}
+    at_width = defaultdict(set)
+    for e in entries:
+        for w in e["first_widths"]:
+            at_width[w].add((e["module"], e["kernel"]))
+    assert set(at_width) == widths, f"widths compiled: {sorted(at_width)}"
+    short = {w: sorted(kernel_entry_points() - at_width[w]) for w in widths if kernel_entry_points() - at_width[w]}
+    assert not short, f"kernels without a first config compiled at these widths: {short}"
