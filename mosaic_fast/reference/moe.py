@@ -205,7 +205,8 @@ class GatedMoEAdapter(nn.Module):
 
 
 def num_kept(keep_ratio: float, num_tokens: int) -> int:
-    """k = ⌈ρN⌉, clamped to [1, N]; ρN is rounded to 6 decimals first so 0.3·10 gives 3, not 4."""
+    """k = ⌈ρN⌉, clamped to [1, N]; ρN is rounded to 6 decimals first so that float noise cannot add one
+    (0.07·100 is 7.000000000000001 in floating point: 7 kept, not 8)."""
     return min(num_tokens, max(1, math.ceil(round(keep_ratio * num_tokens, 6))))
 
 
