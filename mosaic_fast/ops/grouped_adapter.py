@@ -54,7 +54,14 @@ from torch import Tensor
 
 from .. import backend
 from . import cpu_gemm
-from ._common import check_ids, check_ids_range, check_tensor, once_differentiable_strict, resolve_compute_dtype
+from ._common import (
+    autocast_dtype,
+    check_ids,
+    check_ids_range,
+    check_tensor,
+    once_differentiable_strict,
+    resolve_compute_dtype,
+)
 
 __all__ = ["adapter_torch", "group_offsets", "grouped_adapter", "pack_adapters", "run_adapter", "run_packed",
            "single_adapter_uses_torch"]
@@ -564,6 +571,7 @@ def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1,
     else:
         out = GroupedAdapterFunction.apply(*args)
     out = out.view(h.shape)
-    if base is None and cast is not None:
-        out = out.to(cast)
+    autocast_to = autocast_dtype(h.device.type)
+    if base is None and autocast_to is not None:  # also when the (cached) weights already had that dtype
+        out = out.to(autocast_to)
     return out
