@@ -260,6 +260,9 @@ def test_bad_input():
     for router in (fast, make()[0]):
         with pytest.raises(ValueError, match=r"idx_x: token indices must be in \[0, 5\)"):
             router.merge(x, torch.tensor([[0, 1], [0, 5]]), torch.ones(2, 2), torch.randn(2, 2, D))
+        with pytest.raises(ValueError, match=r"idx_x: token indices must be distinct within each sample"):
+            router.merge(x, torch.tensor([[0, 1], [3, 3]]), torch.ones(2, 2), torch.randn(2, 2, D))
+        router.merge(x, torch.tensor([[0, 1], [1, 0]]), torch.ones(2, 2), torch.randn(2, 2, D))  # across samples: fine
     with pytest.raises(TypeError, match="rows"):
         skip_merge(x.view(-1, D), torch.tensor([0.0]), torch.randn(1, D), torch.ones(1, 1))
     with pytest.raises(ValueError, match="coef"):

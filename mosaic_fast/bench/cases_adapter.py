@@ -62,7 +62,7 @@ def _routed_bottlenecks(routing: str, batch: int) -> list[int]:
 def _floors(routing: str, batch: int, elem: int, backward: bool) -> tuple[float, float]:
     T = batch * TOKENS
     rows_r = [r for r in _routed_bottlenecks(routing, batch) for _ in range(TOKENS)]
-    used = {BOTTLENECKS["ABC".index(SINGLE_EXPERT)]} if routing == "single" else set(BOTTLENECKS)
+    used = set(_routed_bottlenecks(routing, batch))  # only the routed specialists' weights are read
     weights = sum(2 * D_MODEL + 2 * r * D_MODEL + r + D_MODEL for r in used) * elem
     act = 3 * T * D_MODEL * elem
     flops = 4.0 * D_MODEL * sum(rows_r)

@@ -63,6 +63,9 @@ def check_selection(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, name
         low, high = int(idx.min()), int(idx.max())
         if low < 0 or high >= x.shape[1]:
             raise ValueError(f"idx_{name}: token indices must be in [0, {x.shape[1]}), got values in [{low}, {high}]")
+        ordered = idx.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):  # a scatter of a repeated row keeps an arbitrary one
+            raise ValueError(f"idx_{name}: token indices must be distinct within each sample")
 
 
 def check_update(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor) -> None:
