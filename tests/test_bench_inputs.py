@@ -276,3 +276,16 @@ def test_agreement_kernel_step_trains_its_own_copy_of_the_fast_model(monkeypatch
     models.clear()
     assert set(cases_model._agreement_steps({}, torch.device("cpu"), torch.float32, kernel=False)) == {
         "reference", "fast"}
+
+
+def test_dynamer_cases_compile_the_reference_where_they_compile_the_fast_model():
+    """DESIGN §6 wants torch.compile of the reference next to the fast path: on CUDA the block-mode cases
+    at the compiled ρ get both columns (each ρ is a two-backbone compile); CPU runs stay eager."""
+    from mosaic_fast.bench import cases_dynamer
+
+    cuda = {c.name: c for c in cases_dynamer.cases(torch.device("cuda"), torch.bfloat16, quick=True)}
+    compiled = sorted(n for n, c in cuda.items() if c.compile_reference)
+    assert compiled == sorted(n for n, c in cuda.items() if "fast+compiled" in c.impls)
+    assert compiled == ["dynamer_block_rho0.5", "dynamer_block_rho1"]
+    cpu = cases_dynamer.cases(torch.device("cpu"), torch.float32, quick=True)
+    assert not any(c.compile_reference or "fast+compiled" in c.impls for c in cpu)

@@ -185,6 +185,12 @@ def test_load_vit_npz_errors(tmp_path):
     with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.fc1\.weight: checkpoint shape \(64, 32\)"):
         models.load_vit_npz(model, tmp_path / "narrow.npz")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a failed load changed the model"
+    write_google_npz(tmp_path / "two_heads.npz", heads=2)  # same parameter count, other head grouping
+    want = (r"encoderblock_0/MultiHeadDotProductAttention_1/query/kernel: checkpoint shape \(32, 2, 16\) does not "
+            r"fit the model's \(32, 4, 8\) \(width 32, 4 heads\)")
+    with pytest.raises(ValueError, match=want):
+        models.load_vit_npz(model, tmp_path / "two_heads.npz")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a failed load changed the model"
 
 
 def test_ema_update_formula_and_inactive_specialists():

@@ -81,6 +81,7 @@ MOE_BAD = [
     ("eidx_gen", TypeError, {"eidx_gen": torch.tensor([[0, 1], [2, 0], [1, 2]]).float()}),
     ("eidx_med", ValueError, {"eidx_med": torch.tensor([[1], [0], [2], [0]])}),  # K differs from eidx_gen
     ("rows_gen", ValueError, {"rows_gen": torch.tensor([0, 2, 6])}),
+    ("rows_med", ValueError, {"rows_med": torch.tensor([1, 2, 2, 4])}),  # repeated row
     ("rows_med", ValueError, {"rows_med": torch.tensor([-1, 2, 3, 4])}),
     ("rows_gen", TypeError, {"rows_gen": torch.tensor([0.0, 2.0, 5.0])}),
     ("rows_gen", ValueError, {"rows_gen": torch.tensor([[0, 2, 5]])}),
@@ -193,6 +194,7 @@ SKIP_BAD = [
     ("coef", TypeError, {"coef": torch.ones(2, 1, dtype=torch.long)}),
     ("rows", ValueError, {"rows": torch.tensor([0, 6])}),
     ("rows", ValueError, {"rows": torch.tensor([-1, 3])}),
+    ("rows", ValueError, {"rows": torch.tensor([3, 3])}),  # repeated row
     ("x", TypeError, {"x": [1.0]}),
 ]
 

@@ -244,6 +244,10 @@ def test_bad_input():
         reference.SkipRouter(D, 0.0)
     with pytest.raises(ValueError, match="keep_ratio"):
         fast.keep_ratio = 1.5
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="keep_ratio must be a number"):
+            fast.keep_ratio = bad
+    fast.keep_ratio = 1  # an int is a number
     with pytest.raises(ValueError, match="x"):
         fast(torch.randn(2, 5, D + 1), update_fn)
     with pytest.raises(TypeError, match="fn"):

@@ -87,6 +87,12 @@ def vit_block_assignments(block: nn.Module, weights: Mapping[str, np.ndarray], i
     pfx = f"Transformer/encoderblock_{index}"
     att = f"{pfx}/MultiHeadDotProductAttention_1"
     dim = block.norm1.weight.shape[0]
+    heads = block.attn.num_heads
+    for name in ("query", "key", "value"):
+        kernel_shape = tuple(weights[f"{att}/{name}/kernel"].shape)
+        if kernel_shape != (dim, heads, dim // heads):  # a reshape would silently regroup the heads
+            raise ValueError(f"{att}/{name}/kernel: checkpoint shape {kernel_shape} does not fit the model's "
+                             f"{(dim, heads, dim // heads)} (width {dim}, {heads} heads)")
     qkv_w = [_tensor(weights, f"{att}/{n}/kernel").reshape(dim, -1).T for n in ("query", "key", "value")]
     qkv_b = [_tensor(weights, f"{att}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]
     out = [

@@ -8,6 +8,7 @@ formulas; choices it leaves open are documented on each class.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -239,7 +240,9 @@ class SkipRouter(nn.Module):
 
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
-        if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"keep_ratio must be a number in (0, 1], got {type(value).__name__} {value!r}")
+        if not 0.0 < value <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {value!r}")
         self._keep_ratio = float(value)
 
