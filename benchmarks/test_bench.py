@@ -1,7 +1,8 @@
 """pytest-benchmark entry points for the cases of ``mosaic-fast bench``.
 
 Run with ``pytest benchmarks/ --benchmark-only`` (CPU: the quick shapes; CUDA: the real ones, bf16).
-Ratios between implementations are read from pytest-benchmark's comparison table. As in the runner, each
+Ratios between implementations are read from pytest-benchmark's comparison table. The columns are the
+runner's ("compiled" = ``torch.compile`` of the reference where the case allows it). As in the runner, each
 implementation is first checked against the reference on fresh inputs (a column that computes something
 else fails instead of being timed), warmed up twice, and an implementation that writes into its inputs
 (``Case.mutates_inputs``) gets them put back before every timed round, untimed.
@@ -10,20 +11,22 @@ else fails instead of being timed), warmed up twice, and an implementation that 
 import pytest
 import torch
 
-from mosaic_fast.bench.core import Rotating, output_errors, pristine_copy
+from mosaic_fast.bench.core import Rotating, case_implementations, output_errors, pristine_copy
 from mosaic_fast.bench.run import AGREEMENT_TOLERANCE, SUITES, collect_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 CASES = collect_cases(list(SUITES), DEVICE, DTYPE, quick=DEVICE.type == "cpu")
-PARAMS = [pytest.param(case, label, id=f"{case.name}-{label}") for case in CASES for label in case.impls]
+#: The runner's columns: the case's implementations plus torch.compile of the reference where it allows it.
+PARAMS = [pytest.param(case, label, id=f"{case.name}-{label}") for case in CASES
+          for label in [*case.impls, *(["compiled"] if case.compile_reference and "reference" in case.impls else [])]]
 #: Timed rounds of a case whose inputs are put back before each (pytest-benchmark's pedantic mode).
 MUTATING_ROUNDS = 50
 
 
 @pytest.mark.parametrize("case, label", PARAMS)
 def test_case(benchmark, case, label):
-    fn = case.impls[label]
+    fn = case_implementations(case, DEVICE, with_compile=label == "compiled")[label]
     benchmark.group = case.name
     sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     if label != "reference" and "reference" in case.impls:

@@ -21,6 +21,7 @@ def test_run_writes_json_then_renders_it(tmp_path, capsys):
     assert main(["--from-json", str(out), str(out), "--markdown", str(md), "--plot", str(png),
                  "--json", str(merged)]) == 0
     assert md.read_text().count("| moe_skip_rho0.1 |") == 2
+    assert md.read_text().count("(cpu.json)\n\n| case |") == 2  # one table per run, each under its source
     assert png.stat().st_size > 1000
     assert len(json.loads(merged.read_text())["runs"]) == 2
 
@@ -122,3 +123,37 @@ def test_from_json_errors_name_the_file(tmp_path, capsys):
         assert main(["--from-json", str(path)]) == 2
         err = capsys.readouterr().err
         assert f"--from-json {path}: {message}" in err and "Traceback" not in err
+
+
+def _results_file(tmp_path, records):
+    path = tmp_path / "r.json"
+    env = {"device": "cpu", "dtype": "float32", "torch": torch.__version__, "bench_device": "cpu"}
+    path.write_text(json.dumps({"environment": env, "records": records}))
+    return str(path)
+
+
+def _record(name, **extra):
+    return {"suite": "model", "name": name, "params": {}, "times_s": {"reference": 2e-3, "fast": 1e-3},
+            "speedup_vs_reference": {"fast": 2.0}, **extra}
+
+
+def test_strict_exit_status_follows_the_flagged_lines(tmp_path, capsys):
+    """--strict turns the table's '!' lines (a failed implementation, or one beyond the dtype's tolerance)
+    into exit status 3; without it, or with every column agreeing, the status is 0."""
+    good = _results_file(tmp_path, [_record("ok", rel_error_vs_reference={"fast": 1e-6})])
+    assert main(["--from-json", good, "--strict"]) == 0
+    for bad in ({"rel_error_vs_reference": {"fast": 5e-3}}, {"rel_error_vs_reference": {"fast": float("nan")}},
+                {"errors": {"fast": "RuntimeError: boom"}}):
+        path = _results_file(tmp_path, [_record("ok"), _record("wrong", **bad)])
+        assert main(["--from-json", path]) == 0
+        capsys.readouterr()
+        assert main(["--from-json", path, "--strict"]) == 3
+        assert "1 case(s) with a failed or disagreeing implementation: wrong" in capsys.readouterr().err
+
+
+def test_table_shows_throughput_and_peak_memory():
+    records = [_record("infer", items_per_s={"reference": 5309.4, "fast": 9072.4}),
+               _record("step", peak_memory_bytes={"reference": 6_506_724_824, "fast": 4_615_985_624, "x": "n/a"})]
+    table = format_table(records, torch.device("cpu"))
+    assert "    items/s: reference 5,309 · fast 9,072" in table
+    assert "    peak memory: reference 6.51 GB · fast 4.62 GB (0.71×)" in table

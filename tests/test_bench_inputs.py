@@ -255,27 +255,40 @@ def test_agreement_compares_only_the_implementations_being_timed():
     assert output_errors(case, {"fast": case.impls["fast"]}) == {}  # no reference timed: nothing to compare
 
 
-def test_agreement_kernel_step_trains_its_own_copy_of_the_fast_model(monkeypatch):
-    """The "kernel" agreement step starts from the fast model's weights but on its own copy: sharing the
-    model would let one step's update (and gradients) leak into the other's."""
-    models = []
+def test_agreement_steps_train_their_own_copies_of_the_common_weights(monkeypatch):
+    """Each extra timed column ("compiled", "kernel", "fast+graphs") gets its agreement step on its own
+    copy of the reference's or the fast model's weights, copied before any step runs: sharing a model
+    would let one step's update (and gradients) leak into another's."""
+    built = []
 
     class Recording:
-        def __init__(self, model, device, dtype):
-            models.append(model)
+        def __init__(self, model, device, dtype, compile_model=False, graphs=False):
+            built.append((model, compile_model, graphs))
             self.computed = lambda *inputs: []
 
     monkeypatch.setattr(cases_model, "TrainStep", Recording)
     monkeypatch.setattr(cases_model, "_pair", lambda cfg, device: (torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
-    steps = cases_model._agreement_steps({}, torch.device("cpu"), torch.float32, kernel=True)
-    assert set(steps) == {"reference", "fast", "kernel"}
-    ref, fast, twin = models
-    assert ref is not fast and twin is not fast
-    assert all(p is not q for p, q in zip(twin.parameters(), fast.parameters()))
-    assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), fast.parameters()))
-    models.clear()
-    assert set(cases_model._agreement_steps({}, torch.device("cpu"), torch.float32, kernel=False)) == {
+    labels = ("reference", "fast", "compiled", "kernel", "fast+graphs")
+    steps = cases_model._agreement_steps({}, torch.device("cpu"), torch.float32, labels)
+    assert set(steps) == set(labels)
+    (compiled, c_opt, _), (kernel, _, _), (graphed, _, g_opt), (ref, _, _), (fast, _, _) = built
+    assert c_opt and g_opt
+    for twin, source in ((compiled, ref), (kernel, fast), (graphed, fast)):
+        assert twin is not source and all(p is not q for p, q in zip(twin.parameters(), source.parameters()))
+        assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), source.parameters()))
+    built.clear()
+    assert set(cases_model._agreement_steps({}, torch.device("cpu"), torch.float32, ("reference", "fast"))) == {
         "reference", "fast"}
+    assert len(built) == 2  # nothing built for columns not timed
+
+
+def test_compiled_training_step_is_compared_with_the_reference():
+    """The "compiled" column of a training step (torch.compile of the reference) is checked too."""
+    from mosaic_fast.bench.core import output_errors
+
+    case = cases_model.training_cases(torch.device("cpu"), torch.float32, quick=True, with_compile=True)[0]
+    errors = output_errors(case, {k: case.impls[k] for k in ("reference", "compiled")})
+    assert set(errors) == {"compiled"} and errors["compiled"] < 1e-4
 
 
 def test_dynamer_cases_compile_the_reference_where_they_compile_the_fast_model():

@@ -20,12 +20,13 @@ def find(checks, target, case, column, run=None):
 
 
 def test_gpu_targets_from_the_h200_run():
-    """The verdicts README states for GPU session 2, recomputed from its JSON (two runs merged in it)."""
+    """The verdicts README states for GPU session 2, recomputed from its JSON (three runs merged in it: ops,
+    model, graphs)."""
     checks = check_targets(load_results([str(H200)]))
-    assert {c.run for c in checks} == {0, 1}
-    single = find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=0)
+    assert {c.run for c in checks} == {0, 1, 2}
+    single = find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=1)
     assert single.value == pytest.approx(1.71, abs=0.01) and not single.met
-    assert find(checks, "inference ≥ 2×", "mosaic_infer_mixedAB_b64", "fast", run=0).met
+    assert find(checks, "inference ≥ 2×", "mosaic_infer_mixedAB_b64", "fast", run=1).met
     assert find(checks, "inference ≥ 1.2×", "mosaic_infer_single_b64", "fast").met
     step = find(checks, "training step", "mosaic_train_step_single_b64", "fast")
     assert step.value == pytest.approx(0.88, abs=0.01) and not step.met
@@ -65,9 +66,13 @@ def test_runs_split_by_tag_or_by_repeated_names():
 
 
 def test_merged_files_keep_their_runs_apart():
+    """Each run keeps its source: a plain file its own name and date, a merged file the sources it lists."""
     merged = load_results([str(CPU), str(H200)])
-    assert len(merged["runs"]) == 3 and {r["run"] for r in merged["records"]} == {0, 1, 2}
-    assert [r["file"] for r in merged["runs"]] == [CPU.name, H200.name, H200.name]
+    assert len(merged["runs"]) == 4 and {r["run"] for r in merged["records"]} == {0, 1, 2, 3}
+    assert [r["file"] for r in merged["runs"]] == [CPU.name, "ops_nocompile.json", "2026-11-30_h200_model.json",
+                                                   "2026-11-30_h200_graphs.json"]
+    assert merged["runs"][2]["date"] == "2026-11-30T18:56:26+00:00"
+    assert {r["suite"] for r in merged["records"] if r["run"] == 1} == {"ops"}
 
 
 def test_gpu_targets_apply_to_a_run_on_an_indexed_cuda_device():
@@ -76,4 +81,16 @@ def test_gpu_targets_apply_to_a_run_on_an_indexed_cuda_device():
     results["environment"]["bench_device"] = "cuda:1"
     checks = check_targets(results)
     assert not [c for c in checks if c.target.startswith("CPU")]
-    assert find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=0)
+    assert find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=1)
+
+
+@pytest.mark.parametrize("json_name", ["2026-11-30_h200_run2.json", "2026-12-01_cpu-2core_run2.json"])
+def test_readme_tables_are_the_render_of_the_committed_json(json_name, tmp_path):
+    """README's Performance tables are what `--from-json … --markdown` writes from the JSON it cites, line
+    for line, so no figure in README can drift from the committed results."""
+    md = tmp_path / "t.md"
+    assert main(["--from-json", str(RESULTS / json_name), "--markdown", str(md)]) == 0
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    rendered = md.read_text().strip()  # one table per run, each under its environment line
+    assert rendered.count("| case |") == (3 if "h200" in json_name else 1)
+    assert rendered in readme, f"README differs from the render of {json_name}"

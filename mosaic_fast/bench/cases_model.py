@@ -211,17 +211,20 @@ class TrainStep:
                 if p.requires_grad and not name.startswith("heads.")]
 
 
-def _agreement_steps(cfg: dict, device: torch.device, dtype: torch.dtype, kernel: bool) -> dict:
-    """Fresh reference and fast training steps from the same weights (and the fast one on the fused
-    kernels, "kernel"), each computing one step (:meth:`TrainStep.computed`): the timed steps have
-    updated their weights a different number of times, so their own calls cannot be compared. The
-    optimizer and EMA update are the same code for all (:class:`TrainStep`), not compared here."""
+def _agreement_steps(cfg: dict, device: torch.device, dtype: torch.dtype, labels: tuple[str, ...]) -> dict:
+    """Fresh training steps of the timed columns ``labels``, all from the same weights, each computing one
+    step (:meth:`TrainStep.computed`): the timed steps have updated their weights a different number of
+    times, so their own calls cannot be compared. "compiled" is torch.compile of the reference, "kernel"
+    the fast model on the fused kernels, "fast+graphs" the fast model replayed. The optimizer and EMA
+    update are the same code for all (:class:`TrainStep`), not compared here."""
     ref, fast = _pair(cfg, device)
-    twin = copy.deepcopy(fast) if kernel else None
-    steps = {"reference": TrainStep(ref, device, dtype).computed, "fast": TrainStep(fast, device, dtype).computed}
-    if twin is not None:
-        steps["kernel"] = on_triton_backend(TrainStep(twin, device, dtype).computed)
-    return steps
+    twins = {"compiled": (ref, {"compile_model": True}), "kernel": (fast, {}), "fast+graphs": (fast, {"graphs": True})}
+    built = {label: TrainStep(copy.deepcopy(model), device, dtype, **options).computed  # copies before any step
+             for label, (model, options) in twins.items() if label in labels}
+    if "kernel" in built:
+        built["kernel"] = on_triton_backend(built["kernel"])
+    return {"reference": TrainStep(ref, device, dtype).computed, "fast": TrainStep(fast, device, dtype).computed,
+            **built}
 
 
 def _resident_bytes(step: TrainStep) -> int:
@@ -295,7 +298,7 @@ def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_c
             suite="model", name=f"mosaic_train_step_{'mixedAB' if mixed else 'single'}_b{b}",
             params=dict(batch=b, mixed=mixed, **{k: cfg[k] for k in ("embed_dim", "depth")}),
             make_inputs=make, impls=steps, compile_reference=False,
-            agreement_impls=lambda kernel="kernel" in steps: _agreement_steps(cfg, device, dtype, kernel),
+            agreement_impls=lambda labels=tuple(steps): _agreement_steps(cfg, device, dtype, labels),
             extra={"peak_memory_bytes": memory} if device.type == "cuda" else {},
             notes="student fwd+bwd + teacher fwd + AdamW + EMA; compiled = torch.compile(reference model)",
         ))

@@ -218,6 +218,22 @@ def floor_seconds(case: Case, ceilings: dict[str, float] | None = None) -> float
     return max(times) if times else None
 
 
+def case_implementations(case: Case, device: torch.device, *, with_compile: bool = True,
+                         with_mkl: bool = False) -> dict[str, Callable[..., Any]]:
+    """The case's implementations plus the columns the runner derives from them: "compiled"
+    (``torch.compile`` of the reference, where the case allows it) and, on CPU with ``with_mkl``,
+    "fast+mkl" (the fast path with its fp32 GEMMs on MKL). Shared by the runner and pytest-benchmark."""
+    impls = dict(case.impls)
+    if with_mkl and device.type == "cpu" and "fast" in impls and cpu_gemm.onednn_enabled():
+        impls["fast+mkl"] = with_cpu_gemm("mkl", impls["fast"])
+    if with_compile and case.compile_reference and "reference" in impls:
+        # Every case compiles the same closure code: without a reset Dynamo would hit its recompile
+        # limit after a few cases and silently run the later "compiled" columns eagerly.
+        torch._dynamo.reset()
+        impls["compiled"] = torch.compile(impls["reference"])
+    return impls
+
+
 def time_case(
     case: Case,
     device: torch.device,
@@ -234,14 +250,7 @@ def time_case(
     to separate what the oneDNN GEMMs (:mod:`mosaic_fast.ops.cpu_gemm`) bring from the rest."""
     input_sets = [case.make_inputs(i) for i in range(rotate)]
     pristine = pristine_copy(input_sets) if case.mutates_inputs else None
-    impls = dict(case.impls)
-    if with_mkl and device.type == "cpu" and "fast" in impls and cpu_gemm.onednn_enabled():
-        impls["fast+mkl"] = with_cpu_gemm("mkl", impls["fast"])
-    if with_compile and case.compile_reference and "reference" in impls:
-        # Every case compiles the same closure code: without a reset Dynamo would hit its recompile
-        # limit after a few cases and silently run the later "compiled" columns eagerly.
-        torch._dynamo.reset()
-        impls["compiled"] = torch.compile(impls["reference"])
+    impls = case_implementations(case, device, with_compile=with_compile, with_mkl=with_mkl)
     record: dict[str, Any] = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {}}
     runners: dict[str, Rotating] = {}
     for label, fn in impls.items():

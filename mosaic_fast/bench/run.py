@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds of timing per measurement")
     p.add_argument("--targets", action="store_true",
                    help="also check the results against the issues' performance targets (GPU or CPU ones)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when an implementation failed or differs from the reference "
+                        "beyond the dtype's tolerance (the table's '!' lines)")
     p.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
                    help="time nothing: re-render results JSON file(s) (merged in order) as tables, "
                         "--markdown, --plot and --json")
@@ -90,10 +93,13 @@ def load_results(paths: list[str]) -> dict:
     for path in paths:
         results = _read_results(path)
         merged["environment"] = merged["environment"] or results["environment"]
+        inner = results.get("runs") or []  # a merged file: where each of its runs came from
         for run in split_runs(results["records"]):
             tag = len(merged["runs"])
             merged["records"] += [{**record, "run": tag} for record in run]
-            merged["runs"].append({"file": os.path.basename(path), "date": results["environment"].get("date")})
+            old_tag = run[0].get("run")
+            merged["runs"].append(inner[old_tag] if isinstance(old_tag, int) and 0 <= old_tag < len(inner) else
+                                  {"file": os.path.basename(path), "date": results["environment"].get("date")})
     return merged
 
 
@@ -162,6 +168,21 @@ def worst_error(record: dict) -> float | None:
     return float("nan") if any(e != e for e in errs) else max(errs)
 
 
+def _extra_lines(record: dict) -> list[str]:
+    """Indented lines under a case's row: throughput (items/s) and a training step's peak memory."""
+    lines = []
+    rate = record.get("items_per_s") or {}
+    if rate:
+        lines.append("    items/s: " + " · ".join(f"{k} {v:,.0f}" for k, v in rate.items()))
+    memory = {k: v for k, v in (record.get("peak_memory_bytes") or {}).items() if isinstance(v, int)}
+    if memory:
+        ref = memory.get("reference")
+        lines.append("    peak memory: " + " · ".join(
+            f"{k} {v / 1e9:.2f} GB" + (f" ({v / ref:.2f}×)" if ref and k != "reference" else "")
+            for k, v in memory.items()))
+    return lines
+
+
 def format_table(records: list[dict], device: torch.device, dtype: str = "float32") -> str:
     """A fixed-width table: one row per case, median ms per implementation, ratios to reference and the
     largest relative output difference of any implementation to the reference ("err")."""
@@ -185,6 +206,7 @@ def format_table(records: list[dict], device: torch.device, dtype: str = "float3
         worst = worst_error(r)
         row += f"{worst:>9.1e}" if worst is not None else f"{'-':>9}"
         lines.append(row)
+        lines += _extra_lines(r)
         for label, err in r.get("errors", {}).items():
             lines.append(f"    ! {label} failed: {err}")
         lines += disagreements(r, dtype)
@@ -192,9 +214,24 @@ def format_table(records: list[dict], device: torch.device, dtype: str = "float3
 
 
 def markdown_table(results: dict) -> str:
-    """The results as a Markdown table (with the environment line) for README.md."""
+    """The results as Markdown for README.md: one table per run (a merged file holds several, each with
+    its own columns, date and source file), each under its environment line."""
+    from mosaic_fast.bench.targets import split_runs
+
     env = results["environment"]
-    records = results["records"]
+    runs = split_runs(results["records"])
+    sources = results.get("runs") or []
+    tables = []
+    for records in runs:
+        source = sources[records[0]["run"]] if len(runs) > 1 and "run" in records[0] and sources else None
+        line = f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
+        line += f"{source['date']} ({source['file']})" if source else str(env["date"])
+        tables.append(_markdown_run(line, records))
+    return "\n".join(tables)
+
+
+def _markdown_run(env_line: str, records: list[dict]) -> str:
+    """One run's records as a Markdown table under ``env_line``, with only the columns the run has."""
     labels = [lab for lab in ("reference", "compiled", "fast") if any(lab in r["times_s"] for r in records)]
     labels += list(dict.fromkeys(lab for r in records for lab in r["times_s"] if lab not in labels))
     ratio_labels = [lab for lab in ("fast", "compiled") if lab in labels]
@@ -204,7 +241,7 @@ def markdown_table(results: dict) -> str:
     throughput = any("items_per_s" in r for r in records)
     agreement = any("rel_error_vs_reference" in r for r in records)
     lines = [
-        f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
+        env_line,
         "",
         "| case | " + " | ".join([f"{lab} ms" for lab in labels] + [f"{lab} × ref" for lab in ratio_labels]) + " |"
         + (" fast % of floor |" if cuda else "") + (" peak GB ref / fast |" if memory else "")
@@ -266,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table([r for r in results["records"] if r["suite"] == suite], device,
                                str(results["environment"].get("dtype", "float32"))))
         write_outputs(results, args)
-        return 0
+        return strict_status(results, args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mosaic-fast bench: --device cuda was requested but no CUDA device is available", file=sys.stderr)
@@ -305,6 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== suite {suite} ({device}, {str(dtype).replace('torch.', '')}) ==")
         print(format_table(records, device, str(dtype)))
     write_outputs(results, args)
+    return strict_status(results, args)
+
+
+def strict_status(results: dict, args: argparse.Namespace) -> int:
+    """0, or with ``--strict`` 3 when an implementation failed or differs from the reference beyond
+    :data:`AGREEMENT_TOLERANCE` (so scripts and CI can act on the table's ``!`` lines)."""
+    if not args.strict:
+        return 0
+    dtype = str(results["environment"].get("dtype", "float32"))
+    flagged = [r["name"] for r in results["records"] if r.get("errors") or disagreements(r, dtype)]
+    if flagged:
+        print(f"mosaic-fast bench: --strict: {len(flagged)} case(s) with a failed or disagreeing "
+              f"implementation: {', '.join(flagged)}", file=sys.stderr)
+        return 3
     return 0
 
 
