@@ -207,13 +207,16 @@ def test_autocast_parity(backend, dtype, batch):
 
 
 @pytest.fixture
-def no_autograd_cache(monkeypatch):
+def no_autograd_cache():
     """Compile without torch's on-disk AOTAutograd cache: its key does not cover the Python backward of a
     custom op (pytorch/pytorch#144344), so after an edit of the grouped adapter's backward a warm cache
     would serve the old compiled backward. (Inductor's own cache, keyed by the traced graphs, stays on.)"""
     import torch._functorch.config as functorch_config
 
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    # (torch's own config patch: pytest's monkeypatch deletes a config entry on undo in some versions,
+    # which hides it from every later compile in the process)
+    with functorch_config.patch(enable_autograd_cache=False):
+        yield
 
 
 @pytest.mark.usefixtures("no_autograd_cache")
