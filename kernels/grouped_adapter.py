@@ -51,7 +51,9 @@ Nothing here imports from ``mosaic_fast``.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -751,25 +753,17 @@ _META_CACHE: dict[tuple, torch.Tensor] = {}
 _SM_COUNT: dict[int, int] = {}
 
 
-def group_offsets(bottlenecks) -> list[int]:
-    """Start of each group in the packed R dimension."""
-    offs, acc = [], 0
-    for r in bottlenecks:
-        offs.append(acc)
-        acc += int(r)
-    return offs
-
-
 def _t_bucket(T: int) -> int:
     """Autotuning key for the number of rows (unused by the kernels): powers of two from 1024."""
     return max(1024, triton.next_power_of_2(max(1, T)))
 
 
-def _meta(bottlenecks, device: torch.device) -> torch.Tensor:
+def _meta(bottlenecks: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(start, width) of each group in the packed R dimension, flattened int32 on ``device`` (cached)."""
     key = (tuple(int(r) for r in bottlenecks), device)
     t = _META_CACHE.get(key)
     if t is None:
-        rows = [[o, int(r)] for o, r in zip(group_offsets(bottlenecks), bottlenecks)]
+        rows = [[start, r] for start, r in zip(itertools.accumulate(key[0][:-1], initial=0), key[0])]
         t = torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1)
         _META_CACHE[key] = t
     return t
@@ -822,7 +816,10 @@ def _check(h: torch.Tensor, bottlenecks) -> None:
         raise ValueError(f"h must be a 2-D tensor with a contiguous last dim, got {tuple(h.shape)}")
 
 
-def forward(h, base, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, scale, eps, save):
+def forward(h: torch.Tensor, base: torch.Tensor | None, ids: torch.Tensor | None, seg_len: int,
+            ln_w: torch.Tensor, ln_b: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, wu: torch.Tensor,
+            bu: torch.Tensor, bottlenecks: Sequence[int], scale: float, eps: float,
+            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (T, D) in h's dtype, and when ``save``: mean, rstd (T,) fp32 and the pre-activation (T, R_MAX)
     in the weight dtype (empty tensors otherwise; a is also empty when SAVE_PREACT is False)."""
     _check(h, bottlenecks)
@@ -893,8 +890,10 @@ def _wgrad_split(T: int, D: int, G: int, r_max: int, device: torch.device) -> in
     return int(max(1, min(want, 16, T // (64 * 4 * G) if G else 1)))
 
 
-def backward(dout, h, ids, seg_len, ln_w, ln_b, wd, bd, wu, bu, bottlenecks, mean, rstd, a, scale, eps,
-             need_dh, need_w):
+def backward(dout: torch.Tensor, h: torch.Tensor, ids: torch.Tensor | None, seg_len: int, ln_w: torch.Tensor,
+             ln_b: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, wu: torch.Tensor, bu: torch.Tensor,
+             bottlenecks: Sequence[int], mean: torch.Tensor, rstd: torch.Tensor, a: torch.Tensor, scale: float,
+             eps: float, need_dh: bool, need_w: bool) -> tuple[torch.Tensor, ...]:
     """(dh, dln_w, dln_b, dwd, dbd, dwu, dbu); dh is empty unless need_dh, the weight grads are empty
     unless need_w. ``a`` empty means: recompute the pre-activation."""
     _check(h, bottlenecks)

@@ -77,7 +77,7 @@ def teardown(synchronize: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def all_gather_objects(obj, info: DistInfo) -> list:
+def all_gather_objects(obj: object, info: DistInfo) -> list:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
     if not info.enabled:
         return [obj]

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 from collections.abc import Collection, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ class NonFiniteOutputError(RuntimeError):
     """A model gave NaN or infinite logits: it diverged, and its metrics would be meaningless."""
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     """Autocast context for ``dtype`` on CUDA (mixed precision), a no-op for fp32 or CPU."""
     if dtype is None or device.type != "cuda":
         return nullcontext()

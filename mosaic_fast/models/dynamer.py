@@ -226,7 +226,9 @@ class DynaMerModel(nn.Module):
             xg, xm = adapter.forward_skip(xg, xm, idx_g, gate_g, idx_m, gate_m, inplace=inplace)
         return 0.5 * (self.backbone_gen.norm(xg)[:, 0] + self.backbone_med.norm(xm)[:, 0])
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
+    def forward(self, x: torch.Tensor,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, num_classes), or ``(features, logits)`` with ``return_features``."""
         features = self.forward_features(x)
         logits = self.head(features)
         return (features, logits) if return_features else logits

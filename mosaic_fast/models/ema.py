@@ -66,7 +66,8 @@ class EMATeacher:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> object:
+        """Load into the teacher model; returns what ``nn.Module.load_state_dict`` returns."""
         return self.model.load_state_dict(state_dict, strict=strict)
 
     @torch.no_grad()

@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -160,7 +161,7 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
                            "create_graph=True); use the mosaic_fast.reference modules for higher-order gradients")
 
 
-def once_differentiable_strict(fn):
+def once_differentiable_strict(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.autograd.function.once_differentiable`` for a backward ``fn(ctx, *grads)``, made strict.
 
     torch's decorator attaches its error node to detached copies of the gradients, and only when an incoming

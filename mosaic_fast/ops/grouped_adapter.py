@@ -48,9 +48,11 @@ cannot raise without a host sync: rows routed to an invalid id come out as NaN
 """
 
 
+from collections.abc import Iterable, Sequence
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import backend
 from . import cpu_gemm
@@ -67,7 +69,7 @@ __all__ = ["adapter_torch", "group_offsets", "grouped_adapter", "pack_adapters",
            "single_adapter_uses_torch"]
 
 
-def group_offsets(bottlenecks) -> list[int]:
+def group_offsets(bottlenecks: Sequence[int]) -> list[int]:
     """Start of each group in the packed bottleneck dimension."""
     offs, acc = [], 0
     for r in bottlenecks:
@@ -76,7 +78,7 @@ def group_offsets(bottlenecks) -> list[int]:
     return offs
 
 
-def pack_adapters(adapters) -> tuple[tuple[Tensor, ...], list[int]]:
+def pack_adapters(adapters: Iterable[nn.Module]) -> tuple[tuple[Tensor, ...], list[int]]:
     """((ln_w, ln_b, down_w, down_b, up_w, up_b), bottlenecks) for a sequence of Adapter modules."""
     adapters = list(adapters)
     if len(adapters) == 1:
@@ -469,7 +471,7 @@ def grouped_adapter(
     down_b: Tensor,
     up_w: Tensor,
     up_b: Tensor,
-    bottlenecks,
+    bottlenecks: Sequence[int],
     *,
     base: Tensor | None = None,
     expert_id: Tensor | None = None,
@@ -522,7 +524,8 @@ def _check_h_base_devices(h: Tensor, base: Tensor | None, D: int, weights) -> No
             raise ValueError(f"{name} is on {w.device} but h is on {h.device}")
 
 
-def run_adapter(h: Tensor, weights, *, base: Tensor | None = None, scale: float = 0.1, eps: float = 1e-5) -> Tensor:
+def run_adapter(h: Tensor, weights: Sequence[Tensor], *, base: Tensor | None = None, scale: float = 0.1,
+                eps: float = 1e-5) -> Tensor:
     """One adapter from its own parameters ``(ln_w (D,), ln_b (D,), down_w (r, D), down_b (r,), up_w (D, r),
     up_b (D,))`` by :func:`adapter_torch`, with run_packed's checks (for when
     :func:`single_adapter_uses_torch` holds: no packing, no per-call weight casts beyond the reference's)."""
@@ -531,7 +534,8 @@ def run_adapter(h: Tensor, weights, *, base: Tensor | None = None, scale: float 
     return adapter_torch(h, base, *weights, float(scale), float(eps))
 
 
-def run_packed(h, weights, bottlenecks, *, base=None, expert_id=None, scale=0.1, eps=1e-5) -> Tensor:
+def run_packed(h: Tensor, weights: Sequence[Tensor], bottlenecks: Sequence[int], *, base: Tensor | None = None,
+               expert_id: str | Tensor | None = None, scale: float = 0.1, eps: float = 1e-5) -> Tensor:
     """:func:`grouped_adapter` for weights already known to be packed consistently (one dtype, shapes
     of ``bottlenecks``, e.g. from :func:`pack_adapters`): checks only h, base, expert_id and devices."""
     D = weights[0].shape[1]
