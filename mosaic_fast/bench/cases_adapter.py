@@ -5,6 +5,10 @@ Implementations, on the same inputs:
     the three specialists run on their masked samples, as the seed does);
   * "fast": ``nn.MoSAdapter.forward_fused(h, base, expert_id)`` (one launch for A/B/C; for one specialist
     on CUDA the default backend runs cuBLAS, so "kernel" times the fused Triton kernel there too);
+  * "three launches" (mixed routing, DESIGN.md §6's "grouped A/B/C vs three launches"): each specialist's
+    own fused single-adapter kernel (``nn.Adapter.forward_fused``) on its gathered samples, one launch per
+    specialist, outputs put back in sample order: what grouping saves over fusing each adapter alone
+    (on CUDA on the Triton backend; on CPU the torch fallback of each adapter);
   * the runner adds ``torch.compile`` of the reference.
 
 Routings: "single" (the whole batch on specialist C, the largest bottleneck) and "mixed" (samples spread
@@ -84,6 +88,17 @@ def cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     return out
 
 
+def _three_launches(fast: fast_nn.MoSAdapter, h: torch.Tensor, base: torch.Tensor, eid: torch.Tensor) -> torch.Tensor:
+    """``base + adapter_{eid}(h)`` per sample by one fused single-adapter call per specialist (the
+    baseline a grouped launch replaces); reads the group sizes on the host, as per-group launches must."""
+    picks = [(eid == g).nonzero().squeeze(1) for g in range(len(fast.experts))]
+    outs = [expert.forward_fused(h[idx], base[idx]) for expert, idx in zip(fast.experts, picks) if idx.numel()]
+    order = torch.cat([idx for idx in picks if idx.numel()])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(outs)[inverse]
+
+
 def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) -> Case:
     ref, fast = _modules(device, dtype)
     T = batch * TOKENS
@@ -113,6 +128,10 @@ def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) ->
             fast.forward_fused(h, base, eid).backward(gout)
             return h.grad
 
+        def three_impl(h, base, eid, gout):
+            _three_launches(fast, h, base, eid).backward(gout)
+            return h.grad
+
     else:
 
         def reference_impl(h, base, eid, gout):
@@ -123,9 +142,15 @@ def _case(device, dtype, routing: str, batch: int, backward: bool, elem: int) ->
             with torch.no_grad():
                 return fast.forward_fused(h, base, eid)
 
+        def three_impl(h, base, eid, gout):
+            with torch.no_grad():
+                return _three_launches(fast, h, base, eid)
+
     impls = {"reference": reference_impl, "fast": fast_impl}
     if routing == "single" and device.type == "cuda":
         impls["kernel"] = on_triton_backend(fast_impl)  # "fast" is cuBLAS for one group (ops docstring)
+    if routing == "mixed":
+        impls["three launches"] = on_triton_backend(three_impl) if device.type == "cuda" else three_impl
     floor_bytes, floor_flops = _floors(routing, batch, elem, backward)
     pass_name = "fwd+bwd" if backward else "fwd"
     return Case(

@@ -35,11 +35,12 @@ COLUMN_COLORS = {
     "fast+cudnn-attn": "#e377c2",
     "kernel": "#2ca02c",
     "fast+mkl": "#d62728",
+    "three launches": "#bcbd22",
 }
-_FALLBACK_COLORS = ("#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
+_FALLBACK_COLORS = ("#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
 #: Drawing order of the known columns (reference side first); unknown columns follow in order of appearance.
 _COLUMN_ORDER = ("compiled", "reference+graphs", "fast", "fast+graphs", "fast+compiled", "fast+cudnn-attn",
-                 "kernel", "fast+mkl")
+                 "kernel", "fast+mkl", "three launches")
 _RUN_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 
 # layout, in inches

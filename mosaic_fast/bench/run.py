@@ -189,17 +189,20 @@ def format_table(records: list[dict], device: torch.device, dtype: str = "float3
     labels = []
     for r in records:
         labels += [k for k in r["times_s"] if k not in labels]
-    head = f"{'case':<44}" + "".join(f"{lab + ' ms':>14}" for lab in labels)
-    head += "".join(f"{'x ' + lab:>11}" for lab in labels if lab != "reference")
+    time_w = {lab: max(14, len(lab) + 5) for lab in labels}  # (long labels keep a gap to the column before)
+    ratio_w = {lab: max(11, len(lab) + 4) for lab in labels}
+    head = f"{'case':<44}" + "".join(f"{lab + ' ms':>{time_w[lab]}}" for lab in labels)
+    head += "".join(f"{'x ' + lab:>{ratio_w[lab]}}" for lab in labels if lab != "reference")
     if device.type == "cuda":
         head += f"{'fast %floor':>12}"
     head += f"{'err':>9}"
     lines = [head, "-" * len(head)]
     for r in records:
         row = f"{r['name'][:44]:<44}"
-        row += "".join(f"{1e3 * r['times_s'][lab]:>14.3f}" if lab in r["times_s"] else f"{'-':>14}" for lab in labels)
-        row += "".join(f"{r['speedup_vs_reference'][lab]:>11.2f}" if lab in r["speedup_vs_reference"]
-                       else f"{'-':>11}" for lab in labels if lab != "reference")
+        row += "".join(f"{1e3 * r['times_s'][lab]:>{time_w[lab]}.3f}" if lab in r["times_s"]
+                       else f"{'-':>{time_w[lab]}}" for lab in labels)
+        row += "".join(f"{r['speedup_vs_reference'][lab]:>{ratio_w[lab]}.2f}" if lab in r["speedup_vs_reference"]
+                       else f"{'-':>{ratio_w[lab]}}" for lab in labels if lab != "reference")
         if device.type == "cuda":
             pct = r.get("pct_of_floor", {}).get("fast")
             row += f"{pct:>11.1f}%" if pct is not None else f"{'-':>12}"
