@@ -94,3 +94,12 @@ def test_readme_tables_are_the_render_of_the_committed_json(json_name, tmp_path)
     rendered = md.read_text().strip()  # one table per run, each under its environment line
     assert rendered.count("| case |") == (3 if "h200" in json_name else 1)
     assert rendered in readme, f"README differs from the render of {json_name}"
+
+
+def test_baseline_columns_are_not_judged():
+    """"three launches" is a baseline of the grouped kernel: a fast-path target never applies to it."""
+    record = {"suite": "ops", "name": "mos_adapter_mixed_B32_fwd", "params": {},
+              "times_s": {"reference": 1e-3, "fast": 2e-4, "three launches": 9e-4}}
+    env = {"device": "H200", "dtype": "bfloat16", "bench_device": "cuda"}
+    checks = check_targets({"environment": env, "records": [record]})
+    assert checks and {c.column for c in checks} == {"fast"}
