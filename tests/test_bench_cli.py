@@ -127,7 +127,8 @@ def test_from_json_errors_name_the_file(tmp_path, capsys):
 
 def _results_file(tmp_path, records):
     path = tmp_path / "r.json"
-    env = {"device": "cpu", "dtype": "float32", "torch": torch.__version__, "bench_device": "cpu"}
+    env = {"device": "cpu", "dtype": "float32", "torch": torch.__version__, "triton": "3.8", "date": "D0",
+           "bench_device": "cpu"}
     path.write_text(json.dumps({"environment": env, "records": records}))
     return str(path)
 
@@ -157,3 +158,39 @@ def test_table_shows_throughput_and_peak_memory():
     table = format_table(records, torch.device("cpu"))
     assert "    items/s: reference 5,309 · fast 9,072" in table
     assert "    peak memory: reference 6.51 GB · fast 4.62 GB (0.71×)" in table
+
+
+def test_merged_runs_keep_their_own_machine_and_dtype(tmp_path, capsys):
+    """Each run of merged files is rendered under its own environment line, and --strict judges each
+    run by its own dtype's tolerance (a bf16 error of 1e-2 is fine after an fp32 file)."""
+    cpu = _results_file(tmp_path, [_record("a", rel_error_vs_reference={"fast": 1e-6})])
+    gpu = tmp_path / "gpu.json"
+    env = {"device": "NVIDIA H200", "dtype": "bfloat16", "torch": "2.11", "triton": "3.6", "date": "D",
+           "bench_device": "cuda"}
+    gpu.write_text(json.dumps({"environment": env, "records": [_record("b", rel_error_vs_reference={"fast": 1e-2})]}))
+    md = tmp_path / "m.md"
+    assert main(["--from-json", cpu, str(gpu), "--markdown", str(md), "--strict"]) == 0
+    text = md.read_text()
+    assert "NVIDIA H200, bfloat16, torch 2.11, triton 3.6, D (gpu.json)\n\n| case |" in text
+    assert text.startswith("cpu, float32, torch ")
+    capsys.readouterr()
+
+
+def test_cases_that_fail_to_build_are_recorded(tmp_path, monkeypatch, capsys):
+    """A case module that cannot build its cases is reported, kept in the JSON as a failed record, and
+    makes --strict fail (it is not a silently shorter suite)."""
+    from mosaic_fast.bench import cases_patch_embed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no cases today")
+
+    monkeypatch.setattr(cases_patch_embed, "cases", broken)
+    out = tmp_path / "r.json"
+    argv = ["ops", "--device", "cpu", "--filter", "moe_skip_rho0.1", "--no-compile", "--min-run-time", "0.02",
+            "--json", str(out)]
+    assert main(argv) == 0
+    assert main([*argv, "--strict"]) == 3
+    err = capsys.readouterr().err
+    assert "building the cases_patch_embed cases failed: RuntimeError: no cases today" in err
+    names = [r["name"] for r in json.loads(out.read_text())["records"]]
+    assert names == ["cases_patch_embed (building the cases)", "moe_skip_rho0.1"]

@@ -191,6 +191,14 @@ def test_load_vit_npz_errors(tmp_path):
     with pytest.raises(ValueError, match=want):
         models.load_vit_npz(model, tmp_path / "two_heads.npz")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a failed load changed the model"
+    # q/k/v kernels stored flat (D, D) carry no head grouping: they load as the (D, H, D/H) ones do
+    flat = {k: (v.reshape(32, 32) if k.endswith(("query/kernel", "key/kernel", "value/kernel")) else v)
+            for k, v in write_google_npz(tmp_path / "ok.npz").items()}
+    np.savez(tmp_path / "flat.npz", **flat)
+    models.load_vit_npz(model, tmp_path / "flat.npz")
+    loaded_flat = {k: v.clone() for k, v in model.state_dict().items()}
+    models.load_vit_npz(model, tmp_path / "ok.npz")
+    assert all(torch.equal(v, loaded_flat[k]) for k, v in model.state_dict().items())
 
 
 def test_ema_update_formula_and_inactive_specialists():

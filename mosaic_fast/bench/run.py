@@ -85,8 +85,8 @@ def _read_results(path: str) -> dict:
 def load_results(paths: list[str]) -> dict:
     """Results of one or more JSON files (e.g. an ops and a model run on one GPU), records concatenated and
     tagged with their run (``"run"``: ratios between cases are only taken within one run); the environment
-    is the first file's, with each file's date kept in ``runs``. A file that cannot be read as results
-    raises ValueError naming it."""
+    is the first file's, and each run keeps its source in ``runs`` (file, date and that file's environment;
+    the sources a merged file lists). A file that cannot be read as results raises ValueError naming it."""
     from mosaic_fast.bench.targets import split_runs
 
     merged: dict = {"environment": None, "records": [], "runs": []}
@@ -98,8 +98,10 @@ def load_results(paths: list[str]) -> dict:
             tag = len(merged["runs"])
             merged["records"] += [{**record, "run": tag} for record in run]
             old_tag = run[0].get("run")
-            merged["runs"].append(inner[old_tag] if isinstance(old_tag, int) and 0 <= old_tag < len(inner) else
-                                  {"file": os.path.basename(path), "date": results["environment"].get("date")})
+            source = {"file": os.path.basename(path), "date": results["environment"].get("date")}
+            if isinstance(old_tag, int) and 0 <= old_tag < len(inner):
+                source = inner[old_tag]
+            merged["runs"].append({**source, "environment": source.get("environment", results["environment"])})
     return merged
 
 
@@ -125,8 +127,9 @@ def write_outputs(results: dict, args: argparse.Namespace) -> None:
 
 
 def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool,
-                  graphs: bool = False, with_compile: bool = True) -> list:
-    """Every case of ``suites``; a module whose cases cannot be built is reported and left out.
+                  graphs: bool = False, with_compile: bool = True, failures: list[dict] | None = None) -> list:
+    """Every case of ``suites``; a module whose cases cannot be built is reported and left out (and, with
+    ``failures``, appended there as a record with an error, so the JSON and ``--strict`` see it).
     ``graphs`` (CUDA-graph variants of inference cases) and ``with_compile`` (cases that build their own
     compiled implementation) go to the modules whose ``cases`` take them."""
     cases = []
@@ -139,8 +142,11 @@ def collect_cases(suites: list[str], device: torch.device, dtype: torch.dtype, q
             try:
                 cases += module.cases(device, dtype, quick, **extra)
             except Exception as exc:  # report and go on: one broken module must not lose the others
-                print(f"mosaic-fast bench: building the {module_name} cases failed: {type(exc).__name__}: {exc}",
-                      file=sys.stderr)
+                message = f"{type(exc).__name__}: {exc}"
+                print(f"mosaic-fast bench: building the {module_name} cases failed: {message}", file=sys.stderr)
+                if failures is not None:
+                    failures.append({"suite": suite, "name": f"{module_name} (building the cases)", "params": {},
+                                     "times_s": {}, "speedup_vs_reference": {}, "errors": {"cases": message[:300]}})
     return cases
 
 
@@ -221,16 +227,22 @@ def markdown_table(results: dict) -> str:
     its own columns, date and source file), each under its environment line."""
     from mosaic_fast.bench.targets import split_runs
 
-    env = results["environment"]
     runs = split_runs(results["records"])
-    sources = results.get("runs") or []
     tables = []
     for records in runs:
-        source = sources[records[0]["run"]] if len(runs) > 1 and "run" in records[0] and sources else None
+        source = run_source(results, records[0]) if len(runs) > 1 else None
+        env = (source or {}).get("environment", results["environment"])
         line = f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
         line += f"{source['date']} ({source['file']})" if source else str(env["date"])
         tables.append(_markdown_run(line, records))
     return "\n".join(tables)
+
+
+def run_source(results: dict, record: dict) -> dict | None:
+    """The ``runs`` entry of ``record``'s run (file, date, environment) in merged results, else None."""
+    sources = results.get("runs") or []
+    tag = record.get("run")
+    return sources[tag] if isinstance(tag, int) and 0 <= tag < len(sources) else None
 
 
 def _markdown_run(env_line: str, records: list[dict]) -> str:
@@ -327,10 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceilings: copy {ceilings['bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 GEMM {ceilings['flops_bf16'] / 1e12:.0f} TFLOP/s", file=sys.stderr)
     for suite in suites:
+        failures: list[dict] = []
         cases = [c for c in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
-                                          with_compile=not args.no_compile)
+                                          with_compile=not args.no_compile, failures=failures)
                  if args.filter is None or any(f in c.name for f in args.filter)]
-        records = []
+        records = list(failures)
+        results["records"] += failures
         for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
             try:
                 record = time_case(case, device, with_compile=not args.no_compile, min_run_time=min_run_time,
@@ -353,8 +367,11 @@ def strict_status(results: dict, args: argparse.Namespace) -> int:
     :data:`AGREEMENT_TOLERANCE` (so scripts and CI can act on the table's ``!`` lines)."""
     if not args.strict:
         return 0
-    dtype = str(results["environment"].get("dtype", "float32"))
-    flagged = [r["name"] for r in results["records"] if r.get("errors") or disagreements(r, dtype)]
+    def dtype(record: dict) -> str:  # (merged files: each run's own dtype sets its tolerance)
+        env = (run_source(results, record) or {}).get("environment", results["environment"])
+        return str(env.get("dtype", "float32"))
+
+    flagged = [r["name"] for r in results["records"] if r.get("errors") or disagreements(r, dtype(r))]
     if flagged:
         print(f"mosaic-fast bench: --strict: {len(flagged)} case(s) with a failed or disagreeing "
               f"implementation: {', '.join(flagged)}", file=sys.stderr)

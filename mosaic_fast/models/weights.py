@@ -90,7 +90,8 @@ def vit_block_assignments(block: nn.Module, weights: Mapping[str, np.ndarray], i
     heads = block.attn.num_heads
     for name in ("query", "key", "value"):
         kernel_shape = tuple(weights[f"{att}/{name}/kernel"].shape)
-        if kernel_shape != (dim, heads, dim // heads):  # a reshape would silently regroup the heads
+        # a 3-D kernel of other heads would be silently regrouped by the reshape; a 2-D one has no grouping
+        if kernel_shape not in ((dim, heads, dim // heads), (dim, dim)):
             raise ValueError(f"{att}/{name}/kernel: checkpoint shape {kernel_shape} does not fit the model's "
                              f"{(dim, heads, dim // heads)} (width {dim}, {heads} heads)")
     qkv_w = [_tensor(weights, f"{att}/{n}/kernel").reshape(dim, -1).T for n in ("query", "key", "value")]
