@@ -250,8 +250,8 @@ def check_moe_args(
     check_same_device("x_gen", x_gen, [*named, *((f"rows_{s}", rows[s]) for s in rows),
                                        *((f"eidx_{s}", eidx[s]) for s in eidx)])
     for s in ("gen", "med"):
-        check_index_values_on_cpu(f"rows_{s}", rows[s], m, unique_dim=0)
-        check_index_values_on_cpu(f"eidx_{s}", eidx[s], n, unique_dim=1)
+        check_index_values_on_cpu(f"rows_{s}", rows[s], m, distinct=True)
+        check_index_values_on_cpu(f"eidx_{s}", eidx[s], n, distinct=True)
     return rows["gen"], rows["med"], eidx["gen"], eidx["med"]
 
 

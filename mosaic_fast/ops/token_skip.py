@@ -102,7 +102,7 @@ def check_merge_args(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor) -> T
     if coef.dtype != x.dtype:
         raise TypeError(f"coef dtype {coef.dtype} differs from x dtype {x.dtype}")
     check_same_device("x", x, (("rows", rows), ("update", update), ("coef", coef)))
-    check_index_values_on_cpu("rows", rows, x.shape[0], unique_dim=0)
+    check_index_values_on_cpu("rows", rows, x.shape[0], distinct=True)
     return rows
 
 

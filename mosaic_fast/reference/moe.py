@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, MoSAdapter
-from .checks import check_input_dtype
+from .checks import check_input_dtype, repeats_in_rows
 
 
 def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor | None = None,
@@ -64,9 +64,7 @@ def check_selection(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, name
         low, high = int(idx.min()), int(idx.max())
         if low < 0 or high >= x.shape[1]:
             raise ValueError(f"idx_{name}: token indices must be in [0, {x.shape[1]}), got values in [{low}, {high}]")
-        b, n = x.shape[:2]
-        flat = idx.long() + n * torch.arange(b, device=idx.device).unsqueeze(1)  # (a histogram: no sort)
-        if bool(torch.bincount(flat.flatten(), minlength=b * n).max() > 1):  # a scatter of a repeat keeps either
+        if repeats_in_rows(idx, x.shape[1]):
             raise ValueError(f"idx_{name}: token indices must be distinct within each sample")
 
 
