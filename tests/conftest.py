@@ -2,6 +2,9 @@
 
 TRITON_INTERPRET must be set before triton decorates the kernels, i.e. before mosaic_fast is imported.
 On a CUDA machine the kernels are compiled for real and the interpreter tests are skipped.
+torch.compile's on-disk AOTAutograd cache is off: its key does not cover the Python backward of a custom
+op (pytorch/pytorch#144344), so after an edit of a fused op's backward a warm cache would serve the old
+compiled backward to the compile tests (Inductor's own cache, keyed by the traced graphs, stays on).
 """
 
 import os
@@ -12,9 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+import torch._functorch.config as functorch_config
 
 import mosaic_fast
 from mosaic_fast.backend import INTERPRET, triton_available
+
+functorch_config.enable_autograd_cache = False
 
 
 @pytest.fixture(autouse=True)

@@ -206,20 +206,6 @@ def test_autocast_parity(backend, dtype, batch):
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_autograd_cache():
-    """Compile without torch's on-disk AOTAutograd cache: its key does not cover the Python backward of a
-    custom op (pytorch/pytorch#144344), so after an edit of the grouped adapter's backward a warm cache
-    would serve the old compiled backward. (Inductor's own cache, keyed by the traced graphs, stays on.)"""
-    import torch._functorch.config as functorch_config
-
-    # (torch's own config patch: pytest's monkeypatch deletes a config entry on undo in some versions,
-    # which hides it from every later compile in the process)
-    with functorch_config.patch(enable_autograd_cache=False):
-        yield
-
-
-@pytest.mark.usefixtures("no_autograd_cache")
 def test_compiled_forward_packed_matches_eager():
     """``torch.compile(forward_packed, fullgraph=True)`` on a 2D (mixed ids) + 3D batch: one graph,
     same features as eager and as the float64 reference."""
@@ -235,7 +221,6 @@ def test_compiled_forward_packed_matches_eager():
         assert_parity(g, w, TOL_CPU_FWD, f"compiled vs float64 {what} features")
 
 
-@pytest.mark.usefixtures("no_autograd_cache")
 def test_compiled_training_step_matches_eager():
     """Forward + backward through ``torch.compile(model, fullgraph=True)`` (frozen backbone: adapters and
     heads train) on mixed 2D batches: logits and every trainable gradient equal eager's; a second step
