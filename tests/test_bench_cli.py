@@ -173,7 +173,9 @@ def test_merged_runs_keep_their_own_machine_and_dtype(tmp_path, capsys):
     text = md.read_text()
     assert "NVIDIA H200, bfloat16, torch 2.11, triton 3.6, D (gpu.json)\n\n| case |" in text
     assert text.startswith("cpu, float32, torch ")
-    capsys.readouterr()
+    out = capsys.readouterr().out  # the printed tables too: one per run, under its machine, by its tolerance
+    assert "== suite model (cpu, float32) ==" in out and "== suite model (NVIDIA H200, bfloat16) ==" in out
+    assert "fast %floor" in out.split("NVIDIA H200")[1] and "differs" not in out
 
 
 def test_cases_that_fail_to_build_are_recorded(tmp_path, monkeypatch, capsys):

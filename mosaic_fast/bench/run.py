@@ -231,11 +231,16 @@ def markdown_table(results: dict) -> str:
     tables = []
     for records in runs:
         source = run_source(results, records[0]) if len(runs) > 1 else None
-        env = (source or {}).get("environment", results["environment"])
+        env = run_environment(results, records[0])
         line = f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
         line += f"{source['date']} ({source['file']})" if source else str(env["date"])
         tables.append(_markdown_run(line, records))
     return "\n".join(tables)
+
+
+def run_environment(results: dict, record: dict) -> dict:
+    """The environment (machine, dtype, versions) of ``record``'s run: its own in merged results."""
+    return (run_source(results, record) or {}).get("environment", results["environment"])
 
 
 def run_source(results: dict, record: dict) -> dict | None:
@@ -312,11 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"mosaic-fast bench: error: {err}", file=sys.stderr)
             return 2
-        device = torch.device(results["environment"].get("bench_device", "cpu"))
-        for suite in dict.fromkeys(r["suite"] for r in results["records"]):
-            print(f"\n== suite {suite} ({results['environment']['device']}, {results['environment']['dtype']}) ==")
-            print(format_table([r for r in results["records"] if r["suite"] == suite], device,
-                               str(results["environment"].get("dtype", "float32"))))
+        from mosaic_fast.bench.targets import split_runs
+
+        for run in split_runs(results["records"]):  # each run under its own machine and dtype
+            env = run_environment(results, run[0])
+            device = torch.device(env.get("bench_device", "cpu"))
+            for suite in dict.fromkeys(r["suite"] for r in run):
+                print(f"\n== suite {suite} ({env['device']}, {env['dtype']}) ==")
+                print(format_table([r for r in run if r["suite"] == suite], device, str(env.get("dtype", "float32"))))
         write_outputs(results, args)
         return strict_status(results, args)
     device = torch.device(args.device)
@@ -367,11 +375,8 @@ def strict_status(results: dict, args: argparse.Namespace) -> int:
     :data:`AGREEMENT_TOLERANCE` (so scripts and CI can act on the table's ``!`` lines)."""
     if not args.strict:
         return 0
-    def dtype(record: dict) -> str:  # (merged files: each run's own dtype sets its tolerance)
-        env = (run_source(results, record) or {}).get("environment", results["environment"])
-        return str(env.get("dtype", "float32"))
-
-    flagged = [r["name"] for r in results["records"] if r.get("errors") or disagreements(r, dtype(r))]
+    flagged = [r["name"] for r in results["records"]
+               if r.get("errors") or disagreements(r, str(run_environment(results, r).get("dtype", "float32")))]
     if flagged:
         print(f"mosaic-fast bench: --strict: {len(flagged)} case(s) with a failed or disagreeing "
               f"implementation: {', '.join(flagged)}", file=sys.stderr)
