@@ -85,6 +85,7 @@ MOE_BAD = [
     ("rows_med", ValueError, {"rows_med": torch.tensor([-1, 2, 3, 4])}),
     ("rows_gen", TypeError, {"rows_gen": torch.tensor([0.0, 2.0, 5.0])}),
     ("rows_gen", ValueError, {"rows_gen": torch.tensor([[0, 2, 5]])}),
+    ("rows_gen", ValueError, {"rows_gen": None}),  # None (every row) for one stream only
     ("x_med", ValueError, {"x_med": torch.randn(4, D)}),
     ("x_gen", ValueError, {"x_gen": torch.randn(1, 6, D)}),
     ("x_gen", TypeError, {"x_gen": torch.zeros(6, D, dtype=torch.long)}),

@@ -124,11 +124,10 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
             fmt = torch.contiguous_format
             return self._routed_update_(weights, x_gen.clone(memory_format=fmt), x_med.clone(memory_format=fmt))
         xg, xm = x_gen.reshape(-1, self.d_model), x_med.reshape(-1, self.d_model)
-        rows = torch.arange(xg.shape[0], device=xg.device)
         eg, pg, cg = self._routing(xg, 0)
         em, pm, cm = self._routing(xm, 1)
         pg, cg, pm, cm = self._in_stream_dtype(xg, pg, cg, pm, cm)
-        og, om = moe_gated_update(xg, xm, rows, rows, eg, pg, cg, em, pm, cm, *self._params(xg))
+        og, om = moe_gated_update(xg, xm, None, None, eg, pg, cg, em, pm, cm, *self._params(xg))  # every row
         return og.view(x_gen.shape), om.view(x_med.shape)
 
     def forward_skip(

@@ -50,17 +50,18 @@ def _torch_mixes(
     ``mix = Σ_e p_e (W_up[e] relu(h_e) + b_up[e]) = [p_e relu(h_e)]_e @ W_up_cat^T + p @ b_up`` with
     p_e = 0 for the experts a row did not pick: all n experts' hidden units (T×n·r, never T×n×D) in one
     down GEMM, the routing probabilities applied to the hidden units, one up GEMM. n/k times the sparse
-    FLOPs, but large GEMMs instead of per-expert gathers: the fast choice on CPU. Differentiable, no
-    host sync."""
+    FLOPs, but large GEMMs instead of per-expert gathers: the fast choice on CPU. ``rows`` None: every
+    row (no gather). Differentiable, no host sync."""
     n, r, _ = w_down.shape
     d = x_gen.shape[1]
     w_down_cat, b_down_cat = w_down.reshape(n * r, -1), b_down.reshape(n * r)
     w_up_cat = w_up.permute(1, 0, 2).reshape(d, n * r)
-    same_rows = rows[0] is rows[1]  # the full (non-skipping) forward passes one row tensor for both
+    same_rows = rows[0] is rows[1]  # the full (non-skipping) forward passes one row tensor (or None) for both
     mixes, hidden = [], None
     for rows_s, eidx_s, p_s in zip(rows, eidx, probs):
         if hidden is None or not same_rows:  # the expert input is the same pair for both streams
-            u = torch.cat([x_gen.index_select(0, rows_s), x_med.index_select(0, rows_s)], dim=1)
+            pair = (x_gen, x_med) if rows_s is None else (x_gen.index_select(0, rows_s), x_med.index_select(0, rows_s))
+            u = torch.cat(pair, dim=1)
             hidden = torch.relu(cpu_gemm.linear(u, w_down_cat, b_down_cat)).view(-1, n, r)
         p_dense = p_s.new_zeros(p_s.shape[0], n).scatter(1, eidx_s.long(), p_s).to(hidden.dtype)
         mix = cpu_gemm.linear((hidden * p_dense.unsqueeze(-1)).view(-1, n * r), w_up_cat)
@@ -214,8 +215,9 @@ def check_moe_args(
     w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Clear errors naming the argument (DESIGN.md §7) for :func:`moe_gated_update`; returns (rows_gen,
-    rows_med, eidx_gen, eidx_med) as int64. Shapes, dtypes and devices always; index values (rows in
-    [0, M), experts in [0, n) and distinct per row) only on CPU, where reading them costs no host sync."""
+    rows_med, eidx_gen, eidx_med) as int64 (rows None stay None). Shapes, dtypes and devices always; index
+    values (rows in [0, M), experts in [0, n) and distinct per row) only on CPU, where reading them costs no
+    host sync."""
     check_tensor("x_gen", x_gen, dims=2, floating=True)
     m, d = x_gen.shape
     check_tensor("x_med", x_med, shape=(m, d))
@@ -227,13 +229,19 @@ def check_moe_args(
     check_tensor("b_down", b_down, shape=(n, r))
     check_tensor("w_up", w_up, shape=(n, d, r))
     check_tensor("b_up", b_up, shape=(n, d))
+    if (rows_gen is None) != (rows_med is None):
+        raise ValueError("rows_gen and rows_med must both be None (every row) or both index tensors, got "
+                         f"{type(rows_gen).__name__} and {type(rows_med).__name__}")
     streams = (("gen", rows_gen, eidx_gen, p_gen, c_gen), ("med", rows_med, eidx_med, p_med, c_med))
     k = eidx_gen.shape[1] if isinstance(eidx_gen, Tensor) and eidx_gen.dim() == 2 else None
     rows, eidx = {}, {}
     for s, rows_s, eidx_s, p_s, c_s in streams:
         # one conversion when both streams pass the same row tensor (the fallback shares their expert input)
-        rows[s] = rows["gen"] if s == "med" and rows_s is rows_gen else check_index(f"rows_{s}", rows_s, dims=1)
-        t = rows[s].shape[0]
+        if rows_s is None:
+            rows[s] = None
+        else:
+            rows[s] = rows["gen"] if s == "med" and rows_s is rows_gen else check_index(f"rows_{s}", rows_s, dims=1)
+        t = m if rows_s is None else rows[s].shape[0]
         eidx[s] = check_index(f"eidx_{s}", eidx_s, shape=(t, k))
         if not 1 <= k <= n:
             raise ValueError(f"eidx_{s}: expected 1 <= K <= {n} experts per row, got shape {tuple(eidx_s.shape)}")
@@ -247,22 +255,24 @@ def check_moe_args(
         if t.dtype != x_gen.dtype:
             raise TypeError(f"{name} is {t.dtype} but x_gen is {x_gen.dtype}: x_gen, x_med, probabilities, gates "
                             f"and expert weights must share one dtype")
-    check_same_device("x_gen", x_gen, [*named, *((f"rows_{s}", rows[s]) for s in rows),
+    check_same_device("x_gen", x_gen, [*named, *((f"rows_{s}", rows[s]) for s in rows if rows[s] is not None),
                                        *((f"eidx_{s}", eidx[s]) for s in eidx)])
     for s in ("gen", "med"):
-        check_index_values_on_cpu(f"rows_{s}", rows[s], m, distinct=True)
+        if rows[s] is not None:
+            check_index_values_on_cpu(f"rows_{s}", rows[s], m, distinct=True)
         check_index_values_on_cpu(f"eidx_{s}", eidx[s], n, distinct=True)
     return rows["gen"], rows["med"], eidx["gen"], eidx["med"]
 
 
 def moe_gated_update(
-    x_gen: Tensor, x_med: Tensor, rows_gen: Tensor, rows_med: Tensor,
+    x_gen: Tensor, x_med: Tensor, rows_gen: Tensor | None, rows_med: Tensor | None,
     eidx_gen: Tensor, p_gen: Tensor, c_gen: Tensor, eidx_med: Tensor, p_med: Tensor, c_med: Tensor,
     w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor, inplace: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Both streams updated on their selected rows (see the module docstring); returns (out_gen, out_med).
 
-    x_gen/x_med (M, D); rows_s (T_s,) int64 (or int32) without repeats; eidx_s (T_s, K) int64 (or int32)
+    x_gen/x_med (M, D); rows_s (T_s,) int64 (or int32) without repeats, or both None: every row in order
+    (the full forward: on the torch path no gather or scatter); eidx_s (T_s, K) int64 (or int32)
     distinct per row; p_s (T_s, K); c_s (T_s, G) with G | D; w_down (n, r, 2D), b_down (n, r),
     w_up (n, D, r), b_up (n, D); every floating tensor in x_gen's dtype. Argument errors name the argument
     (:func:`check_moe_args`; index values are checked on CPU only, no host sync on CUDA).
@@ -270,6 +280,13 @@ def moe_gated_update(
     touched) and returns them; with gradients it computes out of place and copies."""
     rows_gen, rows_med, eidx_gen, eidx_med = check_moe_args(
         x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down, w_up, b_up)
+    if rows_gen is None and not use_kernels(x_gen):  # every row on the torch path: no gather or scatter
+        mix_g, mix_m = _torch_mixes(x_gen, x_med, (None, None), (eidx_gen, eidx_med), (p_gen, p_med),
+                                    w_down, b_down, w_up, b_up)
+        out_gen, out_med = _gated(x_gen, mix_g, c_gen), _gated(x_med, mix_m, c_med)
+        return (x_gen.copy_(out_gen), x_med.copy_(out_med)) if inplace else (out_gen, out_med)
+    if rows_gen is None:  # the kernels read row indices: every row, in order
+        rows_gen = rows_med = torch.arange(x_gen.shape[0], device=x_gen.device)
     tensors = (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     idx = (rows_gen, rows_med, eidx_gen, eidx_med)
