@@ -84,7 +84,8 @@ def test_gpu_targets_apply_to_a_run_on_an_indexed_cuda_device():
     assert find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=1)
 
 
-@pytest.mark.parametrize("json_name", ["2026-11-30_h200_run2.json", "2026-12-01_cpu-2core_run3.json"])
+@pytest.mark.parametrize("json_name", ["2026-11-30_h200_run2.json", "2026-12-01_cpu-2core_run3.json",
+                                       "2026-12-01_cpu-2core-zen4.json"])
 def test_readme_tables_are_the_render_of_the_committed_json(json_name, tmp_path):
     """README's Performance tables are what `--from-json … --markdown` writes from the JSON it cites, line
     for line, so no figure in README can drift from the committed results."""
@@ -103,3 +104,20 @@ def test_baseline_columns_are_not_judged():
     env = {"device": "H200", "dtype": "bfloat16", "bench_device": "cuda"}
     checks = check_targets({"environment": env, "records": [record]})
     assert checks and {c.column for c in checks} == {"fast"}
+
+
+def test_markdown_names_the_cpu_of_a_cpu_run():
+    """A CPU run's table says which CPU it ran on (ratios differ between CPU generations); a GPU run's does
+    not (its device is the GPU), nor a CPU run recorded before the field existed."""
+    from mosaic_fast.bench.run import markdown_table
+
+    record = {"suite": "ops", "name": "x", "params": {}, "times_s": {"reference": 2e-3, "fast": 1e-3},
+              "speedup_vs_reference": {"fast": 2.0}}
+    env = {"device": "cpu (2 threads)", "dtype": "float32", "torch": "2", "triton": "3", "date": "d",
+           "bench_device": "cpu", "cpu": "AMD EPYC (family 25, model 17; AVX-512)"}
+    assert markdown_table({"environment": env, "records": [record]}).startswith(
+        "cpu (2 threads), AMD EPYC (family 25, model 17; AVX-512), float32, torch 2")
+    old = {k: v for k, v in env.items() if k != "cpu"}
+    assert markdown_table({"environment": old, "records": [record]}).startswith("cpu (2 threads), float32")
+    gpu = {**env, "bench_device": "cuda", "device": "NVIDIA H200"}
+    assert markdown_table({"environment": gpu, "records": [record]}).startswith("NVIDIA H200, float32")

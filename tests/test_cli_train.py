@@ -242,3 +242,52 @@ def test_option_prefixes_are_refused():
     for parser, argv in cases:
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
+
+
+@pytest.fixture
+def no_data_reads(monkeypatch):
+    """Make reading any dataset fail the test: the checks under test must come before the data."""
+    from mosaic_fast.engine import commands
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the data were read before the option checks")
+
+    monkeypatch.setattr(commands, "build_split", fail)
+
+
+def test_resume_problems_are_reported_before_any_data_is_read(trained_64, tmp_path, no_data_reads, capsys):
+    """A missing file, a best.pt and a checkpoint of other datasets / another model fail at once, and the
+    error lists the differences and points to the args.json the run was trained with."""
+    root, out = trained_64
+    argv = ["train", "--data_root", str(root), "--datasets", "breastmnist,adrenalmnist3d", *TINY, "--size_3d", "64",
+            "--output_dir", str(tmp_path)]
+    assert main([*argv, "--resume", str(out / "missing.pt")]) == 2
+    assert "missing.pt: the checkpoint does not exist" in capsys.readouterr().err
+    assert main([*argv, "--resume", str(out / "best.pt")]) == 2
+    assert "cannot resume training" in capsys.readouterr().err
+    other = [a if a != "breastmnist,adrenalmnist3d" else "breastmnist" for a in argv]
+    assert main([*other, "--depth", "2", "--resume", str(out / "last.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with other options" in err and "trained on BreastMNIST,AdrenalMNIST3D (now BreastMNIST)" in err
+    assert "depth 1 (now 2)" in err and str(out / "args.json") in err
+
+
+def test_resume_of_a_demo_run_without_demo_says_so(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    assert main(["train", "--demo", *TINY, "--samples_per_round", "16", "--max_steps", "1", "--output_dir",
+                 str(out)]) == 0
+    capsys.readouterr()
+    from mosaic_fast.engine import commands
+
+    monkeypatch.setattr(commands, "build_split", lambda *a, **k: pytest.fail("data read before the resume check"))
+    assert main(["train", "--resume", str(out / "last.pt"), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "PathMNIST: no file" not in err and "add --demo" in err and str(out / "args.json") in err
+
+
+def test_missing_pretrained_file_is_reported_first_with_its_address(data_root, tmp_path, no_data_reads, capsys):
+    from mosaic_fast.models.weights import VIT_B16_URL
+
+    assert main(_train_args(data_root, tmp_path, "--pretrained", str(tmp_path / "ViT-B_16.npz"))) == 2
+    err = capsys.readouterr().err
+    assert "ViT-B_16.npz" in err and VIT_B16_URL in err

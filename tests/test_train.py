@@ -147,6 +147,34 @@ def test_resume_refuses_another_model(root, tmp_path):
         _trainer(root, tmp_path / "y").resume(tmp_path / "other.pt")
 
 
+def test_resume_follows_the_new_schedule_options(root, tmp_path, capsys):
+    """LambdaLR's state_dict holds the RoundSchedule's fields and the optimizer's its lr and weight decay:
+    a 2-round run resumed with more rounds, another --lr and --weight_decay must train round 3 with the new
+    options' schedule (as a fresh 3-round run would), not the old one's end (min_lr), and say so."""
+    _trainer(root, tmp_path, warmup_rounds=0).fit()
+    capsys.readouterr()
+    resumed = _trainer(root, tmp_path, num_rounds=3, warmup_rounds=0, lr=6e-3, weight_decay=0.05)
+    resumed.resume(tmp_path / "last.pt")
+    expected = 6e-3 * RoundSchedule(3, 0, 6e-3, 1e-6)(2)
+    assert resumed.scheduler.last_epoch == 2 and resumed.scheduler.base_lrs == [6e-3]
+    group = resumed.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(expected) and group["weight_decay"] == 0.05
+    assert expected > 100 * 1e-6  # the old schedule would have trained round 3 at its min_lr
+    out = capsys.readouterr().out
+    assert "num_rounds 2 -> 3, lr 0.003 -> 0.006, weight_decay 0.01 -> 0.05" in out
+    assert "follow the new options" in out
+    resumed.fit()
+    assert [e["round"] for e in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["lr"] == pytest.approx(expected)
+
+
+def test_resume_with_the_same_options_logs_no_schedule_change(root, tmp_path, capsys):
+    _trainer(root, tmp_path, max_steps=1).fit()
+    capsys.readouterr()
+    _trainer(root, tmp_path).resume(tmp_path / "last.pt")
+    assert "follow" not in capsys.readouterr().out
+
+
 def test_non_finite_loss_stops_with_a_clear_message(root, tmp_path):
     trainer = _trainer(root, tmp_path)
     with torch.no_grad():

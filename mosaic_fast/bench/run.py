@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mosaic_fast.cliutil import ShortUsageParser
+
 #: Case modules of each suite; each exposes ``cases(device, dtype, quick) -> list[Case]``.
 SUITES = {
     "ops": ("cases_adapter", "cases_moe", "cases_patch_embed"),
@@ -28,8 +30,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mosaic-fast bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ShortUsageParser(prog="mosaic-fast bench", short_usage="mosaic-fast bench [ops|model|all] [options]",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"], help="which suite to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
@@ -232,7 +234,9 @@ def markdown_table(results: dict) -> str:
     for records in runs:
         source = run_source(results, records[0]) if len(runs) > 1 else None
         env = run_environment(results, records[0])
-        line = f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
+        on_cpu = env.get("bench_device") == "cpu" and "cpu" in env  # (runs before the field lack it)
+        device = f"{env['device']}, {env['cpu']}" if on_cpu else env["device"]
+        line = f"{device}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
         line += f"{source['date']} ({source['file']})" if source else str(env["date"])
         tables.append(_markdown_run(line, records))
     return "\n".join(tables)
@@ -346,11 +350,17 @@ def main(argv: list[str] | None = None) -> int:
         results["environment"]["ceilings"] = ceilings
         print(f"ceilings: copy {ceilings['bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 GEMM {ceilings['flops_bf16'] / 1e12:.0f} TFLOP/s", file=sys.stderr)
+    # for the error when --filter matches nothing (not said when a module failed to build: its cases might)
+    matched, unmatched, build_failures = 0, [], 0
     for suite in suites:
         failures: list[dict] = []
-        cases = [c for c in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
-                                          with_compile=not args.no_compile, failures=failures)
-                 if args.filter is None or any(f in c.name for f in args.filter)]
+        built = collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
+                              with_compile=not args.no_compile, failures=failures)
+        cases = [c for c in built if args.filter is None or any(f in c.name for f in args.filter)]
+        matched, build_failures = matched + len(cases), build_failures + len(failures)
+        unmatched += [c.name for c in built if args.filter is not None and not any(f in c.name for f in args.filter)]
+        if not cases and not failures:
+            continue  # --filter matched nothing here: no empty table
         records = list(failures)
         results["records"] += failures
         for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
@@ -366,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(results, args.json_path)
         print(f"\n== suite {suite} ({device}, {str(dtype).replace('torch.', '')}) ==")
         print(format_table(records, device, str(dtype)))
+    if args.filter is not None and not matched and not build_failures:
+        print(f"mosaic-fast bench: error: no case of {'/'.join(suites)} matches --filter "
+              f"{' or '.join(repr(f) for f in args.filter)} (a case is kept when its name contains the text); "
+              f"the cases are: {', '.join(unmatched)}", file=sys.stderr)
+        return 2
     write_outputs(results, args)
     return strict_status(results, args)
 

@@ -35,6 +35,49 @@ class DownloadError(RuntimeError):
     """``--download`` could not fetch a MedMNIST file (the message names it, its URL and the folder)."""
 
 
+#: How to get missing files, the end of every missing-file message.
+GET_FILES_HINT = ("Put the official MedMNIST {what} there, or run again with --download to fetch {it} (from Zenodo, "
+                  "through the medmnist package).")
+
+
+def _wanted_sizes(name: str, size: int | None, prefer: int | None) -> list[int]:
+    """The file sizes to look for, in order: ``size``; else ``prefer`` then the others, largest first."""
+    sizes = available_sizes(name)
+    if size is not None and size not in sizes:
+        raise ValueError(f"size: {name} is published at sizes {sizes}, got {size}")
+    if size is not None:
+        return [size]
+    return ([prefer] if prefer in sizes else []) + [s for s in sorted(sizes, reverse=True) if s != prefer]
+
+
+def _present(root: Path, name: str, wanted: list[int]) -> tuple[Path, int] | None:
+    for s in wanted:
+        path = root / npz_filename(name, s)
+        if path.is_file():
+            return path, s
+    return None
+
+
+def _file_names(name: str, wanted: list[int]) -> str:
+    return " or ".join(npz_filename(name, s) for s in wanted)
+
+
+def _missing_error(root: Path, missing: list[tuple[str, list[int]]], present: list[str] = ()) -> FileNotFoundError:
+    """One error for the datasets in ``missing`` (name, sizes looked for), with how to get the files
+    (and, when some are ``present``, how to use only those)."""
+    only = (f" Or use the {len(present)} present ones only: --datasets {','.join(present).lower()}"
+            if present else "")
+    if len(missing) == 1 and not present:
+        name, wanted = missing[0]
+        return FileNotFoundError(f"{name}: no file {_file_names(name, wanted)} in {root}. "
+                                 + GET_FILES_HINT.format(what="file", it="it"))
+    lines = [f"  {name}: {_file_names(name, wanted)}" for name, wanted in missing]
+    verb = "has" if len(missing) == 1 else "have"
+    return FileNotFoundError(f"{len(missing)} of {len(missing) + len(present)} datasets {verb} no file in {root}; "
+                             f"looked for\n" + "\n".join(lines) + "\n" + GET_FILES_HINT.format(what="files", it="them")
+                             + only)
+
+
 def find_npz(
     root: str | Path, name: str, size: int | None = None, download: bool = False, prefer: int | None = None
 ) -> tuple[Path, int]:
@@ -45,26 +88,36 @@ def find_npz(
     medmnist (``size``, else ``prefer`` if published, else the largest published size).
     """
     root = Path(root)
-    sizes = available_sizes(name)
-    if size is not None and size not in sizes:
-        raise ValueError(f"size: {name} is published at sizes {sizes}, got {size}")
-    if size is not None:
-        wanted = [size]
-    else:
-        wanted = ([prefer] if prefer in sizes else []) + [s for s in sorted(sizes, reverse=True) if s != prefer]
-    for s in wanted:
-        path = root / npz_filename(name, s)
-        if path.is_file():
-            return path, s
+    wanted = _wanted_sizes(name, size, prefer)
+    found = _present(root, name, wanted)
+    if found is not None:
+        return found
     if download:
         s = wanted[0]
         download_npz(root, name, s)
         return root / npz_filename(name, s), s
-    names = " or ".join(npz_filename(name, s) for s in wanted)
-    raise FileNotFoundError(
-        f"{name}: no file {names} in {root}. Put the official MedMNIST file there, or run again with "
-        f"--download to fetch it (from Zenodo, through the medmnist package)."
-    )
+    raise _missing_error(root, [(name, wanted)])
+
+
+def find_all_npz(
+    root: str | Path, requests: list[tuple[str, int | None, int | None]]
+) -> list[tuple[Path, int]]:
+    """:func:`find_npz` (without download) of every ``(name, size, prefer)``; the missing files of all
+    datasets are reported together in one FileNotFoundError (each dataset with the names it looked for),
+    rather than one dataset per run."""
+    root = Path(root)
+    found, present, missing = [], [], []
+    for name, size, prefer in requests:
+        wanted = _wanted_sizes(name, size, prefer)
+        hit = _present(root, name, wanted)
+        if hit is None:
+            missing.append((name, wanted))
+        else:
+            found.append(hit)
+            present.append(name)
+    if missing:
+        raise _missing_error(root, missing, present)
+    return found
 
 
 def download_npz(root: str | Path, name: str, size: int) -> None:

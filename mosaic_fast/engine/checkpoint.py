@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.registry import ALL_DATASETS
+
 REQUIRED_KEYS = ("student_state_dict", "teacher_state_dict")
+#: What ``--resume`` needs on top of :data:`REQUIRED_KEYS` (``last.pt`` has it, ``best.pt`` does not).
+RESUME_KEYS = ("optimizer_state_dict", "scheduler_state_dict", "progress")
+#: Recorded data settings compared on resume (a difference is reported, not refused: data may move).
+DATA_KEYS = ("root", "size_2d", "size_3d")
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
@@ -100,3 +106,63 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_for_resume(path: str | Path) -> tuple[Path, dict]:
+    """The checkpoint ``--resume path`` names (a folder means its ``last.pt``), loaded and checked for
+    what resuming needs; returns its path and contents."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume {path} is a directory without a last.pt to resume from")
+        path = path / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: the checkpoint does not exist")
+    ckpt = load(path)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path} cannot resume training: it lacks {missing} (use last.pt)")
+    return path, ckpt
+
+
+def _names(names) -> str:
+    """``a,b,c`` (ready for ``--datasets``), or "all 18"."""
+    return "all 18" if len(names) == len(ALL_DATASETS) else ",".join(names)
+
+
+def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """``(refused, noted)``: the settings of a checkpoint's ``config`` that differ from ``current`` (same
+    layout), as "what: checkpoint (now ...)" strings. Refused: the datasets and the model (the saved state
+    would not fit or would train other heads); noted: the data root and file sizes, and ``--demo``."""
+    refused = []
+    if saved.get("datasets") is not None and list(saved["datasets"]) != list(current.get("datasets", [])):
+        refused.append(f"datasets: trained on {_names(saved['datasets'])} (now {_names(current.get('datasets', []))})")
+    saved_model, model = saved.get("model"), current.get("model") or {}
+    if saved_model is not None:
+        refused += [f"{k} {saved_model.get(k)} (now {model.get(k)})" for k in dict.fromkeys([*saved_model, *model])
+                    if saved_model.get(k) != model.get(k)]
+    noted = []
+    saved_data, data = saved.get("data") or {}, current.get("data") or {}
+    noted += [f"data {k} {saved_data[k]} (now {data.get(k)})" for k in DATA_KEYS
+              if k in saved_data and k in data and saved_data[k] != data[k]]
+    saved_demo, demo = (saved.get("args") or {}).get("demo"), (current.get("args") or {}).get("demo")
+    if saved_demo is not None and demo is not None and bool(saved_demo) != bool(demo):
+        noted.append(f"--demo {'on' if saved_demo else 'off'} (now {'on' if demo else 'off'})")
+    return refused, noted
+
+
+def check_resume_config(path: str | Path, saved: dict, current: dict) -> list[str]:
+    """Refuse (ValueError) a checkpoint trained on other datasets or another model, with every difference
+    and the options it was trained with (its ``args.json``); returns the data differences to report."""
+    refused, noted = resume_differences(saved, current)
+    if not refused:
+        return noted
+    path = Path(path)
+    args_json = path.parent / "args.json"
+    where = (f"; they are in {args_json}" if args_json.is_file()
+             else "; they are recorded in the checkpoint's config['args']" if saved.get("args") else "")
+    demo = (saved.get("args") or {}).get("demo") and not (current.get("args") or {}).get("demo")
+    raise ValueError(
+        f"--resume {path} was trained with other options than these: {'; '.join(refused + noted)}. Resume with "
+        f"the options it was trained with{where}{' (it was trained with --demo: add --demo)' if demo else ''}"
+    )

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ..data.datasets import MedMNISTSplit, MultiSource
-from ..data.npz import DownloadError
+from ..data.npz import DownloadError, find_all_npz
 from ..data.registry import ALL_DATASETS, NUM_CLASSES, dataset_spec, training_order
 from ..models import EMATeacher, MosaicModel, load_vit_npz
+from ..models.weights import VIT_B16_URL, require_weights_file
 from . import checkpoint as ckpt_io
 from .config import MODEL_KEYS, parse_eval_args, parse_train_args
 from .distributed import DistInfo, barrier, setup, teardown
@@ -48,19 +49,23 @@ def build_split(
     """One :class:`MultiSource` of ``split`` over ``names`` (local rank 0 downloads first if asked).
 
     File sizes: ``file_sizes[name]`` where given, else ``--size_2d`` / ``--size_3d`` (None: see
-    :func:`find_npz`).
+    :func:`find_npz`). Without ``--download`` every file is looked for first, so that all the missing
+    ones are reported in one error, before any file is read.
     """
 
+    def sizes(name: str) -> tuple[int | None, int]:
+        is_3d = dataset_spec(name).is_3d
+        size = (file_sizes or {}).get(name, args.size_3d if is_3d else args.size_2d)
+        return size, img_size_3d if is_3d else img_size_2d
+
     def make(download: bool) -> MultiSource:
+        if not download:
+            find_all_npz(args.data_root, [(name, *sizes(name)) for name in names])
         sources = []
         for name in names:
-            is_3d = dataset_spec(name).is_3d
-            size = (file_sizes or {}).get(name, args.size_3d if is_3d else args.size_2d)
+            size, input_size = sizes(name)
             sources.append(MedMNISTSplit(
-                name, split, args.data_root,
-                input_size=img_size_3d if is_3d else img_size_2d,
-                file_size=size,
-                download=download,
+                name, split, args.data_root, input_size=input_size, file_size=size, download=download,
             ))
         return MultiSource(sources)
 
@@ -102,7 +107,7 @@ def _load_pretrained(model: MosaicModel, path: str) -> list[str]:
             raise ValueError(
                 f"--pretrained {path} is not a Google ViT checkpoint: it has no Transformer/encoderblock_* "
                 f"arrays (it holds {keys[:5]}{' ...' if len(keys) > 5 else ''}). Pass Google's ImageNet-21k "
-                f"ViT-B_16.npz (vision_transformer release)."
+                f"ViT-B_16.npz ({VIT_B16_URL})."
             ) from None
         raise ValueError(
             f"--pretrained {path} does not fit the model ({err}); --depth, --embed_dim and --patch_size_2d "
@@ -131,16 +136,46 @@ def _chance_table(train: MultiSource, test: MultiSource) -> str:
     return "\n".join(lines)
 
 
+def _warn(args, info: DistInfo) -> None:
+    """Warnings about legitimate but surprising option combinations, printed once at the start."""
+    if info.is_main and args.freeze_backbone and not args.pretrained and not args.demo:
+        print("mosaic-fast train: warning: --freeze_backbone without --pretrained: the frozen backbone keeps its "
+              "random initialisation, so the adapters and heads learn on random features "
+              f"(fine for a smoke test; to train for real pass --pretrained ViT-B_16.npz, from {VIT_B16_URL})",
+              file=sys.stderr)
+
+
+def _run_args(args) -> dict:
+    """The options as recorded in args.json and the checkpoints (tuples as lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def _check_resume(args, names: Sequence[str], model_cfg: dict, info: DistInfo) -> tuple[Path, dict]:
+    """Load the ``--resume`` checkpoint and compare its recorded options with these, before any data is
+    read: a missing or unreadable file, a ``best.pt`` or another model / dataset list fails at once."""
+    path, ckpt = ckpt_io.load_for_resume(args.resume)
+    current = {"model": model_cfg, "datasets": list(names), "args": _run_args(args),
+               "data": {"size_2d": args.size_2d, "size_3d": args.size_3d, "root": str(Path(args.data_root).resolve())}}
+    noted = ckpt_io.check_resume_config(path, ckpt.get("config") or {}, current)
+    if noted and info.is_main:
+        print(f"mosaic-fast train: note: --resume {path} was trained with {'; '.join(noted)}", file=sys.stderr)
+    return path, ckpt
+
+
 def _train(args, info: DistInfo) -> int:
     _seed_everything(args.seed)
     dtype = amp_dtype(args.precision, info.device)
     names = training_order(args.datasets, args.interleaved)
+    model_cfg = {k: getattr(args, k) for k in MODEL_KEYS}
+    _warn(args, info)
+    if args.pretrained:
+        require_weights_file(args.pretrained)
+    resume = _check_resume(args, names, model_cfg, info) if args.resume else None
     sizes = (args.img_size_2d, args.img_size_3d)
     train = build_split(names, "train", args, info, *sizes)
     val = build_split(names, "val", args, info, *sizes)
     test = build_split(names, "test", args, info, *sizes)
 
-    model_cfg = {k: getattr(args, k) for k in MODEL_KEYS}
     student = MosaicModel(NUM_CLASSES, **model_cfg, fast=not args.reference_model)
     if args.pretrained:
         loaded = _load_pretrained(student, args.pretrained)
@@ -159,7 +194,7 @@ def _train(args, info: DistInfo) -> int:
               "data": {"size_2d": args.size_2d, "size_3d": args.size_3d,
                        "root": str(Path(args.data_root).resolve()),
                        "file_sizes": {ds.spec.name: ds.file_size for ds in train.sources}},
-              "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+              "args": _run_args(args)}
     settings = TrainSettings(
         num_rounds=args.num_rounds, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_rounds=args.warmup_rounds, min_lr=args.min_lr, consist_weight=args.consist_weight,
@@ -172,8 +207,9 @@ def _train(args, info: DistInfo) -> int:
     )
     out_dir = Path(args.output_dir)
     trainer = Trainer(student, teacher, train, val, test, settings, info, out_dir)
-    if args.resume:
-        trainer.resume(args.resume)
+    if resume is not None:
+        trainer.resume(*resume)
+        del resume  # a full last.pt (optimizer state included) can be large: free it before training
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(config["args"], indent=2))

@@ -4,10 +4,11 @@ Most seed options keep their names and defaults (``--pretrained``, ``--adapter_m
 ``--freeze_backbone``, ``--num_rounds``, ``--batch_size``, ``--lr``, ``--adapter_bottleneck_a/b/c``,
 ``--ema_momentum``, ``--ema_momentum_3d``, ``--consist_weight``, ``--early_stopping_patience``,
 ``--seed``, ...); every option is accepted as ``--num_rounds`` and as ``--num-rounds``. The differences
-are listed in README.md (``--data_root`` defaults to ./data; ``--datasets`` replaces ``--dataset_list``,
-``--only_2d`` and ``--only_3d``; ``--eval_every``, ``--save_every``, ``--exp_name`` and the v1-only
-``--adapter_bottleneck`` do not exist). Numeric options are checked here (range, finiteness), so a bad
-value fails before any data is read, naming the option.
+are listed in README.md (``--data_root`` defaults to ./data; ``--datasets``, comma- or space-separated,
+replaces ``--dataset_list``, ``--only_2d`` and ``--only_3d``; ``--eval_every``, ``--save_every``,
+``--exp_name`` and the v1-only ``--adapter_bottleneck`` do not exist). Numeric options are checked here
+(range, finiteness), so a bad value fails before any data is read, naming the option. ``--help`` shows
+every default; a bad option gives a three-line error (:class:`~mosaic_fast.cliutil.ShortUsageParser`).
 ``--demo`` changes the defaults to a small model on the packaged demo subset; flags given explicitly
 still win.
 """
@@ -18,8 +19,10 @@ import argparse
 import math
 from collections.abc import Sequence
 
+from ..cliutil import DefaultsHelpFormatter, ShortUsageParser
 from ..data.demo import DEMO_DATASETS, DEMO_ROOT
 from ..data.registry import ALL_DATASETS, SIZES_2D, SIZES_3D, resolve_datasets
+from ..models.weights import VIT_B16_URL
 from .metrics import METRIC_MODES
 
 #: MosaicModel constructor arguments that a checkpoint records (and ``eval`` rebuilds the model from).
@@ -111,9 +114,11 @@ def _unit_float(text: str) -> float:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     _add(p, "data_root", default="./data", help="folder holding the official MedMNIST npz files")
-    _add(p, "datasets", default=None,
-         help="comma-separated subset, names or flags (default: all 18); e.g. breastmnist,adrenalmnist3d")
-    _add(p, "download", action="store_true", help="fetch missing npz files from Zenodo through medmnist")
+    _add(p, "datasets", nargs="+", default=None, metavar="NAME",
+         help="datasets (names or medmnist flags, any case), comma- or space-separated, e.g. "
+              "breastmnist,adrenalmnist3d or breastmnist adrenalmnist3d (default: all 18)")
+    _add(p, "download", action="store_true",
+         help="fetch missing npz files from Zenodo through the medmnist package (MD5-checked)")
     _add(p, "size_2d", type=int, choices=SIZES_2D, default=None,
          help="2D file size to read (28/64/128/224); default: the model's input size if present, else the "
               "largest present. Images are resized to --img_size_2d")
@@ -125,16 +130,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
          help="medmnist: official getACC/getAUC; mosaic: the seed's variant (ordinal ±1, absent classes skipped)")
     _add(p, "num_workers", type=_nonnegative_int, default=None,
          help="data loader workers (default: 4 on CUDA, 0 on CPU)")
-    _add(p, "eval_batch_size", type=_positive_int, default=128)
+    _add(p, "eval_batch_size", type=_positive_int, default=128, help="batch size of validation and test")
     _add(p, "reference_model", action="store_true",
          help="build the model from the plain reference modules instead of the fast ones (same weights)")
 
 
+def _parser(prog: str, **kw) -> ShortUsageParser:
+    """A parser with short error messages and defaults shown in ``--help``.
+
+    allow_abbrev=False: a prefix of an option (--num_r) is refused like any unknown option, not guessed.
+    """
+    return ShortUsageParser(prog=prog, allow_abbrev=False, formatter_class=DefaultsHelpFormatter, **kw)
+
+
 def train_parser() -> argparse.ArgumentParser:
     """Parser of ``mosaic-fast train``."""
-    # allow_abbrev=False: a prefix of an option (--num_r) is refused like any unknown option, not guessed
-    p = argparse.ArgumentParser(prog="mosaic-fast train", description="Train MOSAIC on MedMNIST (cyclic rounds).",
-                                allow_abbrev=False)
+    p = _parser("mosaic-fast train", description="Train MOSAIC on MedMNIST (cyclic rounds).")
     _add(p, "demo", action="store_true",
          help="small model on the packaged real MedMNIST subset (no download; a few minutes on a CPU)")
     _add_common(p)
@@ -143,44 +154,51 @@ def train_parser() -> argparse.ArgumentParser:
     _add(p, "mixed_batches", action="store_true",
          help="each batch mixes datasets and specialists (2D and 3D parts) instead of one dataset at a time")
     _add(p, "samples_per_round", type=_positive_int, default=None,
-         help="balanced subsampling: this many training samples per round, an equal share per dataset")
+         help="balanced subsampling: this many training samples per round, an equal share per dataset "
+              "(default: every sample of every dataset)")
 
     m = p.add_argument_group("model")
-    _add(m, "pretrained", default=None, help="Google ViT-B_16 .npz to load into the backbone")
-    _add(m, "adapter_mode", default="v2_moe", choices=("v2_moe",))
-    _add(m, "adapter_bottleneck_a", type=_positive_int, default=64)
-    _add(m, "adapter_bottleneck_b", type=_positive_int, default=96)
-    _add(m, "adapter_bottleneck_c", type=_positive_int, default=192)
-    _add(m, "adapter_scalar", type=_finite_float, default=0.1)
+    _add(m, "pretrained", default=None, metavar="NPZ",
+         help=f"Google's ImageNet-21k ViT-B_16.npz to load into the backbone ({VIT_B16_URL})")
+    _add(m, "adapter_mode", default="v2_moe", choices=("v2_moe",),
+         help="adapter design (only the seed's mixture of specialists A/B/C)")
+    _add(m, "adapter_bottleneck_a", type=_positive_int, default=64, help="bottleneck of specialist A (colour 2D)")
+    _add(m, "adapter_bottleneck_b", type=_positive_int, default=96, help="bottleneck of specialist B (grey 2D)")
+    _add(m, "adapter_bottleneck_c", type=_positive_int, default=192, help="bottleneck of specialist C (3D)")
+    _add(m, "adapter_scalar", type=_finite_float, default=0.1, help="fixed scale of the adapter output")
     _add(m, "freeze_backbone", action="store_true", help="train adapters, heads and the 3D tokenizer only")
     _add(m, "freeze_3d_tokenizer", action="store_true",
          help="with --freeze_backbone also freeze the 3D tokenizer and pos_embed_3d (the seed code's choice)")
-    _add(m, "embed_dim", type=_positive_int, default=768)
-    _add(m, "depth", type=_positive_int, default=12)
-    _add(m, "num_heads", type=_positive_int, default=12)
-    _add(m, "img_size_2d", type=_positive_int, default=224)
-    _add(m, "patch_size_2d", type=_positive_int, default=16)
-    _add(m, "img_size_3d", type=_positive_int, default=64)
-    _add(m, "patch_size_3d", type=_positive_int, default=8)
+    _add(m, "embed_dim", type=_positive_int, default=768, help="token width (ViT-B: 768)")
+    _add(m, "depth", type=_positive_int, default=12, help="number of transformer blocks")
+    _add(m, "num_heads", type=_positive_int, default=12, help="attention heads (must divide --embed_dim)")
+    _add(m, "img_size_2d", type=_positive_int, default=224, help="model input size of 2D images")
+    _add(m, "patch_size_2d", type=_positive_int, default=16, help="2D patch size (must divide --img_size_2d)")
+    _add(m, "img_size_3d", type=_positive_int, default=64, help="model input size of 3D volumes")
+    _add(m, "patch_size_3d", type=_positive_int, default=8, help="3D patch size (must divide --img_size_3d)")
 
     t = p.add_argument_group("training")
-    _add(t, "num_rounds", type=_positive_int, default=50)
+    _add(t, "num_rounds", type=_positive_int, default=50, help="rounds (one pass over every dataset each)")
     _add(t, "batch_size", type=_positive_int, default=32, help="per process (global batch = this × world size)")
-    _add(t, "lr", type=_positive_float, default=1e-4)
-    _add(t, "weight_decay", type=_nonnegative_float, default=0.01)
+    _add(t, "lr", type=_positive_float, default=1e-4, help="peak AdamW learning rate")
+    _add(t, "weight_decay", type=_nonnegative_float, default=0.01, help="AdamW weight decay")
     _add(t, "warmup_rounds", type=_nonnegative_int, default=None,
          help="linear warm-up rounds (default: 5 as the seed, at most --num_rounds - 1)")
-    _add(t, "min_lr", type=_nonnegative_float, default=1e-6)
-    _add(t, "consist_weight", type=_nonnegative_float, default=0.1)
+    _add(t, "min_lr", type=_nonnegative_float, default=1e-6, help="learning rate at the end of the cosine")
+    _add(t, "consist_weight", type=_nonnegative_float, default=0.1,
+         help="weight of the student-teacher CLS feature MSE in the loss")
     _add(t, "ema_momentum", type=_unit_float, default=0.9, help="EMA momentum of specialists A and B")
     _add(t, "ema_momentum_3d", type=_unit_float, default=0.95, help="EMA momentum of specialist C")
-    _add(t, "max_grad_norm", type=_positive_float, default=1.0)
-    _add(t, "early_stopping_patience", type=_positive_int, default=5)
-    _add(t, "early_stopping_min_delta", type=_nonnegative_float, default=1e-3)
-    _add(t, "seed", type=_seed, default=42)
-    _add(t, "output_dir", default="./output")
-    _add(t, "resume", default=None,
-         help="checkpoint to continue from (OUTPUT_DIR/last.pt; a folder means its last.pt)")
+    _add(t, "max_grad_norm", type=_positive_float, default=1.0, help="gradient clipping norm")
+    _add(t, "early_stopping_patience", type=_positive_int, default=5,
+         help="stop after this many rounds without a better mean validation ACC")
+    _add(t, "early_stopping_min_delta", type=_nonnegative_float, default=1e-3,
+         help="a drop in mean validation ACC larger than this counts against the patience")
+    _add(t, "seed", type=_seed, default=42, help="seed of initialisation, batch plans and augmentation")
+    _add(t, "output_dir", default="./output", help="where checkpoints, history and results go")
+    _add(t, "resume", default=None, metavar="CHECKPOINT",
+         help="checkpoint to continue from (OUTPUT_DIR/last.pt; a folder means its last.pt); give the "
+              "options it was trained with (see the args.json next to it)")
     _add(t, "checkpoint_every", type=_nonnegative_int, default=0,
          help="also write last.pt every N steps (0: at the end of each round only)")
     _add(t, "max_steps", type=_positive_int, default=None, help="stop (with a checkpoint) after this many steps in all")
@@ -189,8 +207,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 def eval_parser() -> argparse.ArgumentParser:
     """Parser of ``mosaic-fast eval``."""
-    p = argparse.ArgumentParser(
-        prog="mosaic-fast eval", description="Evaluate a MOSAIC checkpoint on MedMNIST.", allow_abbrev=False,
+    p = _parser(
+        "mosaic-fast eval", description="Evaluate a MOSAIC checkpoint on MedMNIST.",
         epilog="Data settings default to those the checkpoint recorded in training (data root, file size "
                "per dataset), so eval reads the files training read; options given here win. Datasets "
                "the checkpoint never trained on (e.g. through --datasets) are evaluated with a warning: "
@@ -200,7 +218,7 @@ def eval_parser() -> argparse.ArgumentParser:
     _add(p, "checkpoint", required=True, help="a checkpoint written by train (best.pt, last.pt) or by the seed")
     _add_common(p)
     p.set_defaults(data_root=None)
-    _add(p, "split", default="test", choices=("val", "test"))
+    _add(p, "split", default="test", choices=("val", "test"), help="which split to evaluate")
     _add(p, "output_dir", default=None, help="where the table goes (default: the checkpoint's folder)")
     return p
 
@@ -233,8 +251,13 @@ def parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _datasets_or_error(p: argparse.ArgumentParser, text: str | None) -> tuple[str, ...] | None:
+def _datasets_or_error(p: argparse.ArgumentParser, given: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Canonical names of ``--datasets``: one string (a default) or the words given, each of which may
+    hold comma-separated names (``a,b c`` is a, b and c)."""
+    if not given:
+        return None
+    text = given if isinstance(given, str) else ",".join(given)
     try:
-        return resolve_datasets(text) if text else None
+        return resolve_datasets(text)
     except ValueError as err:
         p.error(str(err))

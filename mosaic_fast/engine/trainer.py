@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..cliutil import plural
 from ..data.datasets import Batch, MultiSource, collate
 from ..data.registry import EXPERT_INDEX, EXPERT_ROUTING
 from ..data.sampling import round_plan, shard_batch
@@ -247,26 +248,14 @@ class Trainer:
         if self.info.is_main:
             ckpt_io.save_atomic(self.state() if state is None else state, self.out_dir / name)
 
-    def resume(self, path: str | Path) -> None:
+    def resume(self, path: str | Path, ckpt: dict | None = None) -> None:
         """Continue from ``path`` (a ``last.pt``, or an output folder holding one): weights, optimizer,
-        scheduler, RNG and position."""
-        path = Path(path)
-        if path.is_dir():
-            if not (path / "last.pt").is_file():
-                raise FileNotFoundError(f"--resume {path} is a directory without a last.pt to resume from")
-            path = path / "last.pt"
-        ckpt = ckpt_io.load(path)
-        missing = [k for k in ("optimizer_state_dict", "scheduler_state_dict", "progress") if k not in ckpt]
-        if missing:
-            raise ValueError(f"checkpoint {path} cannot resume training: it lacks {missing} (use last.pt)")
-        saved_model = ckpt.get("config", {}).get("model")
-        if saved_model is not None and saved_model != self.s.config.get("model"):
-            diff = {k: (saved_model.get(k), self.s.config["model"].get(k)) for k in saved_model
-                    if saved_model.get(k) != self.s.config["model"].get(k)}
-            raise ValueError(f"--resume: the checkpoint's model differs from the options (checkpoint, now): {diff}")
-        saved_names = ckpt.get("config", {}).get("datasets")
-        if saved_names is not None and list(saved_names) != self.names:
-            raise ValueError(f"--resume: the checkpoint trained on {list(saved_names)}, now {self.names}")
+        scheduler position, RNG and position. ``ckpt``: its contents, already loaded (and checked) by
+        :func:`.checkpoint.load_for_resume`. The learning-rate schedule and weight decay are those of the
+        current settings (see :meth:`_load_schedule`)."""
+        path, ckpt = (Path(path), ckpt) if ckpt is not None else ckpt_io.load_for_resume(path)
+        current = {**self.s.config, "datasets": self.names}
+        ckpt_io.check_resume_config(path, ckpt.get("config") or {}, current)
         p = ckpt["progress"]
         if p["step_in_round"] and p.get("plan_digest") is not None:
             batches = self._round_batches(p["round"])
@@ -281,7 +270,7 @@ class Trainer:
         ckpt_io.load_model_state(self.student, ckpt["student_state_dict"], f"{path}: student_state_dict")
         ckpt_io.load_model_state(self.teacher.model, ckpt["teacher_state_dict"], f"{path}: teacher_state_dict")
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        self._load_schedule(ckpt["scheduler_state_dict"])
         self.scaler.load_state_dict(ckpt.get("scaler_state_dict", {}))
         ckpt_io.set_rng_state(ckpt["rng"])
         self.round, self.step_in_round, self.global_step = p["round"], p["step_in_round"], p["global_step"]
@@ -289,6 +278,37 @@ class Trainer:
         self.round_sums = p["round_sums"]
         self.history = ckpt.get("history", [])
         self.log(f"resumed from {path}: round {self.round + 1}, step {self.step_in_round} of the round")
+
+    def _load_schedule(self, state: dict) -> None:
+        """Restore the scheduler's position (rounds done) but keep the current options' schedule.
+
+        LambdaLR's state_dict holds the RoundSchedule's fields and its base lr, and the optimizer's holds
+        the lr and weight decay, so loading them as they are would silently keep the checkpoint's
+        ``--num_rounds``, ``--warmup_rounds``, ``--lr``, ``--min_lr`` and ``--weight_decay``. Here the lr
+        is recomputed as LambdaLR does (``base_lr * schedule(round)``): with the same options it is the
+        very value saved, so an exact resume stays exact. A changed option is logged in one line.
+        """
+        saved_schedule = (state.get("lr_lambdas") or [None])[0] or {}
+        saved_wd = self.optimizer.param_groups[0]["weight_decay"]  # the optimizer state was just loaded
+        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        schedule = self.scheduler.lr_lambdas[0]
+        self.scheduler.base_lrs = [self.s.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.s.lr
+            group["lr"] = self.s.lr * schedule(self.scheduler.last_epoch)
+            group["weight_decay"] = self.s.weight_decay
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        names = {"num_rounds": "num_rounds", "warmup": "warmup_rounds", "base_lr": "lr", "min_lr": "min_lr"}
+        changes = [f"{option} {saved_schedule[key]:g} -> {getattr(schedule, key):g}" for key, option in names.items()
+                   if key in saved_schedule and saved_schedule[key] != getattr(schedule, key)]
+        what = ["the learning-rate schedule"] if changes else []
+        if saved_wd != self.s.weight_decay:
+            changes.append(f"weight_decay {saved_wd:g} -> {self.s.weight_decay:g}")
+            what.append("the weight decay")
+        if changes:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.log(f"--resume: {', '.join(changes)}: {' and '.join(what)} follow{'s' if len(what) == 1 else ''} "
+                     f"the new options (round {self.scheduler.last_epoch + 1} at lr {lr:.2e})")
 
     # ---------------------------------------------------------------- one step
     def _parts(self, batch: Batch) -> tuple[list, list[tuple[torch.Tensor, str | torch.Tensor]]]:
@@ -461,7 +481,7 @@ class Trainer:
             self.log(f"already at step {self.global_step} of --max_steps {self.s.max_steps}: nothing to train")
             return None
         if self.round < self.s.num_rounds and self.no_improve >= self.s.early_stopping_patience:
-            self.log(f"this run had stopped early after round {self.round} ({self.no_improve} rounds without "
+            self.log(f"this run had stopped early after round {self.round} ({plural(self.no_improve, 'round')} without "
                      f"improvement, patience {self.s.early_stopping_patience}): no further training")
             return self.final_test()
         for r in range(self.round, self.s.num_rounds):
@@ -489,7 +509,7 @@ class Trainer:
                     self.save("last.pt")
                 if self.s.max_steps is not None and self.global_step >= self.s.max_steps:
                     self.save("last.pt")
-                    self.log(f"stopped after {self.global_step} steps (--max_steps); resume with "
+                    self.log(f"stopped after {plural(self.global_step, 'step')} (--max_steps); resume with "
                              f"--resume {self.out_dir / 'last.pt'}")
                     return None
             bar.close()

@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Google's official ImageNet-21k ViT-B/16 file (the one timm and most ViT repositories load); nothing
+#: downloads it automatically.
+VIT_B16_URL = "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
+
 #: Top-level groups of Google's file that no backbone loads (the classifier and its pre-logits layer).
 IGNORED_PREFIXES = ("head/", "pre_logits/")
 
@@ -143,13 +147,19 @@ def load_vit_weights(
     return [f"{prefix}{name}" for _, _, name in assignments]
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read an npz checkpoint into memory, naming the file in any error."""
+def require_weights_file(path: str | os.PathLike) -> None:
+    """A FileNotFoundError naming ``path`` and where to get Google's file, unless ``path`` is a file
+    (so the CLI can check ``--pretrained`` before it reads any data)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"ViT weights not found: {path}. Download ViT-B_16.npz (ImageNet-21k) from Google's "
-            "vision_transformer release and pass its path."
+            f"ViT weights not found: {path}. Download Google's ImageNet-21k ViT-B_16.npz from {VIT_B16_URL} "
+            "(about 400 MB; e.g. wget or curl -O) and pass its path."
         )
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an npz checkpoint into memory, naming the file in any error."""
+    require_weights_file(path)
     try:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}

@@ -1,10 +1,11 @@
 """fp32 Linear layers on CPU through oneDNN instead of MKL (torch's own ``mkldnn::_linear_pointwise``).
 
 On CPU ``F.linear``/``addmm`` in fp32 calls MKL's sgemm. MKL chooses its code path by CPU vendor and runs
-its AVX2 kernels on AMD processors even when they have AVX-512: on this project's 2-core AMD EPYC (Zen 5)
-CI machine it reaches ~210–240 GFLOP/s where oneDNN, which torch also ships and which inductor uses for
-its CPU linear fusions, reaches ~410–490 GFLOP/s on the same GEMMs (ViT-B's 1,576×768×3,072: 33.5 vs
-15.6 ms). On Intel CPUs both libraries run AVX-512 and are about equal. The result is fp32 IEEE arithmetic
+its AVX2 kernels on AMD processors even when they have AVX-512: on a 2-core AMD EPYC Zen 5 it reaches
+~210–240 GFLOP/s where oneDNN, which torch also ships and which inductor uses for its CPU linear fusions,
+reaches ~410–490 GFLOP/s on the same GEMMs (ViT-B's 1,576×768×3,072: 33.5 vs 15.6 ms). On a Zen 4, whose
+AVX-512 units are 256 bits wide, oneDNN is only 2–11 % faster (40.1 vs 36.8 ms); on Intel CPUs both
+libraries run AVX-512 and are about equal. The result is fp32 IEEE arithmetic
 in both (oneDNN's fp32 math mode stays "strict" unless ``torch.backends.mkldnn`` is told otherwise); only
 the summation order differs, ~1e-7 relative.
 

@@ -431,13 +431,17 @@ def adapter_torch(h: Tensor, base: Tensor | None, ln_w: Tensor, ln_b: Tensor, do
     What backend "auto" runs for one specialist (cuBLAS on CUDA, differentiated by torch's C++ autograd):
     the reference's ops, minus its separate scale multiply when ``base`` is given (one add with
     ``alpha``). Weights as the modules hold them (``ln_w`` (D,), ``down_w`` (r, D), ``up_w`` (D, r), ...);
-    under autocast ``F.linear`` casts them as the reference's ``nn.Linear`` does. The ReLU and the scale
-    act in place on fresh GEMM outputs, which autograd allows (neither GEMM's backward reads its output).
+    under autocast ``F.linear`` casts them as the reference's ``nn.Linear`` does. Without a gradient to
+    record, the ReLU and the scale act in place on the fresh GEMM outputs; with one they do not, since
+    on CPU those outputs are views (N-D inputs of :func:`cpu_gemm.linear`), and an in-place op on a view
+    makes autograd copy the whole base gradient in the backward (CopySlices, AsStridedBackward).
     """
     y = F.layer_norm(h, (h.shape[-1],), ln_w, ln_b, eps)
-    out = cpu_gemm.linear(cpu_gemm.linear(y, down_w, down_b).relu_(), up_w, up_b)
+    hidden = cpu_gemm.linear(y, down_w, down_b)
+    in_place = not (torch.is_grad_enabled() and hidden.requires_grad)
+    out = cpu_gemm.linear(hidden.relu_() if in_place else torch.relu(hidden), up_w, up_b)
     if base is None:
-        return out.mul_(scale)
+        return out.mul_(scale) if in_place else out * scale
     return torch.add(base, out, alpha=scale)
 
 

@@ -1,0 +1,136 @@
+"""What a new user meets first: short option errors, --help with defaults, --datasets spellings, one error
+for all missing files, warnings for surprising combinations, bench filters, and the README's CPU recipe."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mosaic_fast.cli import main
+from mosaic_fast.cliutil import plural
+from mosaic_fast.data.synthetic import write_synthetic_npz
+from mosaic_fast.engine.config import DEMO_DEFAULTS, eval_parser, parse_eval_args, parse_train_args, train_parser
+from mosaic_fast.models.weights import VIT_B16_URL, read_npz
+
+TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d", "28", "--patch_size_2d", "7",
+        "--img_size_3d", "28", "--patch_size_3d", "14", "--batch_size", "8", "--eval_batch_size", "16"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def breast_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("breast")
+    write_synthetic_npz(root, "BreastMNIST", 28, (24, 8, 8), seed=0)
+    return root
+
+
+def test_datasets_are_comma_or_space_separated():
+    """The seed's --dataset_list took space-separated names: --datasets takes both spellings, mixed too."""
+    want = ("BreastMNIST", "AdrenalMNIST3D")
+    assert parse_train_args(["--datasets", "breastmnist", "adrenalmnist3d"]).datasets == want
+    assert parse_train_args(["--datasets", "breastmnist,adrenalmnist3d"]).datasets == want
+    assert parse_train_args(["--datasets", "breastmnist,", "retinamnist", "AdrenalMNIST3D"]).datasets == (
+        "BreastMNIST", "RetinaMNIST", "AdrenalMNIST3D")
+    assert parse_eval_args(["--checkpoint", "x.pt", "--datasets", "breastmnist", "adrenalmnist3d"]).datasets == want
+
+
+@pytest.mark.parametrize(("command", "needed"), [("train", []), ("eval", ["--checkpoint", "x.pt"]), ("bench", [])])
+def test_option_errors_are_three_short_lines(command, needed, capsys):
+    """Not ~35 lines of usage above the one that matters (``info`` takes no options)."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, *needed, "--no_such_option"])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert re.fullmatch(rf"usage: mosaic-fast {command} (\[\S+\] )?\[options\]", lines[0])
+    assert lines[1] == f"mosaic-fast {command}: error: unrecognized arguments: --no_such_option"
+    assert lines[2] == f"run 'mosaic-fast {command} --help' for all options"
+
+
+def test_checks_after_parsing_use_the_short_form_too(capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(["--embed_dim", "30", "--num_heads", "4"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mosaic-fast train [options]\n") and "divisible" in err and err.count("\n") == 3
+
+
+def test_help_gives_every_option_a_text_and_shows_defaults():
+    for parser in (train_parser(), eval_parser()):
+        for action in parser._actions:
+            assert action.help, action.option_strings
+    text = " ".join(train_parser().format_help().split())
+    for shown in ("--lr LR peak AdamW learning rate (default: 0.0001)", "(default: 128)",
+                  "--depth DEPTH number of transformer blocks (default: 12)", "(default: ./data)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_plural():
+    assert (plural(1, "step"), plural(3, "step"), plural(0, "round")) == ("1 step", "3 steps", "0 rounds")
+
+
+def test_max_steps_message_counts_correctly(breast_root, tmp_path, capsys):
+    argv = ["train", "--data_root", str(breast_root), "--datasets", "breastmnist", *TINY, "--num_rounds", "1",
+            "--warmup_rounds", "0", "--max_steps", "1", "--output_dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopped after 1 step (--max_steps)" in out
+
+
+def test_frozen_random_backbone_is_warned_about(breast_root, tmp_path, capsys):
+    argv = ["train", "--data_root", str(breast_root), "--datasets", "breastmnist", *TINY, "--num_rounds", "1",
+            "--warmup_rounds", "0", "--max_steps", "1", "--output_dir", str(tmp_path)]
+    assert main([*argv, "--freeze_backbone"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --freeze_backbone without --pretrained" in err and VIT_B16_URL in err
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_all_missing_files_are_listed_in_one_error(breast_root, capsys):
+    """Every missing dataset with the files it looked for, the --download hint, and the present ones."""
+    assert main(["train", "--data_root", str(breast_root), "--datasets", "pathmnist,breastmnist,adrenalmnist3d",
+                 *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 3 datasets have no file" in err
+    assert "PathMNIST: pathmnist.npz or pathmnist_224.npz or pathmnist_128.npz or pathmnist_64.npz" in err
+    assert "AdrenalMNIST3D: adrenalmnist3d.npz or adrenalmnist3d_64.npz" in err
+    assert "--download" in err and "--datasets breastmnist" in err
+
+
+def test_vit_weights_error_names_the_official_address(tmp_path):
+    assert VIT_B16_URL == "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
+    with pytest.raises(FileNotFoundError, match=re.escape(VIT_B16_URL)):
+        read_npz(tmp_path / "ViT-B_16.npz")
+
+
+def test_bench_prints_no_table_for_a_suite_without_a_matching_case(capsys):
+    from mosaic_fast.bench.run import main as bench_main
+
+    assert bench_main(["--device", "cpu", "--filter", "moe_skip_rho0.1", "--no-compile", "--min-run-time",
+                       "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "== suite ops" in out and "== suite model" not in out
+
+
+def test_bench_filter_matching_nothing_is_an_error(capsys):
+    from mosaic_fast.bench.run import main as bench_main
+
+    assert bench_main(["ops", "--device", "cpu", "--filter", "no_such_case", "--filter", "nor_this"]) == 2
+    captured = capsys.readouterr()
+    assert "== suite" not in captured.out
+    assert "no case of ops matches --filter 'no_such_case' or 'nor_this'" in captured.err
+    assert "moe_skip_rho0.1" in captured.err  # the names to choose from
+
+
+def test_readme_cpu_recipe_is_the_demo_model():
+    """README's CPU example uses the demo's model options (so it stays the small model the demo trains)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Training and evaluation on MedMNIST")[1].split("\n## ")[0]
+    keys = ("embed_dim", "depth", "num_heads", "img_size_2d", "patch_size_2d", "img_size_3d", "patch_size_3d")
+    options = " ".join(f"--{k} {DEMO_DEFAULTS[k]}" for k in keys)
+    assert options in " ".join(section.replace("\\\n", " ").split())
+    assert VIT_B16_URL in section
