@@ -341,3 +341,22 @@ def test_backend_torch_on_cpu_is_default():
     from mosaic_fast.backend import use_triton
 
     assert not use_triton(torch.empty(1))
+
+
+@pytest.mark.parametrize("base", [True, False])
+def test_one_specialist_backward_has_no_view_copies(base):
+    """A letter-routed specialist on CPU runs the reference's ops through oneDNN, whose outputs for N-D
+    inputs are views: an in-place ReLU or scale on them would make autograd copy the whole gradient of
+    their base in the backward (CopySlices, AsStridedBackward). The graph must hold neither."""
+    _, fast = make_pair()
+    h = torch.randn(2, 5, fast.expert_a.layer_norm.weight.shape[0], requires_grad=True)
+    out = fast.forward_fused(h, torch.randn_like(h), "A") if base else fast(h, "A")
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    names = {type(n).__name__ for n in seen}
+    assert "ReluBackward0" in names, names  # the graph was walked
+    assert not names & {"CopySlices", "AsStridedBackward0"}, names
