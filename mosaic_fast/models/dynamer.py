@@ -109,7 +109,7 @@ class ViTBackbone(nn.Module):
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"backbone state_dict does not fit: missing keys {missing}, unexpected keys {unexpected}")
+            raise ValueError(describe_key_mismatch(missing, unexpected, set(own)))
         if state["pos_embed"].shape[1] != own["pos_embed"].shape[1]:
             state["pos_embed"] = resize_pos_embed(state["pos_embed"].float(), own["pos_embed"].shape[1])
         wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
@@ -118,6 +118,29 @@ class ViTBackbone(nn.Module):
             raise ValueError(f"backbone state_dict does not fit: wrong shapes {wrong}")
         self.load_state_dict(state, strict=True)
         return sorted(state)
+
+
+def _listed(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, … ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def describe_key_mismatch(missing: list[str], unexpected: list[str], own: set[str]) -> str:
+    """The error for a backbone state_dict whose keys do not fit: a few of each, their counts, and the prefix
+    to strip when the keys are those of a bigger model (``backbone_gen.``, ``module.``, ``encoder.``…)."""
+    message = "backbone state_dict does not fit"
+    if missing:
+        message += f": missing keys {_listed(missing)}"
+    if unexpected:
+        message += f"{';' if missing else ':'} unexpected keys {_listed(unexpected)}"
+    prefixes = sorted({key[: end + 1] for key in unexpected for end, c in enumerate(key)
+                       if c == "." and key[end + 1:] in own})
+    for prefix in prefixes:
+        stripped = {k[len(prefix):] for k in unexpected if k.startswith(prefix)}
+        if set(missing) <= stripped:
+            return (f"{message}. The keys carry the prefix {prefix!r} (a whole model's state_dict?): pass "
+                    f"{{k.removeprefix({prefix!r}): v for k, v in state.items() if k.startswith({prefix!r})}}")
+    return message
 
 
 class DynaMerModel(nn.Module):

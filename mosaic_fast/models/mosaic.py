@@ -136,7 +136,7 @@ class MosaicModel(nn.Module):
         """
         if not batches:
             raise ValueError("batches must hold at least one (x, expert_id) pair")
-        if not self.fast:
+        if not self.fast or not self._packs_blocks():
             return [self.forward_features(x, e) for x, e in batches]
         tokens, rows = [], []
         for x, expert_id in batches:
@@ -151,6 +151,16 @@ class MosaicModel(nn.Module):
         for block in self.encoder.blocks:
             tokens = block.forward_packed(tokens, row_expert)
         return [self.encoder.norm(t[:, 0]) for t in tokens]
+
+    def _packs_blocks(self) -> bool:
+        """Whether :meth:`forward_packed` may call ``Block.forward_packed`` (which bypasses the blocks' and the
+        encoder's hooks): every block the fast Block, nothing hooked."""
+        from ..nn.bypass import global_hooks, has_hooks
+        from ..nn.vit import Block
+
+        blocks = self.encoder.blocks
+        return not (global_hooks() or has_hooks(self.encoder) or any(type(b) is not Block or has_hooks(b)
+                                                                      for b in blocks))
 
     def forward(
         self,

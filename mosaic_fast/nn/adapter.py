@@ -12,12 +12,15 @@ Same class names, constructor arguments, parameters and state_dict keys as :mod:
 When the fast path is not exact, these modules run the reference computation instead:
   * dropout p > 0 in training mode (the fused kernels do not implement dropout);
   * a bottleneck above 256 (the largest the kernels keep on chip);
-  * specialists with different ``scale`` or LayerNorm ``eps`` (the op takes one of each).
+  * specialists with different ``scale`` or LayerNorm ``eps`` (the op takes one of each);
+  * an inner layer replaced (another activation than ReLU, a LoRA-wrapped or parametrized Linear, a
+    specialist that is not an ``Adapter``) or hooked (:mod:`.bypass`; warns once).
 
 The three specialists' weights are packed per call with ``torch.cat`` (differentiable: gradients reach
 each specialist's own parameters). When no gradient is needed (inference, ``torch.no_grad``) the packed
 copy — and under autocast the copy cast to the autocast dtype — is cached per module and rebuilt when a
-parameter changes (data pointer or in-place version counter), so inference runs a single launch. Under
+parameter changes (another tensor object, data pointer or in-place version counter), so inference runs a
+single launch. Under
 CUDA-graph capture nothing is cached: the graph packs on every replay from the live parameters.
 """
 
@@ -26,11 +29,14 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch import nn
 
 from .. import reference
 from ..ops._common import autocast_dtype, check_ids_range
 from ..ops.grouped_adapter import pack_adapters, run_adapter, run_packed, single_adapter_uses_torch
 from ..reference.adapter import check_expert_id, check_id_tensor
+from .bypass import has_hooks, may_bypass, warn_fallback
+from .caches import same_tensors, weak_refs
 
 #: Largest bottleneck the fast path runs (the Triton kernels keep the hidden tile on chip).
 MAX_FAST_BOTTLENECK = 256
@@ -77,26 +83,64 @@ def _packed_weights(owner: torch.nn.Module, adapters, h: torch.Tensor):
     )
     per_owner = _PACK_CACHE.setdefault(owner, {})
     hit = per_owner.get(key[0])
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if hit is not None and hit[0] == key and same_tensors(hit[1], params):
+        return hit[2]
     with torch.no_grad():
         tensors, bottlenecks = pack_adapters(adapters)
         if cast is not None:
             tensors = tuple(t.to(cast) for t in tensors)
         tensors = tuple(t.contiguous() for t in tensors)
-    per_owner[key[0]] = (key, (tensors, bottlenecks))
+    per_owner[key[0]] = (key, weak_refs(params), (tensors, bottlenecks))
     return tensors, bottlenecks
 
 
-def _exact(adapters) -> bool:
-    """Whether the fused op computes exactly what the reference modules compute."""
+#: The inner layers of an Adapter the fused op reads instead of calling, and the classes it assumes.
+ADAPTER_LAYERS = {"layer_norm": (nn.LayerNorm,), "down_proj": (nn.Linear,), "activation": (nn.ReLU,),
+                  "up_proj": (nn.Linear,), "dropout": (nn.Dropout,)}
+
+
+def _complete(a) -> bool:
+    """Whether the Adapter's layers have every tensor the fused op reads (a LayerNorm affine, both biases)."""
+    layers = a._modules
+    ln = layers["layer_norm"]._parameters
+    return (ln.get("weight") is not None and ln.get("bias") is not None
+            and layers["down_proj"]._parameters.get("bias") is not None
+            and layers["up_proj"]._parameters.get("bias") is not None)
+
+
+def bypassable(owner: torch.nn.Module, adapters) -> bool:
+    """Whether a fused op may read the weights of ``adapters`` instead of calling their layers (warns when
+    not, see :mod:`.bypass`). ``adapters`` other than ``owner`` (specialists inside a MoSAdapter or a
+    GatedSpecialistAdapter) are not called either: they must be unhooked Adapters."""
     for a in adapters:
-        if a.training and a.dropout.p > 0:
+        if a is not owner:
+            if type(a) not in (Adapter, reference.Adapter):
+                warn_fallback(owner, f"a specialist is a {type(a).__qualname__}, not an Adapter")
+                return False
+            if has_hooks(a):
+                warn_fallback(owner, "a specialist has a forward or backward hook")
+                return False
+        if not may_bypass(a, ADAPTER_LAYERS):
             return False
-        if a.bottleneck > MAX_FAST_BOTTLENECK:
+        if not _complete(a):
+            warn_fallback(owner, "an inner layer lacks its bias or LayerNorm affine")
             return False
+    return True
+
+
+def _exact(owner: torch.nn.Module, adapters) -> bool:
+    """Whether the fused op computes exactly what the reference modules compute."""
+    if not bypassable(owner, adapters):
+        return False
     first = adapters[0]
-    return all(a.scale == first.scale and a.layer_norm.eps == first.layer_norm.eps for a in adapters)
+    eps = first._modules["layer_norm"].eps
+    for a in adapters:  # (through _modules: this runs on every forward)
+        layers = a._modules
+        if a.training and layers["dropout"].p > 0:
+            return False
+        if a.bottleneck > MAX_FAST_BOTTLENECK or a.scale != first.scale or layers["layer_norm"].eps != eps:
+            return False
+    return True
 
 
 def _run(owner, adapters, h, base, expert_id):
@@ -113,13 +157,13 @@ class Adapter(reference.Adapter):
     """Fast AdaptFormer adapter (same API and parameters as :class:`mosaic_fast.reference.Adapter`)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not _exact([self]):
+        if not _exact(self, [self]):
             return super().forward(h)
         return _run(self, [self], h, None, None)
 
     def forward_fused(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``base + adapter(h)`` with the add fused into the kernel epilogue."""
-        if not _exact([self]):
+        if not _exact(self, [self]):
             return base + super().forward(h)
         return _run(self, [self], h, base, None)
 
@@ -164,7 +208,7 @@ class MoSAdapter(reference.MoSAdapter):
         else:
             check_id_tensor(expert_id, h)
             adapters, ids = self._present_experts(expert_id, h)
-        if not _exact(adapters):
+        if not _exact(self, adapters):
             out = reference.MoSAdapter.forward(self, h, expert_id)
             return out if base is None else base + out
         return _run(self, adapters, h, base, ids)

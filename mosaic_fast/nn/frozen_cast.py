@@ -7,7 +7,8 @@ Linear layers per block were therefore re-cast in every student and teacher forw
 (192 of the ~440 casts of a ViT-B/16 MOSAIC step). The fast modules reuse the cast of a parameter while
 it stays frozen and unchanged (same tensor, storage, shape and version counter) and use the parameter
 itself otherwise, so the results are bitwise those of plain autocast. torch.compile and CUDA-graph
-capture see plain casts (a captured graph then reads the live weights, as without this module).
+capture see plain casts (a captured graph then reads the live weights, as without this module). A layer
+that is not a plain unhooked nn.Linear (a LoRA wrapper, a hooked layer) is called as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..ops import cpu_gemm
 from ..ops._common import autocast_dtype
+from .bypass import global_hooks, has_hooks
 
 #: Per owning module: id(parameter) -> (weak reference, stamp, cast). Kept outside the module so that
 #: neither deepcopy (the EMA teacher is a copy of the student) nor pickling carries casts along.
@@ -50,12 +52,21 @@ def cached_casts(model: nn.Module) -> list[torch.Tensor]:
     return [entry[2] for module in model.modules() for entry in _CASTS.get(module, {}).values()]
 
 
+def _plain(layer: nn.Module) -> bool:
+    """Whether ``layer`` may be computed from its weights: a plain, unhooked nn.Linear (:mod:`.bypass`)."""
+    return type(layer) is nn.Linear and not has_hooks(layer) and not global_hooks()
+
+
 def linear(owner: nn.Module, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` with its frozen weight and bias cast once for autocast (see the module docstring);
-    fp32 on CPU through oneDNN (:mod:`mosaic_fast.ops.cpu_gemm`)."""
+    fp32 on CPU through oneDNN (:mod:`mosaic_fast.ops.cpu_gemm`). A replaced or hooked layer is called."""
+    if not _plain(layer):
+        return layer(x)
     return cpu_gemm.linear(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias))
 
 
 def linear_act(owner: nn.Module, layer: nn.Linear, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
-    """``act(layer(x))``, cast as :func:`linear`; an exact GELU is fused into the CPU GEMM."""
+    """``act(layer(x))``, cast as :func:`linear`; an exact GELU is fused into the CPU GEMM (unless hooked)."""
+    if not _plain(layer) or has_hooks(act):
+        return act(linear(owner, layer, x))
     return cpu_gemm.linear_act(x, cast_frozen(owner, layer.weight), cast_frozen(owner, layer.bias), act)

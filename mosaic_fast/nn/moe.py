@@ -17,6 +17,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import reference
 from ..ops import cpu_gemm
@@ -34,6 +35,13 @@ from ..reference.moe import (
     num_kept,
     top_k_lowest_index_first,
 )
+from .adapter import bypassable
+from .bypass import may_bypass
+from .caches import same_tensors, weak_refs
+
+#: The inner layers the fast modules read instead of calling (see :mod:`.bypass`), with their classes.
+MOE_LAYERS = {name: (nn.Linear,) for name in ("router_gen", "router_med", "gate_gen", "gate_med")}
+ROUTER_LAYERS = {"fc1": (nn.Linear,), "act": None, "fc2": (nn.Linear,)}  # (any activation, called as it is)
 
 _ROW_OFFSETS: dict[tuple, torch.Tensor] = {}
 #: GatedSpecialistAdapter -> (parameter stamp, folded weights), for inference (kept outside the module so
@@ -118,6 +126,9 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         return routed_update_(xg, xm, idx[0], gate_g, idx[1], gate_m, weights, self.top_k)
 
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams updated by their top-k experts and gates (as the reference), fused."""
+        if not may_bypass(self, MOE_LAYERS):
+            return super().forward(x_gen, x_med)
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         weights = self._routed_inference(x_gen, x_med)
         if weights is not None:
@@ -140,6 +151,10 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         gate_med: torch.Tensor,
         inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's :meth:`~mosaic_fast.reference.GatedMoEAdapter.forward_skip` on the selected rows
+        only: unselected rows are neither read nor written (in place on the streams when ``inplace``)."""
+        if not may_bypass(self, MOE_LAYERS):
+            return super().forward_skip(x_gen, x_med, idx_gen, gate_gen, idx_med, gate_med, inplace)
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
@@ -186,10 +201,13 @@ class SkipRouter(reference.SkipRouter):
         """Whether :func:`mosaic_fast.ops.token_skip.skip_select` applies: Triton backend, no gradient to
         record, no autocast, exact GELU, parameters in x's dtype, at most ``SELECT_MAX_TOKENS`` tokens."""
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        return is_exact_gelu(self.act) and x.shape[1] <= SELECT_MAX_TOKENS and _fused_inference(x, params)
+        return (is_exact_gelu(self.act) and x.shape[1] <= SELECT_MAX_TOKENS and _fused_inference(x, params)
+                and may_bypass(self, ROUTER_LAYERS))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """The reference's router logits (B, N), fp32 CPU Linears through oneDNN with the GELU fused."""
+        if not may_bypass(self, ROUTER_LAYERS):
+            return super().scores(x)
         hidden = cpu_gemm.linear_act(x, self.fc1.weight, self.fc1.bias, self.act)
         return cpu_gemm.linear(hidden, self.fc2.weight, self.fc2.bias).squeeze(-1)
 
@@ -219,8 +237,8 @@ class SkipRouter(reference.SkipRouter):
 class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
     """Drop-in fast :class:`mosaic_fast.reference.GatedSpecialistAdapter`: one adapter of bottleneck Σ r_e.
 
-    Falls back to the reference forward when dropout is active (training with p > 0) or the specialists'
-    LayerNorm eps differ."""
+    Falls back to the reference forward when dropout is active (training with p > 0), the specialists'
+    LayerNorm eps differ, or a specialist or one of its layers is replaced or hooked (:mod:`.bypass`)."""
 
     def _unit_expert(self, device: torch.device) -> torch.Tensor:
         cache = self.__dict__.setdefault("_unit_expert_cache", {})
@@ -241,8 +259,8 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
         return w_fold, b_fold, w_up, b_up, scales
 
     def _folded(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """:meth:`_fold`, kept between inference calls while the parameters are unchanged (same storage and
-        version counters): the ~14 small ops of the fold then run once, not per call. Recomputed (and
+        """:meth:`_fold`, kept between inference calls while the parameters are unchanged (same tensors,
+        storage and version counters): the ~14 small ops of the fold then run once, not per call. Recomputed (and
         differentiable) when a gradient is recorded, under torch.compile and during CUDA-graph capture."""
         params = [p for e in self.experts for p in (e.layer_norm.weight, e.layer_norm.bias, e.down_proj.weight,
                                                      e.down_proj.bias, e.up_proj.weight, e.up_proj.bias)]
@@ -252,12 +270,14 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
         stamp = (tuple((p.data_ptr(), p._version) for p in params), tuple(float(e.scale) for e in self.experts),
                  torch.is_inference_mode_enabled())
         entry = _FOLDED.get(self)
-        if entry is None or entry[0] != stamp:
-            entry = _FOLDED[self] = (stamp, self._fold())
-        return entry[1]
+        if entry is None or entry[0] != stamp or not same_tensors(entry[1], params):
+            entry = _FOLDED[self] = (stamp, weak_refs(params), self._fold())
+        return entry[2]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts = self.experts
+        if not bypassable(self, experts):
+            return super().forward(h)
         dropout_active = self.training and any(e.dropout.p > 0 for e in experts)
         if dropout_active or len({e.layer_norm.eps for e in experts}) != 1 or not isinstance(h, torch.Tensor):
             return super().forward(h)

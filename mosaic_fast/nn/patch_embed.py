@@ -15,9 +15,14 @@ scaling so a pipeline can feed the raw uint8 volumes and skip a float copy of th
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .. import reference
 from ..ops.patch_embed3d import patch_embed3d
+from .bypass import may_bypass
+
+#: The layer the fused op reads instead of calling (see :mod:`.bypass`).
+PATCH_LAYERS = {"proj": (nn.Conv3d,)}
 
 
 class PatchEmbed3D(reference.PatchEmbed3D):
@@ -48,6 +53,10 @@ class PatchEmbed3D(reference.PatchEmbed3D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not may_bypass(self, PATCH_LAYERS):
+            if self.input_scale != 1.0 or self.input_shift != 0.0:
+                x = x.float() * self.input_scale + self.input_shift
+            return super().forward(x)
         self.check_input(x)
         y = patch_embed3d(x, self.proj.weight, self.proj.bias, self.patch_size, self.input_scale, self.input_shift)
         return self.norm(y)

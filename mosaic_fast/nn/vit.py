@@ -9,11 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from .adapter import MoSAdapter
+from .bypass import global_hooks, has_hooks
 from .frozen_cast import linear, linear_act
 
 
+def fuses_adapter(block: reference.Block) -> bool:
+    """Whether ``block`` may add its adapter through :meth:`MoSAdapter.forward_fused` (which bypasses the
+    adapter's own hooks): the adapter is the fast MoSAdapter and nothing hooks it."""
+    return type(block.adapter) is MoSAdapter and not has_hooks(block.adapter) and not global_hooks()
+
+
 class Attention(reference.Attention):
-    """Same parameters as the reference; computed with ``scaled_dot_product_attention`` (flash/mem-eff)."""
+    """Same parameters as the reference (``scale`` included); computed with ``scaled_dot_product_attention``
+    (flash/mem-eff)."""
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
@@ -23,7 +32,7 @@ class Attention(reference.Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return linear(self, self.proj, out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -38,8 +47,11 @@ class Block(reference.Block):
     """Parallel-adapter block; ``x + mlp(h)`` is the base the fused adapter kernel adds into."""
 
     def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
+        """``x + attn(norm1(x))``, then ``+ ffn(h) + adapter(h, expert_id)`` with the adapter's add fused."""
         x = x + self.attn(self.norm1(x))
         h = self.norm2(x)
+        if not fuses_adapter(self):
+            return x + self.ffn(h) + self.adapter(h, expert_id)
         return self.adapter.forward_fused(h, x + self.ffn(h), expert_id)
 
     def forward_packed(self, xs: list[torch.Tensor], row_expert: torch.Tensor) -> list[torch.Tensor]:
@@ -49,5 +61,8 @@ class Block(reference.Block):
         xs = [x + self.attn(self.norm1(x)) for x in xs]
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
         h = self.norm2(flat)
-        out = self.adapter.forward_fused(h[:, None], (flat + self.ffn(h))[:, None], row_expert)[:, 0]
+        if fuses_adapter(self):
+            out = self.adapter.forward_fused(h[:, None], (flat + self.ffn(h))[:, None], row_expert)[:, 0]
+        else:
+            out = flat + self.ffn(h) + self.adapter(h[:, None], row_expert)[:, 0]
         return [o.view_as(x) for o, x in zip(out.split([x.shape[0] * x.shape[1] for x in xs]), xs)]
