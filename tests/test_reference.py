@@ -105,3 +105,18 @@ def test_unified_patch_embed_chooses_by_rank():
         pe(torch.randn(2, 32, 32))
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         pe(torch.rand(1, 1, 12, 16, 16))
+
+
+def test_reference_modules_name_bad_input_dtypes_as_the_fast_ones_do():
+    """An integer h, or a skip gate wider than the streams: the same TypeError as the fast modules, not
+    torch's "mixed dtype" or a scatter failure deep inside."""
+    h = torch.ones(3, 4, 8, dtype=torch.long)
+    for module in (reference.Adapter(8, 4), reference.GatedSpecialistAdapter(8, (4, 4))):
+        with pytest.raises(TypeError, match=r"h must be a floating-point tensor, got torch\.int64"):
+            module(h)
+    with pytest.raises(TypeError, match=r"h must be a floating-point tensor, got torch\.int64"):
+        reference.MoSAdapter(8, 4, 4, 4)(h, torch.tensor([0, 1, 2]))
+    moe, x = reference.GatedMoEAdapter(8, 4, 2, 4, 2), torch.randn(3, 4, 8)
+    idx, ones = torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    with pytest.raises(TypeError, match=r"gate_med is torch\.float64, wider than x_gen"):
+        moe.forward_skip(x, x, idx, ones, idx, ones.double())

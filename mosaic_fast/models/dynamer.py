@@ -151,6 +151,23 @@ class DynaMerModel(nn.Module):
     different ViT config of the same width and depth. ``fast=True`` converts the model to the
     :mod:`mosaic_fast.nn` modules (fused MoE/skip kernels, SDPA attention); inference (no grad) then
     updates the residual streams in place, touching only the kept tokens.
+
+    (Unlike :class:`~mosaic_fast.models.MosaicModel`, whose ``forward`` follows the MOSAIC seed repository
+    and returns ``(features, logits)`` or, with ``return_features``, the features alone.)
+
+    Args:
+        num_classes: classes of the single head (on the mean of the two streams' CLS features).
+        img_size, patch_size, in_chans: the 2D input and its patches (both backbones).
+        embed_dim, depth, num_heads, mlp_ratio: the ViT config of both backbones (ViT-B/16 by default).
+        num_experts, top_k: experts of each layer's shared MoE adapter and how many each token uses.
+        bottleneck: hidden width of each expert.
+        gate_dim: width g of the per-stream sigmoid gate (embed_dim when None; D/2, D/4 or 1 share gate
+            values over channel groups).
+        keep_ratio: ρ, the fraction of tokens each skip router keeps (⌈ρN⌉, CLS always kept).
+        skip_mode: "adapter" (paper eq. 4: unkept tokens skip the adapter) or "block" (they also bypass the
+            next block).
+        fast: convert to the fast modules (False: the plain reference model, the eager baseline).
+        med_num_heads, med_mlp_ratio: the medical backbone's own heads / MLP ratio (same width and depth).
     """
 
     def __init__(

@@ -157,6 +157,7 @@ class Adapter(reference.Adapter):
     """Fast AdaptFormer adapter (same API and parameters as :class:`mosaic_fast.reference.Adapter`)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The reference's ``s · up(relu(down(LN(h))))``, fused (see the module docstring for fallbacks)."""
         if not _exact(self, [self]):
             return super().forward(h)
         return _run(self, [self], h, None, None)
@@ -181,6 +182,7 @@ class MoSAdapter(reference.MoSAdapter):
     expert_cls = Adapter
 
     def forward(self, h: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
+        """The reference's output for a letter or a mixed (B,) routing, every specialist in one launch."""
         return self._run(h, None, expert_id)
 
     def _present_experts(self, ids: torch.Tensor, h: torch.Tensor) -> tuple[list[Adapter], torch.Tensor]:

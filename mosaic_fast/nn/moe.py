@@ -28,6 +28,7 @@ from ..ops.moe_routed import routed_update_
 from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
 from ..reference.checks import check_input_dtype
 from ..reference.moe import (
+    check_gate_width,
     check_pair,
     check_selection,
     check_tokens,
@@ -158,11 +159,7 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
-        for name, gate in (("gate_gen", gate_gen), ("gate_med", gate_med)):
-            if torch.promote_types(gate.dtype, x_gen.dtype) != x_gen.dtype:  # (the reference fails in scatter;
-                # the op would name its internal c_gen/c_med)
-                raise TypeError(f"{name} is {gate.dtype}, wider than x_gen ({x_gen.dtype}): the gated tokens would "
-                                "not fit the streams")
+        check_gate_width(x_gen, gate_gen, gate_med)
         n = x_gen.shape[1]
         direct = inplace and x_gen.is_contiguous() and x_med.is_contiguous()
         weights = self._routed_inference(x_gen, x_med, gate_gen, gate_med)
@@ -212,6 +209,7 @@ class SkipRouter(reference.SkipRouter):
         return cpu_gemm.linear(hidden, self.fc2.weight, self.fc2.bias).squeeze(-1)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's kept tokens (B, k) ascending and their gates σ(s) (B, k)."""
         n = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else 0
         if n and self._fused_select(x):
             check_tokens(x, self.d_model, "x", self.fc1.weight, min_tokens=1)
@@ -226,6 +224,7 @@ class SkipRouter(reference.SkipRouter):
         return idx, torch.sigmoid(s)
 
     def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """The reference's merge as one gather/scatter op: rows ``idx`` of x become ``x + gate·(update − x)``."""
         check_selection(x, idx, gate, "x")
         check_update(x, idx, update)
         d = x.shape[-1]
@@ -275,6 +274,7 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
         return entry[2]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The reference's mixture as one adapter of concatenated bottleneck (one fused op)."""
         experts = self.experts
         if not bypassable(self, experts):
             return super().forward(h)

@@ -51,6 +51,7 @@ class PatchEmbed3D(reference.PatchEmbed3D):
         self.input_shift = float(input_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``reference(x · input_scale + input_shift)``, the Conv3d computed as a GEMM on the gathered patches."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not may_bypass(self, PATCH_LAYERS):

@@ -30,6 +30,7 @@ class Attention(reference.Attention):
         return qkv.unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's attention through ``scaled_dot_product_attention``."""
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -40,6 +41,7 @@ class Mlp(reference.Mlp):
     """Same parameters and arithmetic as the reference (exact GELU, fused into fc1 on CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's ``fc2(gelu(fc1(x)))`` with cached autocast casts (GELU fused on CPU)."""
         return linear(self, self.fc2, linear_act(self, self.fc1, x, self.act))
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .checks import check_input_dtype
+from .checks import check_floating, check_input_dtype
 
 EXPERT_NAMES = ("A", "B", "C")
 
@@ -56,8 +56,10 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up_proj.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``s · up(relu(down(LN(h))))`` for h (..., d_model); the residual is the caller's."""
         if h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected last dim {self.d_model}, got shape {tuple(h.shape)}")
+        check_floating("h", h)
         check_input_dtype("h", h, self.down_proj.weight)
         z = self.activation(self.down_proj(self.layer_norm(h)))
         return self.dropout(self.up_proj(z)) * self.scale
@@ -132,6 +134,7 @@ class MoSAdapter(nn.Module):
         return self.experts[EXPERT_NAMES.index(expert_id)]
 
     def forward(self, h: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
+        """The specialist ``expert_id`` ('A'/'B'/'C') on all of h, or per sample for a (B,) tensor of 0/1/2."""
         check_expert_id(expert_id, h)
         if isinstance(expert_id, str):
             return self.get_expert(expert_id)(h)

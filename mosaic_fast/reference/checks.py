@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def check_floating(name: str, x: torch.Tensor) -> None:
+    """Raise a TypeError naming ``name`` unless ``x`` is a floating-point tensor (torch would fail inside a
+    Linear or LayerNorm with "mixed dtype")."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
 def check_input_dtype(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     """Raise a TypeError naming ``name`` when the floating input ``x`` and the module's ``weight`` differ in
     dtype outside autocast (torch would fail later with a message about mat1/mat2 or "mixed dtype")."""

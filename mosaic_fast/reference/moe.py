@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, MoSAdapter
-from .checks import check_input_dtype, repeats_in_rows
+from .checks import check_floating, check_input_dtype, repeats_in_rows
 
 
 def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor | None = None,
@@ -66,6 +66,15 @@ def check_selection(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, name
             raise ValueError(f"idx_{name}: token indices must be in [0, {x.shape[1]}), got values in [{low}, {high}]")
         if repeats_in_rows(idx, x.shape[1]):
             raise ValueError(f"idx_{name}: token indices must be distinct within each sample")
+
+
+def check_gate_width(x_gen: torch.Tensor, gate_gen: torch.Tensor, gate_med: torch.Tensor) -> None:
+    """Raise a TypeError unless both skip gates fit the streams' dtype (a float64 gate on float32 streams
+    would make gated tokens the streams cannot hold; torch would fail later inside a scatter)."""
+    for name, gate in (("gate_gen", gate_gen), ("gate_med", gate_med)):
+        if torch.promote_types(gate.dtype, x_gen.dtype) != x_gen.dtype:
+            raise TypeError(f"{name} is {gate.dtype}, wider than x_gen ({x_gen.dtype}): the gated tokens would "
+                            "not fit the streams")
 
 
 def check_update(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor) -> None:
@@ -166,6 +175,7 @@ class GatedMoEAdapter(nn.Module):
         return torch.einsum("bner,edr->bned", hidden, self.up_weight) + self.up_bias
 
     def forward(self, x_gen: torch.Tensor, x_med: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token of both streams through its top-k experts, mixed by the per-stream gate: (x̂_gen, x̂_med)."""
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         experts = self.expert_outputs(x_gen, x_med)
         outs = []
@@ -195,6 +205,7 @@ class GatedMoEAdapter(nn.Module):
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
+        check_gate_width(x_gen, gate_gen, gate_med)
         hats = self(x_gen, x_med)
         outs = []
         for x, hat, idx, gate in ((x_gen, hats[0], idx_gen, gate_gen), (x_med, hats[1], idx_med, gate_med)):
@@ -267,6 +278,7 @@ class SkipRouter(nn.Module):
         return scatter_tokens(x, idx, sel + gate.unsqueeze(-1) * (update - sel))
 
     def forward(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn`` (B, k, D) -> (B, k, D) on the kept tokens only, merged back as ``x + σ(s)(fn(x) − x)``."""
         if not callable(fn):
             raise TypeError(f"fn must be callable (B, k, D) -> (B, k, D), got {type(fn).__name__}")
         idx, gate = self.select(x)
@@ -336,9 +348,11 @@ class GatedSpecialistAdapter(nn.Module):
         return module.to(device=mos.expert_a.down_proj.weight.device, dtype=mos.expert_a.down_proj.weight.dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The specialists on h (..., d_model), mixed by the softmax gate (per expert, or per channel)."""
         if not isinstance(h, torch.Tensor) or h.shape[-1] != self.d_model or h.dim() < 2:
             raise ValueError(f"h: expected shape (..., {self.d_model}), got "
                              f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+        check_floating("h", h)
         check_input_dtype("h", h, self.gate.weight)
         outs = torch.stack([expert(h) for expert in self.experts], dim=-2)  # (..., E, D)
         if self.gate_kind == "expert":

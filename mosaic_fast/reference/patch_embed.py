@@ -25,6 +25,7 @@ class PatchEmbed2D(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float images -> (B, L, embed_dim) tokens (Conv2d patches, then LayerNorm)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x: expected (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
@@ -76,6 +77,7 @@ class PatchEmbed3D(nn.Module):
         check_input_dtype("x", x, self.proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) volumes (integer volumes are cast) -> (B, L, embed_dim) tokens."""
         self.check_input(x)
         if not x.is_floating_point():
             x = x.to(self.proj.weight.dtype)

@@ -32,6 +32,7 @@ class Attention(nn.Module):
         return qkv.unbind(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of x (B, N, D) -> (B, N, D)."""
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
@@ -48,6 +49,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``fc2(gelu(fc1(x)))``."""
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -80,6 +82,7 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
+        """``x + attn(norm1(x))``, then ``+ ffn(h) + adapter(h, expert_id)`` with h = norm2(x)."""
         x = x + self.attn(self.norm1(x))
         h = self.norm2(x)
         return x + self.ffn(h) + self.adapter(h, expert_id)
@@ -97,6 +100,7 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
+        """Every block with the same routing ``expert_id``, then the final LayerNorm."""
         for block in self.blocks:
             x = block(x, expert_id)
         return self.norm(x)
