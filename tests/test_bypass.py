@@ -120,8 +120,9 @@ def test_mos_adapter_with_a_hooked_or_wrapped_specialist(routing):
         m.expert_c.down_proj = LoRALinear(m.expert_c.down_proj)
     h = torch.randn(3, 4, D)
     expert_id = "B" if routing == "letter" else torch.tensor([2, 0, 1])
-    with pytest.warns(FastPathFallbackWarning, match="MoSAdapter"):
+    with pytest.warns(FastPathFallbackWarning) as record:  # mixed: the LoRA specialist warns on its own too
         out = fast(h, expert_id)
+    assert any(str(w.message).startswith("MoSAdapter") for w in record)
     assert rel_err(out, ref(h, expert_id)) < TOL_CPU_FWD
     assert calls["fast"] == calls["ref"] == ["Adapter"]
 
