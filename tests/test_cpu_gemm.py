@@ -11,7 +11,13 @@ from mosaic_fast import reference
 from mosaic_fast.nn import convert
 from mosaic_fast.ops import cpu_gemm
 
-pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="this torch build has no oneDNN linear")
+pytestmark = pytest.mark.skipif(cpu_gemm._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
+
+
+@pytest.fixture(autouse=True)
+def on_onednn(monkeypatch):
+    """These tests exercise the oneDNN path, which is the default only on AVX-512 CPUs."""
+    monkeypatch.setattr(cpu_gemm, "_library", "onednn")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -236,3 +242,10 @@ def test_fast_patch_embed3d_projects_through_onednn(onednn_calls):
     with torch.no_grad():
         assert rel(fast(vol), ref(vol)) <= 1e-5
     assert onednn_calls == ["none"]
+
+
+@pytest.mark.parametrize(("capability", "library"), [("AVX512", "onednn"), ("AVX2", "mkl"), ("DEFAULT", "mkl")])
+def test_default_library_follows_the_cpu_capability(capability, library, monkeypatch):
+    """oneDNN by default only where torch runs AVX-512 kernels (on AVX2 its GEMMs lost to MKL's)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_gemm.default_library() == library

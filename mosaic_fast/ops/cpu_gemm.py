@@ -5,14 +5,18 @@ its AVX2 kernels on AMD processors even when they have AVX-512: on a 2-core AMD 
 ~210–240 GFLOP/s where oneDNN, which torch also ships and which inductor uses for its CPU linear fusions,
 reaches ~410–490 GFLOP/s on the same GEMMs (ViT-B's 1,576×768×3,072: 33.5 vs 15.6 ms). On a Zen 4, whose
 AVX-512 units are 256 bits wide, oneDNN is only 2–11 % faster (40.1 vs 36.8 ms); on Intel CPUs both
-libraries run AVX-512 and are about equal. The result is fp32 IEEE arithmetic
+libraries run AVX-512 and are about equal. Without AVX-512 (an AVX2-only Zen 3) oneDNN is the slower one:
+a ViT layer's forward, input-gradient and weight-gradient GEMMs took 23–37 % longer in total than MKL's,
+its weight gradients (transposed operands) up to 1.9× longer. So oneDNN is the default only where torch
+runs AVX-512 kernels (:func:`default_library`). The result is fp32 IEEE arithmetic
 in both (oneDNN's fp32 math mode stays "strict" unless ``torch.backends.mkldnn`` is told otherwise); only
 the summation order differs, ~1e-7 relative.
 
 :func:`linear` is differentiable (its gradients are oneDNN Linears too, themselves differentiable) and
 falls back to ``F.linear`` wherever oneDNN would change the meaning or is not there: other devices or
 dtypes, autocast (which must cast the inputs first), torch.compile (Inductor chooses its own kernels),
-torch.func transforms, builds without oneDNN, ``MOSAIC_FAST_CPU_GEMM=mkl`` in the environment, and
+torch.func transforms, builds without oneDNN, CPUs without AVX-512 (unless ``MOSAIC_FAST_CPU_GEMM=onednn``
+in the environment asks for it), ``MOSAIC_FAST_CPU_GEMM=mkl``, and
 products of at most :data:`MIN_ONEDNN_MACS` multiply-adds (where MKL's call overhead is lower).
 :func:`linear_gelu` fuses the exact (erf) GELU into the GEMM's epilogue when no gradient is needed
 (:func:`linear_act` when the activation is a module that may be that GELU).
@@ -33,7 +37,15 @@ from ._common import is_exact_gelu
 
 GEMM_LIBRARIES = ("onednn", "mkl")
 
-_library = os.environ.get("MOSAIC_FAST_CPU_GEMM", "onednn")
+
+def default_library() -> str:
+    """"onednn" where torch dispatches its AVX-512 CPU kernels (oneDNN's fp32 GEMMs are 2–11 % faster than
+    MKL's on a Zen 4, 2.0–2.3× on a Zen 5, equal on Intel), "mkl" elsewhere (on AVX2 oneDNN lost by 23–37 %
+    over a ViT layer's GEMMs, forward and backward)."""
+    return "onednn" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "mkl"
+
+
+_library = os.environ.get("MOSAIC_FAST_CPU_GEMM") or default_library()
 if _library not in GEMM_LIBRARIES:
     raise ValueError(f"MOSAIC_FAST_CPU_GEMM must be one of {GEMM_LIBRARIES}, got {_library!r}")
 
@@ -60,8 +72,8 @@ def onednn_enabled() -> bool:
 
 
 def set_cpu_gemm(library: str) -> None:
-    """Choose the fp32 CPU GEMM library of the fast modules: "onednn" (default when available) or "mkl"
-    (plain ``F.linear``, as the reference modules do)."""
+    """Choose the fp32 CPU GEMM library of the fast modules: "onednn" or "mkl" (plain ``F.linear``, as the
+    reference modules do); the default is :func:`default_library`."""
     global _library
     if library not in GEMM_LIBRARIES:
         raise ValueError(f"library must be one of {GEMM_LIBRARIES}, got {library!r}")
