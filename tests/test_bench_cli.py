@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from mosaic_fast.bench.core import Case, floor_seconds, time_case
@@ -65,14 +66,20 @@ def test_floor_uses_measured_ceilings():
     assert floor_seconds(case, {"bytes_per_s": 1e12, "flops_bf16": 5e15}) == 4e-3  # memory-bound here
 
 
-def test_profile_cases_writes_one_table_per_implementation(tmp_path):
+def _benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "profile_cases.py"
-    spec = importlib.util.spec_from_file_location("profile_cases", path)
-    profile_cases = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_cases)
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_cases_writes_one_table_per_implementation(tmp_path):
+    profile_cases = _benchmark_script("profile_cases")
     out = tmp_path / "profile.txt"
     assert profile_cases.main(["--device", "cpu", "--suite", "ops", "--filter", "moe_skip_rho0.1", "--calls", "1",
                                "--out", str(out)]) == 0
@@ -90,7 +97,7 @@ def test_fast_mkl_column_times_the_fast_path_without_onednn(monkeypatch):
 
     from mosaic_fast.ops import cpu_gemm
 
-    if cpu_gemm._ONEDNN_LINEAR is None:
+    if not cpu_gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(cpu_gemm, "_library", "onednn")  # the default only on AVX-512 CPUs
     monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)  # the toy product is small
@@ -197,3 +204,26 @@ def test_cases_that_fail_to_build_are_recorded(tmp_path, monkeypatch, capsys):
     assert "building the cases_patch_embed cases failed: RuntimeError: no cases today" in err
     names = [r["name"] for r in json.loads(out.read_text())["records"]]
     assert names == ["cases_patch_embed (building the cases)", "moe_skip_rho0.1"]
+
+
+def test_cpu_gemm_libraries_times_every_product_with_both_libraries(capsys, monkeypatch):
+    """benchmarks/cpu_gemm_libraries.py: forward and both gradients of the four Linears, each library
+    really used for its column (a spy counts the calls that reach oneDNN), the active library restored."""
+    from mosaic_fast.ops import cpu_gemm
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    script = _benchmark_script("cpu_gemm_libraries")
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)  # tiny products
+    reached = []
+    real = cpu_gemm._ONEDNN_LINEAR
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: reached.append(1) or real(*a))
+    before = cpu_gemm._library
+    script.main(["--dim", "8", "--tokens", "6", "--rounds", "2"])
+    assert cpu_gemm._library == before
+    assert len(reached) == 12 * 3  # 12 products, the oneDNN column once per round and in the warm-up
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith(("qkv", "proj", "fc1", "fc2"))]
+    assert len(rows) == 12 and any(line.startswith("layer total") for line in lines)
+    products = script.layer_products(8, 6)
+    assert products["fc1 forward"]().shape == (6, 32) and products["fc2 weight grad"]().shape == (8, 32)

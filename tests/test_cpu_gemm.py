@@ -11,7 +11,7 @@ from mosaic_fast import reference
 from mosaic_fast.nn import convert
 from mosaic_fast.ops import cpu_gemm
 
-pytestmark = pytest.mark.skipif(cpu_gemm._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
+pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN linear")
 
 
 @pytest.fixture(autouse=True)

@@ -118,7 +118,7 @@ def test_case_implementations_fast_mkl_only_on_cpu_with_a_fast_column(monkeypatc
     wrap: a CUDA run or a case without "fast" gets none (and no KeyError)."""
     from mosaic_fast.ops import cpu_gemm
 
-    if cpu_gemm._ONEDNN_LINEAR is None:
+    if not cpu_gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(cpu_gemm, "_library", "onednn")  # the default only on AVX-512 CPUs
     impls = {"reference": torch.relu, "fast": torch.relu}

@@ -6,10 +6,10 @@ its AVX2 kernels on AMD processors even when they have AVX-512: on a 2-core AMD 
 reaches ~410–490 GFLOP/s on the same GEMMs (ViT-B's 1,576×768×3,072: 33.5 vs 15.6 ms). On a Zen 4, whose
 AVX-512 units are 256 bits wide, oneDNN is only 2–11 % faster (40.1 vs 36.8 ms); on Intel CPUs both
 libraries run AVX-512 and are about equal. Without AVX-512 (an AVX2-only Zen 3) oneDNN is the slower one:
-a ViT layer's forward, input-gradient and weight-gradient GEMMs took 23–37 % longer in total than MKL's,
-its weight gradients (transposed operands) up to 1.9× longer. So oneDNN is the default only where torch
-runs AVX-512 kernels (:func:`default_library`). The result is fp32 IEEE arithmetic
-in both (oneDNN's fp32 math mode stays "strict" unless ``torch.backends.mkldnn`` is told otherwise); only
+a ViT layer's forward, input-gradient and weight-gradient GEMMs took 22–37 % longer in total than MKL's,
+the gradients (transposed operands) up to 2.4× longer (``benchmarks/cpu_gemm_libraries.py``). So oneDNN
+is the default only where torch runs AVX-512 kernels (:func:`default_library`). The result is fp32 IEEE
+arithmetic in both (oneDNN's fp32 math mode stays "strict" unless ``torch.backends.mkldnn`` is told otherwise); only
 the summation order differs, ~1e-7 relative.
 
 :func:`linear` is differentiable (its gradients are oneDNN Linears too, themselves differentiable) and
@@ -40,7 +40,7 @@ GEMM_LIBRARIES = ("onednn", "mkl")
 
 def default_library() -> str:
     """"onednn" where torch dispatches its AVX-512 CPU kernels (oneDNN's fp32 GEMMs are 2–11 % faster than
-    MKL's on a Zen 4, 2.0–2.3× on a Zen 5, equal on Intel), "mkl" elsewhere (on AVX2 oneDNN lost by 23–37 %
+    MKL's on a Zen 4, 2.0–2.3× on a Zen 5, equal on Intel), "mkl" elsewhere (on AVX2 oneDNN lost by 22–37 %
     over a ViT layer's GEMMs, forward and backward)."""
     return "onednn" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "mkl"
 
@@ -65,10 +65,15 @@ MIN_ONEDNN_MACS = 1 << 22
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's fused Linear (whichever library is chosen)."""
+    return _ONEDNN_LINEAR is not None
+
+
 def onednn_enabled() -> bool:
     """Whether fp32 CPU Linear layers of the fast modules run through oneDNN (this module's choice, and
     oneDNN not switched off with ``torch.backends.mkldnn.enabled = False`` / ``torch.backends.mkldnn.flags``)."""
-    return _ONEDNN_LINEAR is not None and _library == "onednn" and torch.backends.mkldnn.enabled
+    return onednn_available() and _library == "onednn" and torch.backends.mkldnn.enabled
 
 
 def set_cpu_gemm(library: str) -> None:
