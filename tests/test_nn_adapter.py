@@ -174,6 +174,12 @@ def test_adapter_forward_and_fused():
     h, base = torch.randn(2, 5, D), torch.randn(2, 5, D)
     assert_parity(fast(h), ref(h), TOL_CPU_FWD)
     assert_parity(fast.forward_fused(h, base), base + ref(h), TOL_CPU_FWD)
+    for expert_id in ("B", torch.tensor([2, 0])):  # DESIGN §8's signature: checked, one adapter serves all
+        assert_parity(fast.forward_fused(h, base, expert_id), base + ref(h), TOL_CPU_FWD)
+    with pytest.raises(ValueError, match="expert_id must be one of"):
+        fast.forward_fused(h, base, "D")
+    with pytest.raises(ValueError, match=r"expert_id values must be in \{0, 1, 2\}"):
+        fast.forward_fused(h, base, torch.tensor([0, 3]))
 
 
 def test_triton_interpreter_module_parity(triton_backend):

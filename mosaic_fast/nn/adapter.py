@@ -162,8 +162,14 @@ class Adapter(reference.Adapter):
             return super().forward(h)
         return _run(self, [self], h, None, None)
 
-    def forward_fused(self, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """``base + adapter(h)`` with the add fused into the kernel epilogue."""
+    def forward_fused(self, h: torch.Tensor, base: torch.Tensor, expert_id: str | torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """``base + adapter(h)`` with the add fused into the kernel epilogue.
+
+        ``expert_id`` (DESIGN §8's signature, shared with :meth:`MoSAdapter.forward_fused` so call sites can
+        take either module) is checked like MoSAdapter's and otherwise unused: one adapter serves every id."""
+        if expert_id is not None:
+            check_expert_id(expert_id, h)
         if not _exact(self, [self]):
             return base + super().forward(h)
         return _run(self, [self], h, base, None)
