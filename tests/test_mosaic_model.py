@@ -75,6 +75,10 @@ def test_forward_contract_and_routing():
     assert model(x3, task_id=1)[1].shape == (2, 2)
     with pytest.raises(ValueError, match="task_id"):
         model(x2, task_id=2)
+    for bad in ("0", 1.0):  # not an index: a named error, not a comparison or ModuleList failure
+        with pytest.raises(TypeError, match="task_id must be an integer"):
+            model(x2, task_id=bad)
+    assert torch.equal(model(x2, task_id=torch.tensor(0))[1], logits)  # a 0-d integer tensor is an index
     with pytest.raises(ValueError, match="resize the input"):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="expert_id is required"):

@@ -7,6 +7,7 @@ The state_dict keys equal those of the seed repository's ``UnifiedModel`` in "v2
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -170,6 +171,10 @@ class MosaicModel(nn.Module):
         expert_id: str | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``(features, logits of head task_id)``, or only the features with ``return_features``."""
+        try:
+            task_id = operator.index(task_id)  # an int, a NumPy integer or a 0-d integer tensor
+        except TypeError:
+            raise TypeError(f"task_id must be an integer, got {type(task_id).__name__} {task_id!r}") from None
         if not 0 <= task_id < self.num_tasks:
             raise ValueError(f"task_id must be in [0, {self.num_tasks}), got {task_id}")
         features = self.forward_features(x, self.resolve_expert(task_id, expert_id))
