@@ -26,7 +26,7 @@ from ..ops.gated_specialist import gated_specialist
 from ..ops.moe_adapter import moe_gated_update
 from ..ops.moe_routed import routed_update_
 from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
-from ..reference.checks import check_input_dtype
+from ..reference.checks import check_floating, check_input_dtype
 from ..reference.moe import (
     check_gate_width,
     check_pair,
@@ -283,8 +283,7 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
             return super().forward(h)
         if h.dim() < 2 or h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected shape (..., {self.d_model}), got {tuple(h.shape)}")
-        if not h.is_floating_point():  # (the reference fails inside a Linear with "mixed dtype")
-            raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
+        check_floating("h", h)
         check_input_dtype("h", h, self.gate.weight)
         h2 = h.reshape(-1, self.d_model)
         w_fold, b_fold, w_up, b_up, scales = self._folded(h)

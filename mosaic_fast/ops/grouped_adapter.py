@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backend
+from ..reference.checks import check_floating
 from . import cpu_gemm
 from ._common import (
     autocast_dtype,
@@ -514,8 +515,7 @@ def _check_h_base_devices(h: Tensor, base: Tensor | None, D: int, weights) -> No
     """h's last dim, base's shape/dtype/device and the weights' device (what the packed checks skip)."""
     if h.dim() == 0 or h.shape[-1] != D:
         raise ValueError(f"h: expected last dim {D}, got shape {tuple(h.shape)}")
-    if not h.is_floating_point():  # (else the dtype check below suggests casting the module to an integer dtype)
-        raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
+    check_floating("h", h)  # (else the dtype check below suggests casting the module to an integer dtype)
     if base is not None:
         check_tensor("base", base, floating=True)
         if base.shape != h.shape:

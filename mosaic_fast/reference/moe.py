@@ -28,8 +28,7 @@ def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor 
     if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] < min_tokens:
         at_least = f" with N >= {min_tokens} tokens" if min_tokens else ""
         raise ValueError(f"{name}: expected shape (B, N, {d_model}){at_least}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_floating(name, x)
     if weight is not None:
         check_input_dtype(name, x, weight)
 
