@@ -91,3 +91,34 @@ def fused_op_calls(monkeypatch):
     count(token_skip, "_select", "select")
     count(moe_routed, "_launch", "moe")
     return calls
+
+
+@pytest.fixture
+def onednn_library(monkeypatch):
+    """The fast modules' fp32 CPU GEMMs on oneDNN, whatever the CPU (the default only on AVX-512 CPUs);
+    skips where this torch build has no oneDNN Linear."""
+    from mosaic_fast.ops import cpu_gemm
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(cpu_gemm, "_library", "onednn")
+
+
+@pytest.fixture
+def onednn_calls(onednn_library, monkeypatch):
+    """The epilogue of every call that reaches oneDNN's Linear, in order; every size goes there (tests use
+    small shapes). Each operand must be row- or column-major (oneDNN is slow on any other layout)."""
+    from mosaic_fast.ops import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)
+    calls = []
+    real = cpu_gemm._ONEDNN_LINEAR
+
+    def spy(*args):
+        for operand in args[:2]:
+            assert operand.is_contiguous() or (operand.dim() == 2 and operand.t().is_contiguous())
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", spy)
+    return calls

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from mosaic_fast.bench.core import Case, floor_seconds, time_case
@@ -91,25 +90,16 @@ def test_profile_cases_writes_one_table_per_implementation(tmp_path):
                                "--out", str(out)]) == 2
 
 
-def test_fast_mkl_column_times_the_fast_path_without_onednn(monkeypatch):
+def test_fast_mkl_column_times_the_fast_path_without_onednn(onednn_calls):
     """``--cpu-gemm-mkl``: a "fast+mkl" column whose calls never reach oneDNN, while "fast" does."""
-    import pytest
-
     from mosaic_fast.ops import cpu_gemm
 
-    if not cpu_gemm.onednn_available():
-        pytest.skip("this torch build has no oneDNN linear")
-    monkeypatch.setattr(cpu_gemm, "_library", "onednn")  # the default only on AVX-512 CPUs
-    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)  # the toy product is small
-    reached = []
-    real = cpu_gemm._ONEDNN_LINEAR
-    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: reached.append(1) or real(*a))
     w = torch.randn(48, 32)
 
     def fast(x):
-        before = len(reached)
+        before = len(onednn_calls)
         out = cpu_gemm.linear(x, w)
-        calls.append(len(reached) - before)
+        calls.append(len(onednn_calls) - before)
         return out
 
     calls: list[int] = []
@@ -206,22 +196,16 @@ def test_cases_that_fail_to_build_are_recorded(tmp_path, monkeypatch, capsys):
     assert names == ["cases_patch_embed (building the cases)", "moe_skip_rho0.1"]
 
 
-def test_cpu_gemm_libraries_times_every_product_with_both_libraries(capsys, monkeypatch):
+def test_cpu_gemm_libraries_times_every_product_with_both_libraries(capsys, onednn_calls):
     """benchmarks/cpu_gemm_libraries.py: forward and both gradients of the four Linears, each library
     really used for its column (a spy counts the calls that reach oneDNN), the active library restored."""
     from mosaic_fast.ops import cpu_gemm
 
-    if not cpu_gemm.onednn_available():
-        pytest.skip("this torch build has no oneDNN linear")
     script = _benchmark_script("cpu_gemm_libraries")
-    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)  # tiny products
-    reached = []
-    real = cpu_gemm._ONEDNN_LINEAR
-    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", lambda *a: reached.append(1) or real(*a))
     before = cpu_gemm._library
     script.main(["--dim", "8", "--tokens", "6", "--rounds", "2"])
     assert cpu_gemm._library == before
-    assert len(reached) == 12 * 3  # 12 products, the oneDNN column once per round and in the warm-up
+    assert len(onednn_calls) == 12 * 3  # 12 products, the oneDNN column once per round and in the warm-up
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith(("qkv", "proj", "fc1", "fc2"))]
     assert len(rows) == 12 and any(line.startswith("layer total") for line in lines)

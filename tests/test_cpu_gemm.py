@@ -11,36 +11,13 @@ from mosaic_fast import reference
 from mosaic_fast.nn import convert
 from mosaic_fast.ops import cpu_gemm
 
-pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN linear")
-
-
-@pytest.fixture(autouse=True)
-def on_onednn(monkeypatch):
-    """These tests exercise the oneDNN path, which is the default only on AVX-512 CPUs."""
-    monkeypatch.setattr(cpu_gemm, "_library", "onednn")
+pytestmark = pytest.mark.usefixtures("onednn_library")  # the oneDNN path, whatever the CPU (conftest)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     assert b.norm() > 1e-3, "reference too small to compare"
     return float((a - b).norm() / b.norm())
-
-
-@pytest.fixture
-def onednn_calls(monkeypatch):
-    """Counts the calls that reach oneDNN's Linear; every size goes there (these tests use small shapes)."""
-    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)
-    calls = []
-    real = cpu_gemm._ONEDNN_LINEAR
-
-    def spy(*args):
-        for operand in args[:2]:  # oneDNN is slow on any layout but row- or column-major
-            assert operand.is_contiguous() or (operand.dim() == 2 and operand.t().is_contiguous())
-        calls.append(args[3])
-        return real(*args)
-
-    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", spy)
-    return calls
 
 
 @pytest.mark.parametrize("shape", [(37, 48), (3, 29, 48)])

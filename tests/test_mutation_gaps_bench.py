@@ -113,14 +113,9 @@ def _toy_case(impls, compile_reference=True):
     return core.Case("ops", "toy", {}, lambda i: (torch.randn(4, 4),), impls, compile_reference=compile_reference)
 
 
-def test_case_implementations_fast_mkl_only_on_cpu_with_a_fast_column(monkeypatch):
+def test_case_implementations_fast_mkl_only_on_cpu_with_a_fast_column(onednn_library):
     """"fast+mkl" is a CPU column (the MKL/oneDNN split exists there only) and needs a "fast" column to
     wrap: a CUDA run or a case without "fast" gets none (and no KeyError)."""
-    from mosaic_fast.ops import cpu_gemm
-
-    if not cpu_gemm.onednn_available():
-        pytest.skip("this torch build has no oneDNN linear")
-    monkeypatch.setattr(cpu_gemm, "_library", "onednn")  # the default only on AVX-512 CPUs
     impls = {"reference": torch.relu, "fast": torch.relu}
     cpu = core.case_implementations(_toy_case(impls), torch.device("cpu"), with_compile=False, with_mkl=True)
     assert set(cpu) == {"reference", "fast", "fast+mkl"}
