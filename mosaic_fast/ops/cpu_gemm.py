@@ -4,7 +4,8 @@ On CPU ``F.linear``/``addmm`` in fp32 calls MKL's sgemm. MKL chooses its code pa
 its AVX2 kernels on AMD processors even when they have AVX-512: on a 2-core AMD EPYC Zen 5 it reaches
 ~210–240 GFLOP/s where oneDNN, which torch also ships and which inductor uses for its CPU linear fusions,
 reaches ~410–490 GFLOP/s on the same GEMMs (ViT-B's 1,576×768×3,072: 33.5 vs 15.6 ms). On a Zen 4, whose
-AVX-512 units are 256 bits wide, oneDNN is only 2–11 % faster (40.1 vs 36.8 ms); on Intel CPUs both
+AVX-512 units are 256 bits wide, oneDNN was 2–11 % faster in one session (40.1 vs 36.8 ms), 27 % in
+another (62.9 vs 49.5 ms), its gradient products too; on Intel CPUs both
 libraries run AVX-512 and are about equal. Without AVX-512 (an AVX2-only Zen 3) oneDNN is the slower one:
 a ViT layer's forward, input-gradient and weight-gradient GEMMs took 22–37 % longer in total than MKL's,
 the gradients (transposed operands) up to 2.4× longer (``benchmarks/cpu_gemm_libraries.py``). So oneDNN
@@ -39,7 +40,7 @@ GEMM_LIBRARIES = ("onednn", "mkl")
 
 
 def default_library() -> str:
-    """"onednn" where torch dispatches its AVX-512 CPU kernels (oneDNN's fp32 GEMMs are 2–11 % faster than
+    """"onednn" where torch dispatches its AVX-512 CPU kernels (oneDNN's fp32 GEMMs are 2–27 % faster than
     MKL's on a Zen 4, 2.0–2.3× on a Zen 5, equal on Intel), "mkl" elsewhere (on AVX2 oneDNN lost by 22–37 %
     over a ViT layer's GEMMs, forward and backward)."""
     return "onednn" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "mkl"
