@@ -211,3 +211,32 @@ def test_cpu_gemm_libraries_times_every_product_with_both_libraries(capsys, oned
     assert len(rows) == 12 and any(line.startswith("layer total") for line in lines)
     products = script.layer_products(8, 6)
     assert products["fc1 forward"]().shape == (6, 32) and products["fc2 weight grad"]().shape == (8, 32)
+
+
+def test_compiled_reference_graph_breaks_are_recorded_not_printed(caplog):
+    """A reference that reads a tensor on the host compiles to several graphs: the record counts the
+    breaks with their reason and the table shows them, while Dynamo's console advice stays out; a
+    reference without host reads records none."""
+
+    def host_read(x):
+        return x * 2 if bool((x > 0).any()) else x
+
+    def seeded(i):
+        return (torch.randn(8, 8, generator=torch.Generator().manual_seed(i)),)
+
+    branching = Case("ops", "branching", {}, seeded, {"reference": host_read, "fast": host_read})
+    straight = Case("ops", "straight", {}, seeded, {"reference": torch.relu, "fast": torch.relu})
+    from torch._dynamo.variables.tensor import TensorVariable
+
+    TensorVariable._warn_capture_scalar_outputs.cache_clear()  # Dynamo gives that advice once per process
+    with caplog.at_level("WARNING"):
+        records = [time_case(c, torch.device("cpu"), rotate=2, min_run_time=0.01, repeats=1)
+                   for c in (branching, straight)]
+    breaks = records[0]["compiled_graph_breaks"]
+    assert sum(breaks.values()) >= 1 and any("item()" in reason for reason in breaks)
+    assert "compiled_graph_breaks" not in records[1]
+    assert "capture_scalar_outputs = True" not in caplog.text
+    table = format_table(records, torch.device("cpu"))
+    reason = next(iter(breaks))
+    count = breaks[reason]
+    assert f"    compiled: {count} graph break{'s' if count > 1 else ''}: {reason}" in table.split("straight")[0]

@@ -177,7 +177,8 @@ def worst_error(record: dict) -> float | None:
 
 
 def _extra_lines(record: dict) -> list[str]:
-    """Indented lines under a case's row: throughput (items/s) and a training step's peak memory."""
+    """Indented lines under a case's row: throughput (items/s), a training step's peak memory and the
+    compiled reference's graph breaks."""
     lines = []
     rate = record.get("items_per_s") or {}
     if rate:
@@ -188,6 +189,8 @@ def _extra_lines(record: dict) -> list[str]:
         lines.append("    peak memory: " + " · ".join(
             f"{k} {v / 1e9:.2f} GB" + (f" ({v / ref:.2f}×)" if ref and k != "reference" else "")
             for k, v in memory.items()))
+    for reason, count in (record.get("compiled_graph_breaks") or {}).items():
+        lines.append(f"    compiled: {count} graph break{'s' if count > 1 else ''}: {reason}")
     return lines
 
 
