@@ -17,7 +17,7 @@ from parity import (
 import mosaic_fast
 from mosaic_fast import nn as fast_nn
 from mosaic_fast import reference
-from mosaic_fast.ops.token_skip import skip_merge
+from mosaic_fast.ops.token_skip import blend, skip_merge
 from mosaic_fast.reference.moe import num_kept
 
 D = 32
@@ -271,3 +271,36 @@ def test_bad_input():
         skip_merge(x.view(-1, D), torch.tensor([0.0]), torch.randn(1, D), torch.ones(1, 1))
     with pytest.raises(ValueError, match="coef"):
         skip_merge(x.view(-1, D), torch.tensor([0]), torch.randn(1, D), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("groups", [1, 4, D])
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_blend_is_the_gated_update_per_channel_group(groups, rows):
+    """blend (one lerp over (T, G, D/G) views) against ``sel + coef ⊙ (update − sel)`` with coef expanded
+    to channels in float64, forward and every gradient; coefficients on both sides of ½ (lerp's two
+    formulas) and empty row sets."""
+    g = torch.Generator().manual_seed(rows * 10 + groups)
+    sel, update = (torch.randn(rows, D, generator=g, requires_grad=True) for _ in range(2))
+    coef = torch.rand(rows, groups, generator=g).requires_grad_()
+    gout = torch.randn(rows, D, generator=g)
+    out = blend(sel, update, coef)
+    s64, u64, c64 = (t.detach().double().requires_grad_() for t in (sel, update, coef))
+    want = s64 + c64.repeat_interleave(D // groups, dim=1) * (u64 - s64)
+    assert out.dtype == torch.float32 and out.shape == (rows, D)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    if rows:
+        got = torch.autograd.grad(out, (sel, update, coef), gout)
+        ref = torch.autograd.grad(want, (s64, u64, c64), gout.double())
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_blend_promotes_like_the_arithmetic_form():
+    """Under autocast the update arrives in bf16 while the stream stays fp32: the result is fp32, as
+    ``sel + coef * (update - sel)`` would be, not an error or a bf16 stream."""
+    sel, coef = torch.randn(3, D), torch.rand(3, 2)
+    update = torch.randn(3, D).bfloat16()
+    out = blend(sel, update, coef)
+    assert out.dtype == torch.float32
+    want = sel + coef.repeat_interleave(D // 2, dim=1) * (update.float() - sel)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ computes routing, probabilities and gates; this op is everything that touches D-
 Paths: Triton on CUDA (kernels/moe_adapter.py: expert-sorted grouped down GEMM, then per-row-tile up GEMM
 + probability mixing + gate epilogue, in place when asked, no host sync); a torch fallback elsewhere that
 runs all experts' hidden units as one GEMM and mixes them with the routing probabilities (see
-``_torch_mixes``). Backward (of the Triton op) is torch:
+``_torch_updates``). Backward (of the Triton op) is torch:
 dense over the n experts on the r-wide hidden only (T×n×r tensors, never T×n×D), deterministic weight
 gradients, no host sync. ``mosaic_fast::moe_gated_update`` is the differentiable op,
 ``mosaic_fast::moe_gated_update_`` the in-place inference op.
@@ -32,41 +32,39 @@ from ._common import (
     once_differentiable_strict,
     use_kernels,
 )
-from .token_skip import _interpret_upcast, expand_coef
+from .token_skip import _interpret_upcast, blend, expand_coef
 
 
-def _gated(x_sel: Tensor, mix: Tensor, coef: Tensor) -> Tensor:
-    t, d = x_sel.shape
-    g = coef.shape[1]  # explicit group width: a view of 0 rows cannot infer a -1 dim
-    return (x_sel.view(t, g, d // g) + coef.unsqueeze(-1) * (mix - x_sel).view(t, g, d // g)).view(t, d)
-
-
-def _torch_mixes(
-    x_gen: Tensor, x_med: Tensor, rows: tuple[Tensor, Tensor], eidx: tuple[Tensor, Tensor],
-    probs: tuple[Tensor, Tensor], w_down: Tensor, b_down: Tensor, w_up: Tensor, b_up: Tensor,
-) -> list[Tensor]:
-    """Expert mixtures (T_s, D) of both streams, as two GEMMs over the concatenated experts.
+def _torch_updates(
+    x_gen: Tensor, x_med: Tensor, rows: tuple[Tensor | None, Tensor | None], eidx: tuple[Tensor, Tensor],
+    probs: tuple[Tensor, Tensor], coefs: tuple[Tensor, Tensor], w_down: Tensor, b_down: Tensor, w_up: Tensor,
+    b_up: Tensor,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(updated, mixes): each stream's selected rows after the gated update, ``x + c ⊙ (mix − x)``, and its
+    expert mixture (T_s, D), by two GEMMs over the concatenated experts.
 
     ``mix = Σ_e p_e (W_up[e] relu(h_e) + b_up[e]) = [p_e relu(h_e)]_e @ W_up_cat^T + p @ b_up`` with
     p_e = 0 for the experts a row did not pick: all n experts' hidden units (T×n·r, never T×n×D) in one
     down GEMM, the routing probabilities applied to the hidden units, one up GEMM. n/k times the sparse
-    FLOPs, but large GEMMs instead of per-expert gathers: the fast choice on CPU. ``rows`` None: every
-    row (no gather). Differentiable, no host sync."""
+    FLOPs, but large GEMMs instead of per-expert gathers: the fast choice on CPU. Each stream's own rows
+    are taken from the gathered expert input, not gathered again. ``rows`` None: every row (no gather).
+    Differentiable, no host sync."""
     n, r, _ = w_down.shape
     d = x_gen.shape[1]
     w_down_cat, b_down_cat = w_down.reshape(n * r, -1), b_down.reshape(n * r)
     w_up_cat = w_up.permute(1, 0, 2).reshape(d, n * r)
     same_rows = rows[0] is rows[1]  # the full (non-skipping) forward passes one row tensor (or None) for both
-    mixes, hidden = [], None
-    for rows_s, eidx_s, p_s in zip(rows, eidx, probs):
+    updated, mixes, hidden = [], [], None
+    for stream, (rows_s, eidx_s, p_s, c_s) in enumerate(zip(rows, eidx, probs, coefs)):
         if hidden is None or not same_rows:  # the expert input is the same pair for both streams
             pair = (x_gen, x_med) if rows_s is None else (x_gen.index_select(0, rows_s), x_med.index_select(0, rows_s))
             u = torch.cat(pair, dim=1)
             hidden = torch.relu(cpu_gemm.linear(u, w_down_cat, b_down_cat)).view(-1, n, r)
         p_dense = p_s.new_zeros(p_s.shape[0], n).scatter(1, eidx_s.long(), p_s).to(hidden.dtype)
-        mix = cpu_gemm.linear((hidden * p_dense.unsqueeze(-1)).view(-1, n * r), w_up_cat)
-        mixes.append(mix.add_(p_dense @ b_up))
-    return mixes
+        mix = cpu_gemm.linear((hidden * p_dense.unsqueeze(-1)).view(-1, n * r), w_up_cat).add_(p_dense @ b_up)
+        mixes.append(mix)
+        updated.append(blend(pair[stream], mix, c_s))
+    return updated, mixes
 
 
 def _forward_into(
@@ -82,10 +80,9 @@ def _forward_into(
     empty_g, empty_m = x_gen.new_empty(0, d), x_gen.new_empty(0, d)
     if not use_kernels(x_gen):
         with torch.no_grad():
-            mix_g, mix_m = _torch_mixes(x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med),
-                                        (p_gen, p_med), w_down, b_down, w_up, b_up)
-            new_g = _gated(x_gen.index_select(0, rows_gen), mix_g, c_gen)
-            new_m = _gated(x_med.index_select(0, rows_med), mix_m, c_med)
+            (new_g, new_m), (mix_g, mix_m) = _torch_updates(
+                x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med), (p_gen, p_med), (c_gen, c_med),
+                w_down, b_down, w_up, b_up)
             out_gen.index_copy_(0, rows_gen, new_g)
             out_med.index_copy_(0, rows_med, new_m)
         if not need_saved:
@@ -281,9 +278,8 @@ def moe_gated_update(
     rows_gen, rows_med, eidx_gen, eidx_med = check_moe_args(
         x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down, w_up, b_up)
     if rows_gen is None and not use_kernels(x_gen):  # every row on the torch path: no gather or scatter
-        mix_g, mix_m = _torch_mixes(x_gen, x_med, (None, None), (eidx_gen, eidx_med), (p_gen, p_med),
-                                    w_down, b_down, w_up, b_up)
-        out_gen, out_med = _gated(x_gen, mix_g, c_gen), _gated(x_med, mix_m, c_med)
+        (out_gen, out_med), _ = _torch_updates(x_gen, x_med, (None, None), (eidx_gen, eidx_med), (p_gen, p_med),
+                                               (c_gen, c_med), w_down, b_down, w_up, b_up)
         return (x_gen.copy_(out_gen), x_med.copy_(out_med)) if inplace else (out_gen, out_med)
     if rows_gen is None:  # the kernels read row indices: every row, in order
         rows_gen = rows_med = torch.arange(x_gen.shape[0], device=x_gen.device)
@@ -303,10 +299,10 @@ def moe_gated_update(
         out_gen, out_med, *_ = _moe_op(c[0], c[1], rows_gen, rows_med, eidx_gen, c[2], c[3], eidx_med, c[4], c[5],
                                        c[6], c[7], c[8], c[9], needs_grad)
     else:
-        mix_g, mix_m = _torch_mixes(x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med), (p_gen, p_med),
-                                    w_down, b_down, w_up, b_up)
-        out_gen = x_gen.index_copy(0, rows_gen, _gated(x_gen.index_select(0, rows_gen), mix_g, c_gen))
-        out_med = x_med.index_copy(0, rows_med, _gated(x_med.index_select(0, rows_med), mix_m, c_med))
+        (new_g, new_m), _ = _torch_updates(x_gen, x_med, (rows_gen, rows_med), (eidx_gen, eidx_med),
+                                           (p_gen, p_med), (c_gen, c_med), w_down, b_down, w_up, b_up)
+        out_gen = x_gen.index_copy(0, rows_gen, new_g)
+        out_med = x_med.index_copy(0, rows_med, new_m)
     if inplace:
         x_gen.copy_(out_gen)
         x_med.copy_(out_med)

@@ -23,6 +23,20 @@ def expand_coef(coef: Tensor, d: int) -> Tensor:
     return coef.repeat_interleave(d // coef.shape[1], dim=1)
 
 
+def blend(sel: Tensor, update: Tensor, coef: Tensor) -> Tensor:
+    """``sel + coef ⊙ (update − sel)`` for (T, D) rows and (T, G) per-group coefficients (value g covers
+    channels [g·D/G, (g+1)·D/G)): one ``torch.lerp`` over (T, G, D/G) views. The arithmetic form's three
+    passes took 1.2–3.1× as long on a 2-core CPU (6,304 × 768, G = D: 4.1 vs 1.3 ms), 1.6–4.1× with
+    ``coef`` expanded to channels first. Equal up to rounding (for coef ≥ ½ lerp computes
+    ``update − (1 − coef)(update − sel)``); the result has the promoted dtype of the three, as the arithmetic
+    form does (under autocast ``update`` may be bf16 and ``sel`` fp32); differentiable in all three."""
+    t, d = sel.shape
+    g = coef.shape[1]
+    dtype = torch.promote_types(torch.promote_types(sel.dtype, update.dtype), coef.dtype)
+    start, end = sel.to(dtype).view(t, g, d // g), update.to(dtype).reshape(t, g, d // g)
+    return torch.lerp(start, end, coef.to(dtype).unsqueeze(-1)).view(t, d)
+
+
 def _interpret_upcast(*tensors: Tensor) -> bool:
     """The interpreter has no bf16 arithmetic (DESIGN.md §5): such inputs run in fp32 there."""
     return backend.INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors)
@@ -39,8 +53,7 @@ def _merge_into(x: Tensor, out: Tensor, rows: Tensor, update: Tensor, coef: Tens
             return
         kernel(x, out, rows, update.contiguous(), coef.contiguous())
         return
-    sel = x.index_select(0, rows)
-    out.index_copy_(0, rows, sel + expand_coef(coef, x.shape[1]) * (update - sel))
+    out.index_copy_(0, rows, blend(x.index_select(0, rows), update, coef))
 
 
 @torch.library.custom_op("mosaic_fast::skip_merge", mutates_args=())
@@ -123,8 +136,7 @@ def skip_merge(x: Tensor, rows: Tensor, update: Tensor, coef: Tensor, inplace: b
     if use_kernels(x):
         out = _skip_merge_op(x.contiguous(), rows, update.contiguous(), coef.contiguous())
     else:
-        sel = x.index_select(0, rows)
-        out = x.index_copy(0, rows, sel + expand_coef(coef, x.shape[1]) * (update - sel))
+        out = x.index_copy(0, rows, blend(x.index_select(0, rows), update, coef))
     if inplace:
         x.copy_(out)
         return x
