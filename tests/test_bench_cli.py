@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from mosaic_fast.bench.core import Case, floor_seconds, time_case
@@ -240,3 +241,11 @@ def test_compiled_reference_graph_breaks_are_recorded_not_printed(caplog):
     reason = next(iter(breaks))
     count = breaks[reason]
     assert f"    compiled: {count} graph break{'s' if count > 1 else ''}: {reason}" in table.split("straight")[0]
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cuda:"])
+def test_bad_device_is_a_usage_error(device, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ops", "--device", device])
+    assert exit_info.value.code == 2
+    assert f"argument --device: expected cpu, cuda or cuda:N, got {device!r}" in capsys.readouterr().err

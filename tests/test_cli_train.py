@@ -291,3 +291,39 @@ def test_missing_pretrained_file_is_reported_first_with_its_address(data_root, t
     assert main(_train_args(data_root, tmp_path, "--pretrained", str(tmp_path / "ViT-B_16.npz"))) == 2
     err = capsys.readouterr().err
     assert "ViT-B_16.npz" in err and VIT_B16_URL in err
+
+
+def test_eval_missing_files_name_what_came_from_the_checkpoint(trained_64, tmp_path, capsys):
+    """An eval that cannot find its files says which settings it took from the checkpoint (and only
+    those), and a --data_root that does not exist is called that."""
+    _root, out = trained_64
+    missing = tmp_path / "nowhere"
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--data_root", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"in {missing} (no such folder)" in err
+    assert "eval used the file sizes that training recorded" in err and "--size_2d/--size_3d" in err
+    assert "used the data root" not in err and "--data_root to choose" not in err
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--size_3d", "28", "--size_2d", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "BreastMNIST: breastmnist_64.npz" in err
+    assert "eval used the data root that training recorded" in err and "give --data_root to choose" in err
+
+
+def test_demo_with_a_dataset_it_does_not_bundle_points_to_data_root(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(["--demo", "--datasets", "breastmnist,pneumoniamnist"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--demo bundles only {', '.join(DEMO_DATASETS)}; for PneumoniaMNIST give --data_root" in err
+    args = parse_train_args(["--demo", "--datasets", "pneumoniamnist", "--data_root", "/somewhere"])
+    assert args.datasets == ("PneumoniaMNIST",) and args.data_root == "/somewhere"
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(data_root, out)) == 0
+    capsys.readouterr()
+    assert main(_train_args(data_root, out, "--resume", str(out / "last.pt"))) == 0
+    printed = capsys.readouterr().out
+    assert "this run has done all of its --num_rounds 2: nothing to train" in printed
+    assert "test (medmnist metrics)" in printed and "round 1 " not in printed

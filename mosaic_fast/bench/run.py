@@ -29,11 +29,21 @@ SUITES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _device_name(text: str) -> str:
+    """argparse type of --device: "cpu", "cuda" or "cuda:N" (a usage error otherwise, not a traceback)."""
+    index = text[len("cuda:"):] if text.startswith("cuda:") else None
+    if text not in ("cpu", "cuda") and not (index is not None and index.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ShortUsageParser(prog="mosaic-fast bench", short_usage="mosaic-fast bench [ops|model|all] [options]",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"], help="which suite to run")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"],
+                   help="which suite to run (default: all)")
+    p.add_argument("--device", type=_device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="activation dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--json", dest="json_path", default=None, help="write every figure to this JSON file")

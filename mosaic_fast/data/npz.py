@@ -67,6 +67,8 @@ def _missing_error(root: Path, missing: list[tuple[str, list[int]]], present: li
     (and, when some are ``present``, how to use only those)."""
     only = (f" Or use the {len(present)} present ones only: --datasets {','.join(present).lower()}"
             if present else "")
+    if not root.is_dir():
+        root = f"{root} (no such folder)"
     if len(missing) == 1 and not present:
         name, wanted = missing[0]
         return FileNotFoundError(f"{name}: no file {_file_names(name, wanted)} in {root}. "

@@ -125,7 +125,8 @@ def _print_files(data: MultiSource) -> None:
 
 def _chance_table(train: MultiSource, test: MultiSource) -> str:
     """Chance levels: ACC of always predicting the training set's majority class; AUC 50%."""
-    lines = ["chance level (majority class of the training labels; AUC 50.00)"]
+    lines = ["chance level (majority class of the training labels; AUC 50.00)",
+             f"{'dataset':<16} {'ACC':>13} {'AUC':>13}"]
     for tr, te in zip(train.sources, test.sources):
         if tr.spec.task.startswith("multi-label"):
             acc = float((te.labels == (tr.labels.float().mean(0) > 0.5).long()).float().mean())
@@ -251,23 +252,23 @@ def train_main(argv: Sequence[str]) -> int:
     return _run("train", _train, parse_train_args(list(argv)))
 
 
-def _recorded_data(args, config: dict, names: Sequence[str]) -> tuple[dict[str, int | None], bool]:
+def _recorded_data(args, config: dict, names: Sequence[str]) -> tuple[dict[str, int | None], list[str]]:
     """Fill ``args.data_root`` and pick each dataset's file size from what training recorded in the
     checkpoint, where not given on the command line, so eval reads the files training read. Returns the
-    sizes and whether any of these settings came from the checkpoint."""
+    sizes and which of these settings ("data root", "file sizes") came from the checkpoint."""
     data_cfg = config.get("data", {})
     recorded_root = data_cfg.get("root") or config.get("args", {}).get("data_root")
-    used = args.data_root is None and recorded_root is not None
+    used = ["data root"] if args.data_root is None and recorded_root is not None else []
     if args.data_root is None:
         args.data_root = recorded_root or "./data"
-    sizes = {}
+    sizes, sizes_used = {}, False
     for name in names:
         is_3d = dataset_spec(name).is_3d
         given = args.size_3d if is_3d else args.size_2d
         recorded = data_cfg.get("file_sizes", {}).get(name, data_cfg.get("size_3d" if is_3d else "size_2d"))
         sizes[name] = given if given is not None else recorded
-        used |= given is None and recorded is not None
-    return sizes, used
+        sizes_used |= given is None and recorded is not None
+    return sizes, used + (["file sizes"] if sizes_used else [])
 
 
 def _eval(args, info: DistInfo) -> int:
@@ -291,8 +292,9 @@ def _eval(args, info: DistInfo) -> int:
     except FileNotFoundError as err:
         if not recorded:
             raise
-        raise FileNotFoundError(f"{err} (eval reads the data root and file sizes that training recorded in the "
-                                f"checkpoint; --data_root, --size_2d and --size_3d choose others)") from None
+        options = " and ".join({"data root": "--data_root", "file sizes": "--size_2d/--size_3d"}[k] for k in recorded)
+        raise FileNotFoundError(f"{err} (eval used the {' and '.join(recorded)} that training recorded in the "
+                                f"checkpoint; give {options} to choose others)") from None
     mean_over = [n for n in names if n not in untrained]
     if info.is_main:
         _print_files(data)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..cliutil import DefaultsHelpFormatter, ShortUsageParser
 from ..data.demo import DEMO_DATASETS, DEMO_ROOT
@@ -116,12 +117,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     _add(p, "data_root", default="./data", help="folder holding the official MedMNIST npz files")
     _add(p, "datasets", nargs="+", default=None, metavar="NAME",
          help="datasets (names or medmnist flags, any case), comma- or space-separated, e.g. "
-              "breastmnist,adrenalmnist3d or breastmnist adrenalmnist3d (default: all 18)")
+              "breastmnist,adrenalmnist3d or breastmnist adrenalmnist3d (default: all 18 in train, those the "
+              "checkpoint trained on in eval)")
     _add(p, "download", action="store_true",
          help="fetch missing npz files from Zenodo through the medmnist package (MD5-checked)")
     _add(p, "size_2d", type=int, choices=SIZES_2D, default=None,
          help="2D file size to read (28/64/128/224); default: the model's input size if present, else the "
-              "largest present. Images are resized to --img_size_2d")
+              "largest present. Images are resized to the model's input size")
     _add(p, "size_3d", type=int, choices=SIZES_3D, default=None, help="3D file size to read (28/64), as --size_2d")
     _add(p, "device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
     _add(p, "precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -231,6 +233,10 @@ def parse_train_args(argv: Sequence[str]) -> argparse.Namespace:
         p.set_defaults(**DEMO_DEFAULTS)
     args = p.parse_args(argv)
     args.datasets = _datasets_or_error(p, args.datasets) or ALL_DATASETS
+    not_bundled = [n for n in args.datasets if n not in DEMO_DATASETS]
+    if first.demo and not_bundled and Path(args.data_root) == DEMO_ROOT:
+        p.error(f"--demo bundles only {', '.join(DEMO_DATASETS)}; for {', '.join(not_bundled)} give --data_root, "
+                "a folder with the official npz files (or add --download to fetch them there)")
     if args.img_size_2d % args.patch_size_2d or args.img_size_3d % args.patch_size_3d:
         p.error("--img_size_2d / --img_size_3d must be divisible by --patch_size_2d / --patch_size_3d")
     if args.embed_dim % args.num_heads:
