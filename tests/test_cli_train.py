@@ -315,6 +315,11 @@ def test_demo_with_a_dataset_it_does_not_bundle_points_to_data_root(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"--demo bundles only {', '.join(DEMO_DATASETS)}; for PneumoniaMNIST give --data_root" in err
+    for extra in (["--download"], ["--data_root", str(DEMO_ROOT / ".." / "demo")]):  # same folder, other spelling
+        with pytest.raises(SystemExit):
+            parse_train_args(["--demo", "--datasets", "pathmnist", *extra])
+        assert "give --data_root: a folder with the official npz files, or with --download the folder to fetch " \
+               "them into" in capsys.readouterr().err
     args = parse_train_args(["--demo", "--datasets", "pneumoniamnist", "--data_root", "/somewhere"])
     assert args.datasets == ("PneumoniaMNIST",) and args.data_root == "/somewhere"
 
@@ -327,3 +332,14 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(data_root, tmp_p
     printed = capsys.readouterr().out
     assert "this run has done all of its --num_rounds 2: nothing to train" in printed
     assert "test (medmnist metrics)" in printed and "round 1 " not in printed
+
+
+def test_resuming_a_run_that_stopped_early_in_its_last_round_says_so(data_root, tmp_path, capsys):
+    """Early stopping wins over "all rounds done": a larger --num_rounds would not train it further."""
+    out = tmp_path / "run"
+    frozen = ("--lr", "1e-12", "--early_stopping_patience", "1", "--early_stopping_min_delta", "0")  # no gain
+    assert main(_train_args(data_root, out, *frozen)) == 0
+    assert "early stopping after round 2" in capsys.readouterr().out
+    assert main(_train_args(data_root, out, *frozen, "--resume", str(out / "last.pt"))) == 0
+    printed = capsys.readouterr().out
+    assert "this run had stopped early after round 2" in printed and "nothing to train" not in printed

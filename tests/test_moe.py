@@ -422,3 +422,33 @@ def test_rows_none_means_every_row(request, backend, inplace):
     for i, (got, want) in enumerate(zip(results[1], results[0])):
         assert want.norm() > 1e-3, f"tensor {i} is near zero: the check would prove nothing"
         assert_parity(got, want, tol, f"tensor {i}")
+
+
+@pytest.mark.parametrize("every_row", [True, False])
+def test_inplace_with_gradients_matches_out_of_place(every_row):
+    """``inplace=True`` under autograd (non-leaf streams, gates and weights that need gradients) computes out
+    of place and copies into the streams: same outputs and leaf gradients as ``inplace=False``, for
+    every row (rows None) and for explicit rows; the copy must not overwrite what the backward needs."""
+    mosaic_fast.set_backend("torch")
+    m, n, r, k = 6, 4, 3, 2
+    g = torch.Generator().manual_seed(11)
+    e_g = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
+    e_m = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
+    leaves = [torch.randn(m, D, generator=g), torch.randn(m, D, generator=g), torch.rand(m, k, generator=g),
+              torch.rand(m, 2, generator=g), torch.rand(m, k, generator=g), torch.rand(m, 2, generator=g),
+              0.1 * torch.randn(n, r, 2 * D, generator=g), 0.1 * torch.randn(n, r, generator=g),
+              0.1 * torch.randn(n, D, r, generator=g), 0.1 * torch.randn(n, D, generator=g)]
+    rows = None if every_row else torch.tensor([0, 2, 3, 5])
+    e_g, e_m = (e_g, e_m) if every_row else (e_g[rows], e_m[rows])
+    results = []
+    for inplace in (False, True):
+        ls = [t.clone().requires_grad_() for t in leaves]
+        xg, xm = ls[0] * 1.0, ls[1] * 1.0  # non-leaf streams, as inside a model
+        pg, cg, pm, cm = ((t if every_row else t[rows]) for t in ls[2:6])
+        out = moe_gated_update(xg, xm, rows, rows, e_g, pg, cg, e_m, pm, cm, *ls[6:], inplace=inplace)
+        assert (out[0] is xg) == inplace
+        (out[0] * torch.arange(D) + out[1].pow(2)).sum().backward()
+        results.append([o.detach() for o in out] + [t.grad for t in ls])
+    for i, (got, want) in enumerate(zip(results[1], results[0])):
+        assert want.norm() > 1e-4, f"tensor {i} is near zero: the check would prove nothing"
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"tensor {i}")

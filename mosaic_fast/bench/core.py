@@ -294,6 +294,11 @@ def time_case(
     return record
 
 
+def _not_scalar_capture_advice(record: logging.LogRecord) -> bool:
+    """Logging filter: drops Dynamo's advice to capture ``.item()`` outputs, keeps every other message."""
+    return "capture_scalar_outputs" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def counting_graph_breaks(reasons: dict[str, int]) -> Iterator[None]:
     """Collects the Dynamo graph breaks of the block into ``reasons`` (first line of each reason -> count),
@@ -304,12 +309,11 @@ def counting_graph_breaks(reasons: dict[str, int]) -> Iterator[None]:
 
     before = dict(counters["graph_break"])
     advice = logging.getLogger("torch._dynamo.variables.tensor")
-    level = advice.level
-    advice.setLevel(logging.ERROR)
+    advice.addFilter(_not_scalar_capture_advice)
     try:
         yield
     finally:
-        advice.setLevel(level)
+        advice.removeFilter(_not_scalar_capture_advice)
         for reason, count in counters["graph_break"].items():
             if count > before.get(reason, 0):
                 key = reason.strip().splitlines()[0][:160]

@@ -234,9 +234,10 @@ def parse_train_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.datasets = _datasets_or_error(p, args.datasets) or ALL_DATASETS
     not_bundled = [n for n in args.datasets if n not in DEMO_DATASETS]
-    if first.demo and not_bundled and Path(args.data_root) == DEMO_ROOT:
-        p.error(f"--demo bundles only {', '.join(DEMO_DATASETS)}; for {', '.join(not_bundled)} give --data_root, "
-                "a folder with the official npz files (or add --download to fetch them there)")
+    if first.demo and not_bundled and Path(args.data_root).resolve() == DEMO_ROOT:
+        p.error(f"--demo bundles only {', '.join(DEMO_DATASETS)}; for {', '.join(not_bundled)} give --data_root: "
+                "a folder with the official npz files, or with --download the folder to fetch them into (not the "
+                "bundled one, which is part of the installed package)")
     if args.img_size_2d % args.patch_size_2d or args.img_size_3d % args.patch_size_3d:
         p.error("--img_size_2d / --img_size_3d must be divisible by --patch_size_2d / --patch_size_3d")
     if args.embed_dim % args.num_heads:

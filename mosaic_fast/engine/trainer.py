@@ -480,13 +480,13 @@ class Trainer:
         if self.s.max_steps is not None and self.global_step >= self.s.max_steps:
             self.log(f"already at step {self.global_step} of --max_steps {self.s.max_steps}: nothing to train")
             return None
-        if self.round >= self.s.num_rounds:
-            self.log(f"this run has done all of its --num_rounds {self.s.num_rounds}: nothing to train (a larger "
-                     f"--num_rounds trains further); testing the best model again")
-            return self.final_test()
         if self.no_improve >= self.s.early_stopping_patience:
             self.log(f"this run had stopped early after round {self.round} ({plural(self.no_improve, 'round')} without "
                      f"improvement, patience {self.s.early_stopping_patience}): no further training")
+            return self.final_test()
+        if self.round >= self.s.num_rounds:
+            self.log(f"this run has done all of its --num_rounds {self.s.num_rounds}: nothing to train (a larger "
+                     f"--num_rounds trains further); testing the best model again")
             return self.final_test()
         for r in range(self.round, self.s.num_rounds):
             t0 = time.time()

@@ -277,14 +277,17 @@ def moe_gated_update(
     touched) and returns them; with gradients it computes out of place and copies."""
     rows_gen, rows_med, eidx_gen, eidx_med = check_moe_args(
         x_gen, x_med, rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down, w_up, b_up)
+    tensors = (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if rows_gen is None and not use_kernels(x_gen):  # every row on the torch path: no gather or scatter
-        (out_gen, out_med), _ = _torch_updates(x_gen, x_med, (None, None), (eidx_gen, eidx_med), (p_gen, p_med),
+        # the update keeps its start (the stream) for the gate gradient: copying into the stream afterwards
+        # would overwrite it, so under autograd an in-place call updates from a copy
+        xg, xm = (x_gen.clone(), x_med.clone()) if inplace and needs_grad else (x_gen, x_med)
+        (out_gen, out_med), _ = _torch_updates(xg, xm, (None, None), (eidx_gen, eidx_med), (p_gen, p_med),
                                                (c_gen, c_med), w_down, b_down, w_up, b_up)
         return (x_gen.copy_(out_gen), x_med.copy_(out_med)) if inplace else (out_gen, out_med)
     if rows_gen is None:  # the kernels read row indices: every row, in order
         rows_gen = rows_med = torch.arange(x_gen.shape[0], device=x_gen.device)
-    tensors = (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     idx = (rows_gen, rows_med, eidx_gen, eidx_med)
     if inplace and not needs_grad and x_gen.is_contiguous() and x_med.is_contiguous():
         if use_kernels(x_gen) and torch.compiler.is_compiling():  # eagerly: no custom-op dispatch cost
