@@ -390,6 +390,19 @@ def test_reference_equals_design_formula(gate_dim, top_k):
                     torch.testing.assert_close(got[s][b, i], want, rtol=1e-12, atol=1e-12)
 
 
+def _every_row_args(m: int, n: int, r: int, k: int, groups: int, seed: int):
+    """(eidx_gen, eidx_med, floats) for moe_gated_update on m rows: distinct top-k experts per row, then x_gen,
+    x_med, p_gen, c_gen, p_med, c_med (G = ``groups``) and the four expert weights."""
+    g = torch.Generator().manual_seed(seed)
+    e_g = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
+    e_m = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
+    floats = [torch.randn(m, D, generator=g), torch.randn(m, D, generator=g), torch.rand(m, k, generator=g),
+              torch.rand(m, groups, generator=g), torch.rand(m, k, generator=g), torch.rand(m, groups, generator=g),
+              0.1 * torch.randn(n, r, 2 * D, generator=g), 0.1 * torch.randn(n, r, generator=g),
+              0.1 * torch.randn(n, D, r, generator=g), 0.1 * torch.randn(n, D, generator=g)]
+    return e_g, e_m, floats
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_rows_none_means_every_row(request, backend, inplace):
@@ -397,14 +410,8 @@ def test_rows_none_means_every_row(request, backend, inplace):
     what the explicit rows 0..M-1 compute: outputs and every input's gradient, and in place when asked."""
     device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
     mosaic_fast.set_backend(backend)
-    m, n, r, k = 6, 3, 16, 2
-    g = torch.Generator().manual_seed(7)
-    e_g = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
-    e_m = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
-    floats = [torch.randn(m, D, generator=g), torch.randn(m, D, generator=g), torch.rand(m, k, generator=g),
-              torch.rand(m, 4, generator=g), torch.rand(m, k, generator=g), torch.rand(m, 4, generator=g),
-              0.1 * torch.randn(n, r, 2 * D, generator=g), 0.1 * torch.randn(n, r, generator=g),
-              0.1 * torch.randn(n, D, r, generator=g), 0.1 * torch.randn(n, D, generator=g)]
+    m = 6
+    e_g, e_m, floats = _every_row_args(m, n=3, r=16, k=2, groups=4, seed=7)
     rows = torch.arange(m, device=device)
     results = []
     for rows_arg in (rows, None):
@@ -430,14 +437,7 @@ def test_inplace_with_gradients_matches_out_of_place(every_row):
     of place and copies into the streams: same outputs and leaf gradients as ``inplace=False``, for
     every row (rows None) and for explicit rows; the copy must not overwrite what the backward needs."""
     mosaic_fast.set_backend("torch")
-    m, n, r, k = 6, 4, 3, 2
-    g = torch.Generator().manual_seed(11)
-    e_g = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
-    e_m = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])
-    leaves = [torch.randn(m, D, generator=g), torch.randn(m, D, generator=g), torch.rand(m, k, generator=g),
-              torch.rand(m, 2, generator=g), torch.rand(m, k, generator=g), torch.rand(m, 2, generator=g),
-              0.1 * torch.randn(n, r, 2 * D, generator=g), 0.1 * torch.randn(n, r, generator=g),
-              0.1 * torch.randn(n, D, r, generator=g), 0.1 * torch.randn(n, D, generator=g)]
+    e_g, e_m, leaves = _every_row_args(6, n=4, r=3, k=2, groups=2, seed=11)
     rows = None if every_row else torch.tensor([0, 2, 3, 5])
     e_g, e_m = (e_g, e_m) if every_row else (e_g[rows], e_m[rows])
     results = []
