@@ -60,12 +60,13 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
     out["one-pass kernel (autotuned)"] = variant("onepass")
     for cfg in kernels._fwd_configs():
         def forced(i, cfg=cfg):
-            saved = kernels._fwd.configs, kernels._fwd.cache
-            kernels._fwd.configs, kernels._fwd.cache = [cfg], {}
+            tuner = kernels._fwd_both  # the "auto" variant's autotuner, left one config
+            saved = tuner.configs, tuner.cache
+            tuner.configs, tuner.cache = [cfg], {}
             try:
                 return kernel(i)
             finally:
-                kernels._fwd.configs, kernels._fwd.cache = saved
+                tuner.configs, tuner.cache = saved
         kw = cfg.kwargs
         ln = "one-pass" if kw["ONEPASS"] else "two-pass"
         out[f"kernel {ln} BM{kw['BM']} BK{kw['BK']} BN{kw['BN']} w{cfg.num_warps} s{cfg.num_stages}"] = forced

@@ -90,7 +90,6 @@ WGRAD_SPLIT: int | None = None
 #: times faster for the shape (with MOSAIC_FAST_AUTOTUNE=0 and in the interpreter: two-pass).
 FORWARD_VARIANT = "auto"
 FORWARD_VARIANTS = ("auto", "fused", "split", "onepass")
-_VARIANT_CODE = {name: i for i, name in enumerate(FORWARD_VARIANTS)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,7 +231,7 @@ def _fwd_kernel(
     h_ptr, base_ptr, out_ptr, a_ptr, mean_ptr, rstd_ptr,
     lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, meta_ptr,
     ids_ptr, perm_ptr, cnt_ptr,
-    D, S, L, G, T_BUCKET, VARIANT,
+    D, S, L, G, T_BUCKET,
     stride_h, stride_base, stride_out, stride_a,
     stride_lnw, stride_lnb, stride_wd, stride_wu, stride_bu,
     scale, eps,
@@ -654,34 +653,41 @@ def _fp32_tiles(named_args: dict) -> bool:
     return named_args["h_ptr"].element_size() == 4 and named_args["wd_ptr"].element_size() == 4
 
 
-def _prune_by_variant(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs of the requested forward variant: "onepass" one-pass only, "fused"/"split" two-pass
-    only, "auto" both (two-pass only where nothing is timed: the interpreter, MOSAIC_FAST_AUTOTUNE=0).
-    One-pass configs in fp32 run one pipeline stage fewer: with three, each needs 246-295 KB of shared
+def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """One-pass configs in fp32 run one pipeline stage fewer: with three, each needs 246-295 KB of shared
     memory on sm_90 (limit 227 KiB; tests/sm90_compile.py), with two 164-197 KB."""
-    variant = FORWARD_VARIANTS[named_args["VARIANT"]]
-    if variant == "auto" and (INTERPRET or not AUTOTUNE):
-        variant = "fused"
-    if variant != "auto":
-        configs = [c for c in configs if c.kwargs["ONEPASS"] == (variant == "onepass")]
     if _fp32_tiles(named_args):
-        configs = [_one_stage_fewer(c) if c.kwargs["ONEPASS"] else c for c in configs]
+        return [_one_stage_fewer(c) if c.kwargs["ONEPASS"] else c for c in configs]
     return configs
 
 
-def _autotuned_fwd_configs() -> list[triton.Config]:
-    """:func:`_fwd_configs` as MOSAIC_FAST_AUTOTUNE leaves them, per LayerNorm variant (each keeps a config)."""
-    configs = _fwd_configs()
-    two_pass = [c for c in configs if not c.kwargs["ONEPASS"]]
-    one_pass = [c for c in configs if c.kwargs["ONEPASS"]]
-    return tuned_configs(two_pass) + tuned_configs(one_pass)
+def _fwd_autotuner(configs: list[triton.Config]):
+    """The forward kernel autotuned over ``configs`` (each LayerNorm variant has its own autotuner, so that
+    none holds a config its variant cannot run: triton < 3.8 times even a lone config left by pruning,
+    which needs a GPU and so fails in the interpreter)."""
+    return triton.autotune(
+        configs=configs,
+        key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
+    )(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(
+        _fwd_kernel))
 
 
-_fwd = triton.autotune(
-    configs=_autotuned_fwd_configs(),
-    key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET", "VARIANT"],
-    prune_configs_by={"early_config_prune": _prune_by_variant},
-)(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(_fwd_kernel))
+_TWO_PASS_CONFIGS = tuned_configs([c for c in _fwd_configs() if not c.kwargs["ONEPASS"]])
+_ONE_PASS_CONFIGS = tuned_configs([c for c in _fwd_configs() if c.kwargs["ONEPASS"]])
+_fwd_two_pass = _fwd_autotuner(_TWO_PASS_CONFIGS)
+_fwd_one_pass = _fwd_autotuner(_ONE_PASS_CONFIGS)
+_fwd_both = _fwd_autotuner(_TWO_PASS_CONFIGS + _ONE_PASS_CONFIGS)
+
+
+def _fwd_for(variant: str):
+    """The forward autotuner of a FORWARD_VARIANT: "onepass" one-pass configs only, "fused"/"split" two-pass
+    only, "auto" both (two-pass only where nothing is timed: the interpreter, MOSAIC_FAST_AUTOTUNE=0)."""
+    if variant == "onepass":
+        return _fwd_one_pass
+    if variant == "auto" and not INTERPRET and AUTOTUNE:
+        return _fwd_both
+    return _fwd_two_pass
 
 
 def _up_configs() -> list[triton.Config]:
@@ -843,11 +849,11 @@ def forward(h: torch.Tensor, base: torch.Tensor | None, ids: torch.Tensor | None
         meta = _meta(bottlenecks, dev)
         base_arg, base_stride = (base, base.stride(0)) if base is not None else (h, 0)
         grid = lambda m: (triton.cdiv(T, m["BM"]) + G + 1,)
-        _fwd[grid](
+        _fwd_for(FORWARD_VARIANT)[grid](
             h, base_arg, out, a, mean, rstd,
             ln_w, ln_b, wd, bd, wu, bu, meta,
             ids_t, perm, counts,
-            D, S, L, G, _t_bucket(T), _VARIANT_CODE[FORWARD_VARIANT],
+            D, S, L, G, _t_bucket(T),
             h.stride(0), base_stride, out.stride(0), r_max,
             ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
             float(scale), float(eps),

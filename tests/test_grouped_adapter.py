@@ -616,15 +616,13 @@ def test_fp32_dots_follow_torch_matmul_precision():
 
 def test_autotune_can_be_switched_off():
     """MOSAIC_FAST_AUTOTUNE=0 leaves each autotuned kernel one config (a quick CUDA test run); the forward
-    keeps one per LayerNorm variant and runs exactly one for each FORWARD_VARIANT ("auto": two-pass)."""
+    runs exactly one for each FORWARD_VARIANT ("auto": the two-pass one)."""
     import os
     import subprocess
     import sys
 
     code = ("import mosaic_fast.kernels.grouped_adapter as g, mosaic_fast.kernels.patch_embed3d as p; "
-            "import torch; t = torch.empty(0, dtype=torch.bfloat16); "
-            "fwd = [len(g._prune_by_variant(g._fwd.configs, {'VARIANT': i, 'h_ptr': t, 'wd_ptr': t})) "
-            "for i in range(len(g.FORWARD_VARIANTS))]; "
+            "fwd = [len(g._fwd_for(v).configs) for v in g.FORWARD_VARIANTS]; "
             "print(max(fwd), len(g._up.configs), len(g._bwd_dh.configs), len(g._bwd_w.configs), "
             "len(p._TUNED_CONFIGS))")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOSAIC_FAST_AUTOTUNE")}
@@ -641,22 +639,21 @@ def test_autotune_can_be_switched_off():
 def test_forward_variant_auto_times_both_layernorm_variants(monkeypatch):
     """On a GPU with autotuning, "auto" offers the autotuner the two-pass and the one-pass configs; each
     explicit variant gets only its own; without timing (interpreter, MOSAIC_FAST_AUTOTUNE=0) "auto" is
-    the two-pass kernel."""
+    the two-pass kernel. Each autotuner holds only the configs its variant runs: triton < 3.8 times even a
+    lone config left by pruning, which the interpreter cannot."""
     k = _kernels()
-    configs = k._fwd_configs()
-    code = k._VARIANT_CODE
-
-    bf16 = torch.empty(0, dtype=torch.bfloat16)
 
     def kinds(variant):
-        args = {"VARIANT": code[variant], "h_ptr": bf16, "wd_ptr": bf16}
-        return sorted({c.kwargs["ONEPASS"] for c in k._prune_by_variant(configs, args)})
+        return sorted({c.kwargs["ONEPASS"] for c in k._fwd_for(variant).configs})
 
     monkeypatch.setattr(k, "INTERPRET", False)
     monkeypatch.setattr(k, "AUTOTUNE", True)
     assert kinds("auto") == [False, True]
     assert kinds("onepass") == [True] and kinds("fused") == [False] and kinds("split") == [False]
     monkeypatch.setattr(k, "AUTOTUNE", False)
+    assert kinds("auto") == [False]
+    monkeypatch.setattr(k, "AUTOTUNE", True)
+    monkeypatch.setattr(k, "INTERPRET", True)
     assert kinds("auto") == [False]
     assert k.FORWARD_VARIANT == "auto"
 
@@ -673,7 +670,7 @@ def test_fp32_tiles_run_one_pipeline_stage_fewer_where_shared_memory_needs_it(mo
 
     def fwd_stages(dtype):
         t = torch.empty(0, dtype=dtype)
-        pruned = k._prune_by_variant(fwd, {"VARIANT": k._VARIANT_CODE["auto"], "h_ptr": t, "wd_ptr": t})
+        pruned = k._prune_fwd(fwd, {"h_ptr": t, "wd_ptr": t})
         return {(c.kwargs["ONEPASS"], tuple(sorted(c.kwargs.items()))): c.num_stages for c in pruned}
 
     assert fwd_stages(torch.bfloat16) == stages
