@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -75,10 +76,16 @@ def _task_loss(model, data: MultiSource, n: int = 96) -> float:
 
 
 def test_training_on_real_files_lowers_the_loss_and_writes_outputs(real_root, tmp_path):
-    trainer = _trainer(real_root, tmp_path, num_rounds=4, warmup_rounds=0, samples_per_round=192)
+    """Four rounds lower the training loss by more than 10 %, measured on the weights that trained every
+    round (last.pt): fit() ends by loading the best round by validation ACC, often an early one. Seen
+    2026-12-02 over seeds 0-2, both data folders, torch 2.11 and 2.14: last 0.77-0.86× the initial loss
+    (the best round's 0.80-0.88×; at 192 samples per round up to 0.92×, so 384)."""
+    trainer = _trainer(real_root, tmp_path, num_rounds=4, warmup_rounds=0, samples_per_round=384)
     before = _task_loss(trainer.student, trainer.train_data)
     results = trainer.fit()
-    after = _task_loss(trainer.student, trainer.train_data)
+    trained = copy.deepcopy(trainer.student)
+    trained.load_state_dict(ckpt_io.load(tmp_path / "last.pt")["student_state_dict"])
+    after = _task_loss(trained, trainer.train_data)
     assert after < 0.9 * before
     for name in ("best.pt", "last.pt", "history.json", "history.csv", "curves.png", "test_results.csv"):
         assert (tmp_path / name).is_file(), name
