@@ -47,6 +47,7 @@ cannot raise without a host sync: rows routed to an invalid id come out as NaN
 (never a silently plausible value).
 """
 
+from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
@@ -329,7 +330,7 @@ def grouped_adapter_fwd(
     down_b: Tensor,
     up_w: Tensor,
     up_b: Tensor,
-    bottlenecks: list[int],
+    bottlenecks: Sequence[int],
     scale: float,
     eps: float,
     save: bool,
@@ -366,7 +367,7 @@ def grouped_adapter_bwd(
     mean: Tensor,
     rstd: Tensor,
     preact: Tensor,
-    bottlenecks: list[int],
+    bottlenecks: Sequence[int],
     scale: float,
     eps: float,
     need_dh: bool,
