@@ -47,7 +47,6 @@ cannot raise without a host sync: rows routed to an invalid id come out as NaN
 (never a silently plausible value).
 """
 
-from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
@@ -330,7 +329,7 @@ def grouped_adapter_fwd(
     down_b: Tensor,
     up_w: Tensor,
     up_b: Tensor,
-    bottlenecks: Sequence[int],
+    bottlenecks: list[int],
     scale: float,
     eps: float,
     save: bool,
@@ -367,7 +366,7 @@ def grouped_adapter_bwd(
     mean: Tensor,
     rstd: Tensor,
     preact: Tensor,
-    bottlenecks: Sequence[int],
+    bottlenecks: list[int],
     scale: float,
     eps: float,
     need_dh: bool,
