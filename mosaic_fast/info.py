@@ -35,6 +35,33 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     return f"{name} ({'; '.join(extra)})"
 
 
+def unmet_requirements(distribution: str = "mosaic-fast") -> list[str]:
+    """The installed dependencies outside what ``distribution``'s metadata asks for (pyproject.toml's
+    ``dependencies`` on this platform, extras left out), e.g. ``"torch 2.9.1 (needs >=2.11)"``. A
+    ``pip install --no-deps`` or an older environment can leave such versions, which were never checked.
+    Empty when every requirement is met or the metadata is absent (a source tree that was never installed)."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import Requirement
+        requirements = metadata.requires(distribution) or []
+    except (ImportError, metadata.PackageNotFoundError):
+        return []
+    unmet = []
+    for text in requirements:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra (e.g. test) or another platform
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            unmet.append(f"{req.name} missing (needs {req.specifier})")
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            unmet.append(f"{req.name} {version} (needs {req.specifier})")
+    return unmet
+
+
 def collect() -> dict[str, str]:
     """Everything ``info`` prints, as a dict (also embedded in benchmark JSON)."""
     import torch
@@ -71,6 +98,7 @@ def collect() -> dict[str, str]:
         "C++ extension (mosaic_fast._C)": ext,
         "float32 matmul precision": torch.get_float32_matmul_precision(),  # the kernels' fp32 dots follow it
         "CPU float32 GEMMs (fast modules)": "oneDNN" if onednn_enabled() else "MKL/BLAS (F.linear)",
+        "requirements": ("NOT MET: " + "; ".join(unmet)) if (unmet := unmet_requirements()) else "all met",
     }
 
 

@@ -28,3 +28,31 @@ def test_cpu_description_names_model_family_and_avx512(tmp_path):
     assert info.cpu_description(str(cpuinfo)) == "Some CPU (no AVX-512)"
     assert info.cpu_description(str(tmp_path / "absent")) != ""
     assert info.collect()["cpu"] == info.cpu_description()
+
+
+def test_unmet_requirements_name_the_versions_never_checked(monkeypatch):
+    """Versions outside the package's requirements (as a --no-deps install can leave) are named; extras,
+    other platforms' requirements and local version labels (torch's +cu130) are not complaints."""
+    from importlib import metadata
+
+    requires = ["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy>=1.24", "medmnist>=3.0",
+                "pytest>=7; extra == 'test'", "pywin32>=300; platform_system == 'Windows'"]
+    versions = {"torch": "2.11.0+cu130", "triton": "3.6.0", "numpy": "1.26.4", "medmnist": "3.0.2"}
+
+    def version(name):
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(metadata, "requires", lambda dist: requires)
+    monkeypatch.setattr(metadata, "version", version)
+    assert info.unmet_requirements() == []
+    assert info.collect()["requirements"] == "all met"
+    versions["torch"] = "2.9.1+cu128"
+    del versions["medmnist"]
+    assert info.unmet_requirements() == ["torch 2.9.1+cu128 (needs >=2.11)", "medmnist missing (needs >=3.0)"]
+    assert info.collect()["requirements"] == "NOT MET: torch 2.9.1+cu128 (needs >=2.11); medmnist missing (needs >=3.0)"
+
+
+def test_requirements_of_a_distribution_never_installed_are_not_checked():
+    assert info.unmet_requirements("no-such-distribution-xyz") == []
