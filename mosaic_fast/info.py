@@ -35,18 +35,19 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     return f"{name} ({'; '.join(extra)})"
 
 
-def unmet_requirements(distribution: str = "mosaic-fast") -> list[str]:
+def unmet_requirements(distribution: str = "mosaic-fast") -> list[str] | None:
     """The installed dependencies outside what ``distribution``'s metadata asks for (pyproject.toml's
     ``dependencies`` on this platform, extras left out), e.g. ``"torch 2.9.1 (needs >=2.11)"``. A
     ``pip install --no-deps`` or an older environment can leave such versions, which were never checked.
-    Empty when every requirement is met or the metadata is absent (a source tree that was never installed)."""
+    Empty when every requirement is met; None when it cannot tell (a source tree that was never installed,
+    or no ``packaging`` module to read the requirements with)."""
     from importlib import metadata
 
     try:
         from packaging.requirements import Requirement
         requirements = metadata.requires(distribution) or []
     except (ImportError, metadata.PackageNotFoundError):
-        return []
+        return None
     unmet = []
     for text in requirements:
         req = Requirement(text)
@@ -60,6 +61,12 @@ def unmet_requirements(distribution: str = "mosaic-fast") -> list[str]:
         if not req.specifier.contains(version, prereleases=True):
             unmet.append(f"{req.name} {version} (needs {req.specifier})")
     return unmet
+
+
+def _requirements_line(unmet: list[str] | None) -> str:
+    if unmet is None:
+        return "not checked (no installed package metadata, or no packaging module)"
+    return "NOT MET: " + "; ".join(unmet) if unmet else "all met"
 
 
 def collect() -> dict[str, str]:
@@ -98,7 +105,7 @@ def collect() -> dict[str, str]:
         "C++ extension (mosaic_fast._C)": ext,
         "float32 matmul precision": torch.get_float32_matmul_precision(),  # the kernels' fp32 dots follow it
         "CPU float32 GEMMs (fast modules)": "oneDNN" if onednn_enabled() else "MKL/BLAS (F.linear)",
-        "requirements": ("NOT MET: " + "; ".join(unmet)) if (unmet := unmet_requirements()) else "all met",
+        "requirements": _requirements_line(unmet_requirements()),
     }
 
 

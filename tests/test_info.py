@@ -54,5 +54,11 @@ def test_unmet_requirements_name_the_versions_never_checked(monkeypatch):
     assert info.collect()["requirements"] == "NOT MET: torch 2.9.1+cu128 (needs >=2.11); medmnist missing (needs >=3.0)"
 
 
-def test_requirements_of_a_distribution_never_installed_are_not_checked():
-    assert info.unmet_requirements("no-such-distribution-xyz") == []
+def test_requirements_that_cannot_be_read_say_so(monkeypatch):
+    """A distribution never installed (or no packaging module) is "not checked", never "all met"."""
+    import sys
+
+    assert info.unmet_requirements("no-such-distribution-xyz") is None
+    monkeypatch.setitem(sys.modules, "packaging.requirements", None)  # import fails
+    assert info.unmet_requirements() is None
+    assert info.collect()["requirements"].startswith("not checked")
