@@ -60,13 +60,16 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
     out["one-pass kernel (autotuned)"] = variant("onepass")
     for cfg in kernels._fwd_configs():
         def forced(i, cfg=cfg):
-            tuner = kernels._fwd_both  # the "auto" variant's autotuner, left one config
-            saved = tuner.configs, tuner.cache
-            tuner.configs, tuner.cache = [cfg], {}
+            # the config's own variant and its autotuner, left this one config ("auto" would run the
+            # two-pass autotuner wherever nothing is timed, whatever config it was given)
+            variant = "onepass" if cfg.kwargs["ONEPASS"] else "fused"
+            tuner = kernels._fwd_for(variant)
+            saved = tuner.configs, tuner.cache, kernels.FORWARD_VARIANT
+            tuner.configs, tuner.cache, kernels.FORWARD_VARIANT = [cfg], {}, variant
             try:
                 return kernel(i)
             finally:
-                tuner.configs, tuner.cache = saved
+                tuner.configs, tuner.cache, kernels.FORWARD_VARIANT = saved
         kw = cfg.kwargs
         ln = "one-pass" if kw["ONEPASS"] else "two-pass"
         out[f"kernel {ln} BM{kw['BM']} BK{kw['BK']} BN{kw['BN']} w{cfg.num_warps} s{cfg.num_stages}"] = forced

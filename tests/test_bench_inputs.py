@@ -4,6 +4,7 @@ script's "cuBLAS" backward is the torch ops' backward."""
 
 import importlib.util
 import pathlib
+import sys
 import types
 
 import pytest
@@ -148,6 +149,43 @@ def test_tune_cublas_backward_is_the_torch_path(monkeypatch):
     mosaic_fast.set_backend("auto")
     variants["bwd: cuBLAS autograd"](0)
     assert not recorded
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("autotune", [True, False])
+def test_tune_forced_configs_run_the_config_they_name(triton_backend, monkeypatch, autotune):
+    """Each "kernel one-pass/two-pass ..." row of the tune script launches exactly its config, with
+    autotuning on or off (MOSAIC_FAST_AUTOTUNE=0 sends "auto" to the two-pass autotuner), and leaves the
+    forward variant and the autotuners as they were."""
+    tune = _load("tune_grouped_adapter")
+    from mosaic_fast.kernels import grouped_adapter as kernels
+
+    monkeypatch.setattr(kernels, "AUTOTUNE", autotune)
+    launched = []
+    real_fwd_for = kernels._fwd_for
+
+    def recording(variant):  # the configs of the autotuner the kernels' forward launches
+        tuner = real_fwd_for(variant)
+        if sys._getframe(1).f_code is kernels.forward.__code__:
+            launched.append([c.all_kwargs() for c in tuner.configs])
+        return tuner
+
+    monkeypatch.setattr(kernels, "_fwd_for", recording)
+    d, rs = 32, [8, 16]
+    dev = torch.device(triton_backend)
+    h_sets = [torch.randn(2, 4, d, device=dev) for _ in range(2)]
+    ids = torch.tensor([0, 1], device=dev)
+    weights = tune._weights(d, rs, dev, torch.float32)
+    variants = tune._variants(h_sets, [None, None], ids, weights, rs, dev)
+    before = {name: list(real_fwd_for(name).configs) for name in kernels.FORWARD_VARIANTS}
+    forced = {name: run for name, run in variants.items() if name.startswith(("kernel one-pass", "kernel two-pass"))}
+    assert len(forced) == len(kernels._fwd_configs())
+    for cfg, (name, run) in zip(kernels._fwd_configs(), forced.items()):
+        launched.clear()
+        run(0)
+        assert launched == [[cfg.all_kwargs()]], name
+    assert kernels.FORWARD_VARIANT == "auto"
+    assert {name: list(real_fwd_for(name).configs) for name in kernels.FORWARD_VARIANTS} == before
 
 
 def test_tune_floors_include_the_weights():
