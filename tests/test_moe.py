@@ -110,6 +110,37 @@ def test_forward_skip(request, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("order", ["ascending", "permuted"])
+def test_forward_skip_every_token_kept(request, backend, order):
+    """k = N in both streams (ρ = 1) takes the every-row update with the skip gates moved to token order:
+    forward and backward equal the reference's, also for a selection in another order than ascending (each
+    gate must follow its token), and in place under no_grad."""
+    device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
+    ref, fast = make()
+    fast.to(device)
+    b, n = 2, 5
+    gen = torch.Generator().manual_seed(3)
+    if order == "ascending":
+        idx_g = idx_m = torch.arange(n).expand(b, n)
+    else:
+        idx_g, idx_m = (torch.stack([torch.randperm(n, generator=gen) for _ in range(b)]) for _ in range(2))
+        assert not torch.equal(idx_g, torch.arange(n).expand(b, n))
+    tol_fwd = triton_tol(device) if backend == "triton" else TOL_CPU_FWD
+    tol_grad = triton_tol(device) if backend == "triton" else TOL_CPU_GRAD
+    check(ref, fast, skip_call(idx_g, idx_m), pair(b, n, device=device), tol_fwd, tol_grad)
+    xg, xm = (torch.randn(b, n, D, device=device) for _ in range(2))
+    gates = [torch.rand(b, n, device=device) for _ in range(2)]
+    idx_g, idx_m = idx_g.to(device), idx_m.to(device)
+    with torch.no_grad():
+        want = copy.deepcopy(ref).double().to(device).forward_skip(xg.double(), xm.double(), idx_g,
+                                                                   gates[0].double(), idx_m, gates[1].double())
+        out = fast.forward_skip(xg, xm, idx_g, gates[0], idx_m, gates[1], inplace=True)
+    assert out[0] is xg and out[1] is xm
+    assert_parity(xg, want[0], tol_fwd, "gen in place")
+    assert_parity(xm, want[1], tol_fwd, "med in place")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_skip_inplace_touches_selected_rows_only(request, backend):
     device = request.getfixturevalue("triton_backend") if backend == "triton" else "cpu"
     ref, fast = make()

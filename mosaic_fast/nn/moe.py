@@ -80,6 +80,12 @@ def _flat_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return (idx.long() + offsets).reshape(-1)
 
 
+def _in_token_order(idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """(B, N) skip gates of a selection that keeps all N tokens: ``gate[b, j]`` moved to token ``idx[b, j]``
+    (the identity for the ascending selection a SkipRouter makes). Differentiable in ``gate``."""
+    return torch.zeros_like(gate).scatter_(1, idx.long(), gate)
+
+
 class GatedMoEAdapter(reference.GatedMoEAdapter):
     """Drop-in fast :class:`mosaic_fast.reference.GatedMoEAdapter` (top-k experts only, fused update)."""
 
@@ -173,9 +179,18 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
                 return x_gen, x_med
             return yg, ym
         xg, xm = x_gen.reshape(-1, self.d_model), x_med.reshape(-1, self.d_model)
-        rows_g, rows_m = _flat_rows(idx_gen, n), _flat_rows(idx_med, n)
-        eg, pg, cg = self._routing(xg.index_select(0, rows_g), 0, gate_gen.reshape(-1))
-        em, pm, cm = self._routing(xm.index_select(0, rows_m), 1, gate_med.reshape(-1))
+        if idx_gen.shape[1] == n and idx_med.shape[1] == n:
+            # every token kept (ρ = 1: each idx a permutation): the update of every row in order, with the
+            # skip gates put in token order; no gathers, one shared expert input, no scatter
+            rows_g = rows_m = None
+            sel_g, sel_m = xg, xm
+            skip_g, skip_m = _in_token_order(idx_gen, gate_gen), _in_token_order(idx_med, gate_med)
+        else:
+            rows_g, rows_m = _flat_rows(idx_gen, n), _flat_rows(idx_med, n)
+            sel_g, sel_m = xg.index_select(0, rows_g), xm.index_select(0, rows_m)
+            skip_g, skip_m = gate_gen, gate_med
+        eg, pg, cg = self._routing(sel_g, 0, skip_g.reshape(-1))
+        em, pm, cm = self._routing(sel_m, 1, skip_m.reshape(-1))
         pg, cg, pm, cm = self._in_stream_dtype(xg, pg, cg, pm, cm)
         og, om = moe_gated_update(xg, xm, rows_g, rows_m, eg, pg, cg, em, pm, cm, *self._params(xg),
                                   inplace=direct)
