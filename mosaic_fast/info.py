@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import platform
+import subprocess
+from pathlib import Path
 
 from .cliutil import ShortUsageParser
 
@@ -33,6 +35,27 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     extra = [f"family {fields['cpu family']}, model {fields.get('model', '?')}"] if "cpu family" in fields else []
     extra.append("AVX-512" if "avx512f" in fields.get("flags", "").split() else "no AVX-512")
     return f"{name} ({'; '.join(extra)})"
+
+
+def source_revision(package_dir: Path | None = None) -> str:
+    """The git commit the package runs from (``"git 033a1ae"``, ``"+ uncommitted changes"`` when the tree
+    differs from it) when imported from a checkout (editable install, PYTHONPATH); "installed package (no git
+    checkout)" otherwise. Benchmark JSON records it, so each result names the code it measured."""
+    package_dir = package_dir or Path(__file__).resolve().parent
+    root = package_dir.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            raise ValueError("the package is not at the top of this repository")  # e.g. a venv inside a repo
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "installed package (no git checkout)"
+    return f"git {commit}" + (" + uncommitted changes" if dirty else "")
 
 
 def unmet_requirements(distribution: str = "mosaic-fast") -> list[str] | None:
@@ -86,6 +109,7 @@ def collect() -> dict[str, str]:
     cuda = torch.cuda.is_available()
     return {
         "mosaic_fast": mosaic_fast.__version__,
+        "source": source_revision(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

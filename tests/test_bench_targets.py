@@ -121,3 +121,18 @@ def test_markdown_names_the_cpu_of_a_cpu_run():
     assert markdown_table({"environment": old, "records": [record]}).startswith("cpu (2 threads), float32")
     gpu = {**env, "bench_device": "cuda", "device": "NVIDIA H200"}
     assert markdown_table({"environment": gpu, "records": [record]}).startswith("NVIDIA H200, float32")
+
+
+def test_markdown_names_the_commit_a_run_measured():
+    """A run recorded from a git checkout ends its environment line with the commit; an installed package's
+    run and runs recorded before the field existed end with the date, as before."""
+    from mosaic_fast.bench.run import markdown_table
+
+    record = {"suite": "ops", "name": "x", "params": {}, "times_s": {"reference": 2e-3, "fast": 1e-3},
+              "speedup_vs_reference": {"fast": 2.0}}
+    env = {"device": "NVIDIA H200", "dtype": "bfloat16", "torch": "2", "triton": "3", "date": "d",
+           "bench_device": "cuda", "source": "git 033a1ae + uncommitted changes"}
+    first_line = markdown_table({"environment": env, "records": [record]}).splitlines()[0]
+    assert first_line == "NVIDIA H200, bfloat16, torch 2, triton 3, d, git 033a1ae + uncommitted changes"
+    installed = {**env, "source": "installed package (no git checkout)"}
+    assert markdown_table({"environment": installed, "records": [record]}).splitlines()[0].endswith("triton 3, d")

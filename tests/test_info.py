@@ -62,3 +62,37 @@ def test_requirements_that_cannot_be_read_say_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "packaging.requirements", None)  # import fails
     assert info.unmet_requirements() is None
     assert info.collect()["requirements"].startswith("not checked")
+
+
+def test_source_revision_names_the_checkout_commit_and_local_changes(tmp_path):
+    """Run from a git checkout, the revision is the short commit (and says when tracked files differ from
+    it); a package directory that is not the top of a repository (site-packages, a venv inside a repo) is
+    an installed package."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        import pytest
+
+        pytest.skip("git is not installed")
+    repo = tmp_path / "checkout"
+    package = repo / "mosaic_fast"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert info.source_revision(package) == f"git {commit}"
+    (package / "__init__.py").write_text("x = 1\n")
+    assert info.source_revision(package) == f"git {commit} + uncommitted changes"
+    nested = repo / "venv" / "site-packages" / "mosaic_fast"
+    nested.mkdir(parents=True)
+    assert info.source_revision(nested) == "installed package (no git checkout)"
+    assert info.source_revision(tmp_path / "elsewhere" / "mosaic_fast") == "installed package (no git checkout)"
