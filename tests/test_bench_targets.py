@@ -124,8 +124,8 @@ def test_markdown_names_the_cpu_of_a_cpu_run():
 
 
 def test_markdown_names_the_commit_a_run_measured():
-    """A run recorded from a git checkout ends its environment line with the commit; an installed package's
-    run and runs recorded before the field existed end with the date, as before."""
+    """A run recorded from a git checkout names the commit before its date in the environment line; an
+    installed package's run and runs recorded before the field existed do not."""
     from mosaic_fast.bench.run import markdown_table
 
     record = {"suite": "ops", "name": "x", "params": {}, "times_s": {"reference": 2e-3, "fast": 1e-3},
@@ -133,6 +133,6 @@ def test_markdown_names_the_commit_a_run_measured():
     env = {"device": "NVIDIA H200", "dtype": "bfloat16", "torch": "2", "triton": "3", "date": "d",
            "bench_device": "cuda", "source": "git 033a1ae + uncommitted changes"}
     first_line = markdown_table({"environment": env, "records": [record]}).splitlines()[0]
-    assert first_line == "NVIDIA H200, bfloat16, torch 2, triton 3, d, git 033a1ae + uncommitted changes"
+    assert first_line == "NVIDIA H200, bfloat16, torch 2, triton 3, git 033a1ae + uncommitted changes, d"
     installed = {**env, "source": "installed package (no git checkout)"}
     assert markdown_table({"environment": installed, "records": [record]}).splitlines()[0].endswith("triton 3, d")

@@ -250,9 +250,9 @@ def markdown_table(results: dict) -> str:
         on_cpu = env.get("bench_device") == "cpu" and "cpu" in env  # (runs before the field lack it)
         device = f"{env['device']}, {env['cpu']}" if on_cpu else env["device"]
         line = f"{device}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, "
-        line += f"{source['date']} ({source['file']})" if source else str(env["date"])
         if str(env.get("source", "")).startswith("git "):  # the code measured (runs since it was recorded)
-            line += f", {env['source']}"
+            line += f"{env['source']}, "
+        line += f"{source['date']} ({source['file']})" if source else str(env["date"])
         tables.append(_markdown_run(line, records))
     return "\n".join(tables)
 
