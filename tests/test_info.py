@@ -1,5 +1,10 @@
 """`mosaic-fast info`: what this install can run, as printed and as embedded in benchmark JSON."""
 
+import shutil
+import subprocess
+
+import pytest
+
 from mosaic_fast import info
 from mosaic_fast.ops import cpu_gemm
 
@@ -68,12 +73,7 @@ def test_source_revision_names_the_checkout_commit_and_local_changes(tmp_path):
     """Run from a git checkout, the revision is the short commit (and says when tracked files differ from
     it); a package directory that is not the top of a repository (site-packages, a venv inside a repo) is
     an installed package."""
-    import shutil
-    import subprocess
-
     if shutil.which("git") is None:
-        import pytest
-
         pytest.skip("git is not installed")
     repo = tmp_path / "checkout"
     package = repo / "mosaic_fast"
