@@ -102,6 +102,48 @@ def test_linear_act_fuses_only_the_exact_gelu(act, onednn_calls):
     assert onednn_calls == (["gelu"] if isinstance(act, torch.nn.GELU) and act.approximate == "none" else ["none"])
 
 
+def test_linear_gelu_on_mkl_is_f_gelu_of_f_linear_bitwise():
+    """Without gradients MKL's product is finished by an in-place GELU: the same values as the two-step
+    form, under autocast too (which keeps the out-of-place GELU)."""
+    x, w, b = torch.randn(3, 17, 24), torch.randn(96, 24) / 5, torch.randn(96) / 5
+    with cpu_gemm.cpu_gemm_library("mkl"), torch.no_grad():
+        assert torch.equal(cpu_gemm.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = cpu_gemm.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("alpha", [1.0, 0.1])
+def test_add_linear_matches_float64_and_leaves_base_alone(library, with_bias, alpha, monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)
+    x, w = torch.randn(2, 13, 24), torch.randn(40, 24) / 5
+    b = torch.randn(40) / 5 if with_bias else None
+    base = torch.randn(2, 40, 13).transpose(1, 2)  # strided: the result must still be a plain tensor
+    kept = base.clone()
+    with cpu_gemm.cpu_gemm_library(library), torch.no_grad():
+        got = cpu_gemm.add_linear(base, x, w, b, alpha=alpha)
+    want = base.double() + alpha * F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == base.shape and rel(got, want) <= 1e-6
+    assert torch.equal(base, kept)
+
+
+def test_add_linear_differentiates_and_broadcasts_like_the_two_step_form():
+    x, w, b = torch.randn(5, 24, requires_grad=True), torch.randn(40, 24, requires_grad=True), torch.randn(40)
+    base = torch.randn(5, 40, requires_grad=True)
+    with cpu_gemm.cpu_gemm_library("mkl"):
+        cpu_gemm.add_linear(base, x, w, b, alpha=0.5).pow(2).sum().backward()
+        row = torch.randn(40)  # a base broadcast over the rows
+        with torch.no_grad():
+            broadcast = cpu_gemm.add_linear(row, x, w, b)
+    refs = [t.detach().double().requires_grad_() for t in (base, x, w)]
+    (refs[0] + 0.5 * F.linear(refs[1], refs[2], b.double())).pow(2).sum().backward()
+    for mine, theirs in zip((base, x, w), refs):
+        assert rel(mine.grad, theirs.grad) <= 1e-5
+    assert rel(broadcast, row.double() + F.linear(x.double(), w.double(), b.double())) <= 1e-6
+
+
 def test_mm_and_addmm_match_float64(onednn_calls):
     a, wt, bias = torch.randn(50, 24), torch.randn(16, 24), torch.randn(16)
     got = cpu_gemm.addmm(bias, a, wt.t())

@@ -431,20 +431,22 @@ def adapter_torch(h: Tensor, base: Tensor | None, ln_w: Tensor, ln_b: Tensor, do
 
     What backend "auto" runs for one specialist (cuBLAS on CUDA, differentiated by torch's C++ autograd):
     the reference's ops, minus its separate scale multiply when ``base`` is given (one add with
-    ``alpha``). Weights as the modules hold them (``ln_w`` (D,), ``down_w`` (r, D), ``up_w`` (D, r), ...);
-    under autocast ``F.linear`` casts them as the reference's ``nn.Linear`` does. The ReLU and the scale
-    act in place on the fresh GEMM outputs (neither GEMM's backward reads its output), except when a
-    gradient is recorded and the output is a view (oneDNN's, for N-D inputs on CPU): autograd would then
-    copy the whole base gradient in the backward (CopySlices, AsStridedBackward).
+    ``alpha``; on CPU without gradients the up-projection accumulates into a copy of ``base``,
+    :func:`cpu_gemm.add_linear`). Weights as the modules hold them (``ln_w`` (D,), ``down_w`` (r, D),
+    ``up_w`` (D, r), ...); under autocast ``F.linear`` casts them as the reference's ``nn.Linear`` does.
+    The ReLU and the scale act in place on the fresh GEMM outputs (neither GEMM's backward reads its
+    output), except when a gradient is recorded and the output is a view (oneDNN's, for N-D inputs on
+    CPU): autograd would then copy the whole base gradient in the backward (CopySlices, AsStridedBackward).
     """
     y = F.layer_norm(h, (h.shape[-1],), ln_w, ln_b, eps)
     hidden = cpu_gemm.linear(y, down_w, down_b)
     recording = torch.is_grad_enabled() and hidden.requires_grad
     in_place = not recording or not (torch.compiler.is_compiling() or hidden._is_view())  # (dynamo: no _is_view)
-    out = cpu_gemm.linear(hidden.relu_() if in_place else torch.relu(hidden), up_w, up_b)
-    if base is None:
-        return out.mul_(scale) if in_place else out * scale
-    return torch.add(base, out, alpha=scale)
+    z = hidden.relu_() if in_place else torch.relu(hidden)
+    if base is not None:
+        return cpu_gemm.add_linear(base, z, up_w, up_b, alpha=scale)
+    out = cpu_gemm.linear(z, up_w, up_b)
+    return out.mul_(scale) if in_place else out * scale
 
 
 class GroupedAdapterFunction(torch.autograd.Function):
