@@ -27,25 +27,6 @@ def test_run_writes_json_then_renders_it(tmp_path, capsys):
     assert len(json.loads(merged.read_text())["runs"]) == 2
 
 
-@pytest.mark.parametrize(("argv", "want"), [([], (0.1, 6)), (["--min-run-time", "0.3"], (0.3, 6)),
-                                            (["--full"], (0.5, 3))])
-def test_quick_cpu_runs_alternate_in_six_short_rounds(argv, want, monkeypatch):
-    """Quick CPU runs time each implementation in six rounds of 0.1 s, alternating (a drifting 2-core
-    machine skews three longer rounds more); the real shapes keep three rounds of 0.5 s."""
-    import mosaic_fast.bench.core as core
-
-    seen = []
-
-    def record_protocol(case, device, **kwargs):
-        seen.append((kwargs["min_run_time"], kwargs["repeats"]))
-        return {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {},
-                "speedup_vs_reference": {}}
-
-    monkeypatch.setattr(core, "time_case", record_protocol)
-    assert main(["ops", "--device", "cpu", "--filter", "moe_skip_rho0.1", "--no-compile", *argv]) == 0
-    assert seen == [want]
-
-
 def test_failing_implementation_is_recorded_and_the_others_timed():
     def broken(x):
         raise RuntimeError("kernel exploded")

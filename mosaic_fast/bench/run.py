@@ -356,11 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = bench_dtype(device, args.dtype)
     quick = device.type == "cpu" and not args.full
     suites = list(SUITES) if args.suite == "all" else [args.suite]
-    min_run_time = args.min_run_time if args.min_run_time is not None else (0.1 if quick else 0.5)
-    # Quick CPU runs alternate the implementations in six short rounds rather than three longer ones, for
-    # the same time: on a 2-core Zen 3 the quick single-dataset inference ratio then spread with a standard
-    # deviation of 0.04-0.05 over eight trials, against 0.08-0.20 (one trial 1.62x) with three.
-    repeats = 6 if quick else 3
+    min_run_time = args.min_run_time if args.min_run_time is not None else (0.2 if quick else 0.5)
     from mosaic_fast.bench.core import measure_ceilings, time_case
 
     results = {"environment": environment(device, dtype), "records": []}
@@ -385,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in tqdm(cases, desc=f"bench {suite}", unit="case", file=sys.stderr):
             try:
                 record = time_case(case, device, with_compile=not args.no_compile, min_run_time=min_run_time,
-                                   repeats=repeats, ceilings=ceilings, with_mkl=args.cpu_gemm_mkl)
+                                   ceilings=ceilings, with_mkl=args.cpu_gemm_mkl)
             except Exception as exc:  # e.g. out of memory: record it, keep the other cases
                 record = {"suite": case.suite, "name": case.name, "params": case.params, "times_s": {},
                           "speedup_vs_reference": {}, "errors": {"case": f"{type(exc).__name__}: {exc}"[:300]}}
