@@ -85,7 +85,7 @@ def test_gpu_targets_apply_to_a_run_on_an_indexed_cuda_device():
 
 
 @pytest.mark.parametrize("json_name", ["2026-11-30_h200_run2.json", "2026-12-01_cpu-2core_run3.json",
-                                       "2026-12-02_cpu-2core-zen3.json", "2026-12-02_cpu-2core-zen4.json",
+                                       "2026-12-02_cpu-2core-zen3_s16.json", "2026-12-02_cpu-2core-zen4.json",
                                        "2026-12-02_cpu-2core-zen1.json"])
 def test_readme_tables_are_the_render_of_the_committed_json(json_name, tmp_path):
     """README's Performance tables are what `--from-json … --markdown` writes from the JSON it cites, line
