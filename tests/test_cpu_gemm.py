@@ -129,6 +129,35 @@ def test_add_linear_matches_float64_and_leaves_base_alone(library, with_bias, al
     assert torch.equal(base, kept)
 
 
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_add_linear_sums_into_a_reused_base_only_when_it_may(library, with_bias, monkeypatch):
+    """``reuse_base``: without gradients the sum is formed in the caller's contiguous temporary itself; a
+    strided base, or a recorded gradient, gets a new tensor and the base is left alone."""
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)
+    x, w = torch.randn(2, 13, 24), torch.randn(40, 24) / 5
+    b = torch.randn(40) / 5 if with_bias else None
+
+    def want(base, x):
+        return base.double() + 0.1 * F.linear(x.double(), w.double(), None if b is None else b.double())
+
+    base = torch.randn(2, 13, 40)
+    expected = want(base, x)
+    strided = torch.randn(2, 40, 13).transpose(1, 2)
+    kept = strided.clone()
+    with cpu_gemm.cpu_gemm_library(library):
+        with torch.no_grad():
+            got = cpu_gemm.add_linear(base, x, w, b, alpha=0.1, reuse_base=True)
+            assert got.data_ptr() == base.data_ptr() and rel(got, expected) <= 1e-6
+            got = cpu_gemm.add_linear(strided, x, w, b, alpha=0.1, reuse_base=True)
+            assert torch.equal(strided, kept) and rel(got, want(strided, x)) <= 1e-6
+        x.requires_grad_()
+        base = torch.randn(2, 13, 40)
+        kept = base.clone()
+        got = cpu_gemm.add_linear(base, x, w, b, alpha=0.1, reuse_base=True)
+    assert got.requires_grad and torch.equal(base, kept) and rel(got, want(base, x)) <= 1e-6
+
+
 def test_add_linear_differentiates_and_broadcasts_like_the_two_step_form():
     x, w, b = torch.randn(5, 24, requires_grad=True), torch.randn(40, 24, requires_grad=True), torch.randn(40)
     base = torch.randn(5, 40, requires_grad=True)

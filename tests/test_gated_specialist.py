@@ -8,6 +8,7 @@ from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_CUDA_TF32, TOL_INTERPRETER, as
 
 from mosaic_fast import nn as fast_nn
 from mosaic_fast import reference
+from mosaic_fast.ops import cpu_gemm
 
 D = 32
 BOTTLENECKS = (8, 12, 24)
@@ -118,6 +119,23 @@ def test_inference_folds_once_and_follows_weight_updates(monkeypatch, gate):
     fast(h.requires_grad_()).sum().backward()
     fast(h).sum().backward()
     assert folds[0] == 4 and fast.expert_a.up_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+@pytest.mark.parametrize("gate", ["expert", "channel"])
+def test_inference_finishing_in_place_matches_float64(monkeypatch, library, gate):
+    """Without gradients the torch path finishes its GEMM outputs in place (ReLU and unit scales on the
+    hidden product, the up-projection summed into the bias term, the channel weights): the reference's
+    function in float64, on either CPU GEMM library, with the input left alone."""
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS", 0)
+    ref, fast = make(gate)
+    h = torch.randn(3, 7, D)
+    kept = h.clone()
+    with cpu_gemm.cpu_gemm_library(library), torch.no_grad():
+        got = fast(h)
+        want = copy.deepcopy(ref).double()(h.double())
+    assert_parity(got, want, TOL_CPU_FWD)
+    assert torch.equal(h, kept)
 
 
 def test_load_from_mos_adapter():

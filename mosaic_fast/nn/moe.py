@@ -36,7 +36,7 @@ from ..reference.moe import (
     num_kept,
     top_k_lowest_index_first,
 )
-from .adapter import bypassable
+from .adapter import adapter_parameters, bypassable
 from .bypass import may_bypass
 from .caches import same_tensors, weak_refs
 
@@ -276,8 +276,7 @@ class GatedSpecialistAdapter(reference.GatedSpecialistAdapter):
         """:meth:`_fold`, kept between inference calls while the parameters are unchanged (same tensors,
         storage and version counters): the ~14 small ops of the fold then run once, not per call. Recomputed (and
         differentiable) when a gradient is recorded, under torch.compile and during CUDA-graph capture."""
-        params = [p for e in self.experts for p in (e.layer_norm.weight, e.layer_norm.bias, e.down_proj.weight,
-                                                     e.down_proj.bias, e.up_proj.weight, e.up_proj.bias)]
+        params = adapter_parameters(self.experts)
         if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling() \
                 or (h.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self._fold()

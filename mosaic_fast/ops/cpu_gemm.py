@@ -173,6 +173,12 @@ def _fresh_cpu_result(x: torch.Tensor) -> bool:
     return x.is_cpu and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 
 
+def may_finish_in_place(x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+    """Whether the fresh outputs of CPU products of ``x`` with ``operands`` may be finished by in-place ops
+    (no fresh buffer per step): no gradient recorded through any of them, no autocast, no torch.compile."""
+    return _fresh_cpu_result(x) and not _needs_grad(x, *operands)
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias))`` (exact GELU). Without gradients on CPU the GELU runs in the
     oneDNN GEMM's epilogue, or, with MKL, in place on the GEMM's output: either way no second 4·D-wide
@@ -187,21 +193,28 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def add_linear(base: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               alpha: float = 1.0) -> torch.Tensor:
-    """``base + alpha * F.linear(x, weight, bias)`` as a new tensor.
+               alpha: float = 1.0, *, reuse_base: bool = False) -> torch.Tensor:
+    """``base + alpha * F.linear(x, weight, bias)``, as a new tensor unless ``reuse_base``.
 
     Without gradients, with MKL on CPU, it is one buffer instead of two: ``base + alpha * bias``, then the
     GEMM accumulating into it (``addmm_``). A CPU product's fresh output pages cost about as much as the
     add itself: one adapter layer's forward (B = 8, D = 768, r = 192) took 14 % less time on a Zen 3.
-    oneDNN's products, other devices, autocast, mixed dtypes and recorded gradients take the two-step form."""
+    oneDNN's products, other devices, autocast, mixed dtypes and recorded gradients take the two-step form.
+    ``reuse_base``: ``base`` is a contiguous temporary of the caller's, which the no-gradient CPU path then
+    sums into instead of a copy."""
     same_dtype = base.dtype == x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
     same_rows = x.dim() >= 2 and base.shape == (*x.shape[:-1], weight.shape[0])
-    in_place = same_dtype and same_rows and _fresh_cpu_result(x) and not _needs_grad(base, x, weight, bias)
+    in_place = same_dtype and same_rows and may_finish_in_place(x, base, weight, bias)
+    reuse = in_place and reuse_base and base.is_contiguous()
     if not in_place or _use_onednn(x, weight, bias):
-        return torch.add(base, linear(x, weight, bias), alpha=alpha)
-    out = base.clone(memory_format=torch.contiguous_format) if bias is None else torch.add(base, bias, alpha=alpha)
-    if not out.is_contiguous():  # (the sum keeps a strided base's layout)
-        out = out.contiguous()
+        product = linear(x, weight, bias)
+        return base.add_(product, alpha=alpha) if reuse else torch.add(base, product, alpha=alpha)
+    if reuse:
+        out = base if bias is None else base.add_(bias, alpha=alpha)
+    else:
+        out = base.clone(memory_format=torch.contiguous_format) if bias is None else torch.add(base, bias, alpha=alpha)
+        if not out.is_contiguous():  # (the sum keeps a strided base's layout)
+            out = out.contiguous()
     out.view(-1, weight.shape[0]).addmm_(x.reshape(-1, x.shape[-1]), weight.t(), alpha=alpha)
     return out
 

@@ -33,7 +33,16 @@ from .token_skip import _interpret_upcast
 def _torch_gated_specialist(h: Tensor, w_fold: Tensor, b_fold: Tensor, unit_expert: Tensor, scale: Tensor,
                             w_up: Tensor, b_up: Tensor, channel_weight: Tensor | None, eps: float) -> Tensor:
     xhat = F.layer_norm(h, (h.shape[-1],), eps=eps)
-    hid = torch.relu(cpu_gemm.linear(xhat, w_fold, b_fold)) * scale.index_select(1, unit_expert.long())
+    # each hidden unit's scale (T, R): a gather, ~1.7× faster on CPU than index_select along dim 1
+    unit_scale = scale.gather(1, unit_expert.long().expand(scale.shape[0], -1))
+    pre = cpu_gemm.linear(xhat, w_fold, b_fold)
+    if cpu_gemm.may_finish_in_place(h, w_fold, b_fold, scale, w_up, b_up, channel_weight):
+        # no gradient, no autocast (so one dtype): finish the fresh GEMM outputs in place (a fresh CPU buffer
+        # costs its page faults)
+        hid = pre.relu_().mul_(unit_scale)
+        out = cpu_gemm.add_linear(scale @ b_up, hid, w_up, None, reuse_base=True)
+        return out.mul_(channel_weight) if channel_weight is not None else out
+    hid = torch.relu(pre) * unit_scale
     out = cpu_gemm.linear(hid, w_up).add_(scale @ b_up)
     return out * channel_weight if channel_weight is not None else out
 
