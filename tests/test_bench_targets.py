@@ -84,7 +84,7 @@ def test_gpu_targets_apply_to_a_run_on_an_indexed_cuda_device():
     assert find(checks, "inference ≥ 2×", "mosaic_infer_single_b64", "fast", run=1)
 
 
-@pytest.mark.parametrize("json_name", ["2026-11-30_h200_run2.json", "2026-12-01_cpu-2core_run3.json",
+@pytest.mark.parametrize("json_name", ["2026-11-30_h200_run2.json", "2026-12-03_cpu-2core-zen5.json",
                                        "2026-12-02_cpu-2core-zen3_s16.json", "2026-12-02_cpu-2core-zen4.json",
                                        "2026-12-02_cpu-2core-zen1.json"])
 def test_readme_tables_are_the_render_of_the_committed_json(json_name, tmp_path):
