@@ -182,6 +182,26 @@ def test_patchify_op_non_contiguous_input():
     torch.testing.assert_close(ops.patchify3d(x, (2, 4, 3)).double(), _torch_patchify(x, (2, 4, 3)))
 
 
+@pytest.mark.parametrize("extension", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 1, 4, 4, 4), (0, 1, 8, 8, 8)], ids=["one_patch", "empty_batch"])
+def test_ops_return_fresh_tensors_where_the_torch_path_would_return_views(monkeypatch, extension, dtype, shape):
+    """One patch per single-channel volume, or an empty batch: the torch fallback's reshapes are views of
+    the input there, which a custom op may not return (torch raised "may not alias any inputs"). Taken by
+    dtypes the extension does not handle, by builds without it and by CUDA tensors on the torch backend."""
+    if not extension:
+        monkeypatch.setattr(ops, "_C", None)
+    patch = (4, 4, 4) if shape[0] else (4, 8, 2)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    p = ops.patchify3d(x, patch)
+    assert p.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() or p.numel() == 0
+    torch.testing.assert_close(p.detach().double(), _torch_patchify(x.detach(), patch))
+    v = ops.unpatchify3d(p.detach(), shape, patch)
+    torch.testing.assert_close(v, x.detach())
+    (p * torch.randn_like(p)).sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_patchify_and_unpatchify_gradients():
     x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: ops.patchify3d(v, (2, 2, 2), 1.5, 0.3), (x,))

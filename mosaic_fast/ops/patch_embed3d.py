@@ -90,6 +90,14 @@ def _patch_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.float32
 
 
+def _not_aliasing(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``out`` contiguous and sharing no memory with ``source``: a custom op may not return a view of its
+    input, and the torch fallbacks' reshapes, ``.to`` and ``.contiguous`` all return views when the
+    permutation moves only size-1 dims (one patch per single-channel volume) or the batch is empty."""
+    out = out.contiguous()
+    return out.clone() if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else out
+
+
 def _patchify_torch(x: torch.Tensor, patch: tuple[int, int, int], scale: float, shift: float) -> torch.Tensor:
     b, c, nd, nh, nw = _geometry(x.shape, patch)
     pd, ph, pw = patch
@@ -98,7 +106,7 @@ def _patchify_torch(x: torch.Tensor, patch: tuple[int, int, int], scale: float, 
     v = v.reshape(b, nd * nh * nw, c * pd * ph * pw)
     if scale != 1.0 or shift != 0.0:
         v = v * scale + shift
-    return v.to(_patch_dtype(x)).contiguous()
+    return _not_aliasing(v.to(_patch_dtype(x)), x)
 
 
 def _unpatchify_torch(
@@ -108,7 +116,7 @@ def _unpatchify_torch(
     pd, ph, pw = patch
     v = patches.reshape(b, nd, nh, nw, c, pd, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
     v = v.reshape(*volume_shape)
-    return (v * scale if scale != 1.0 else v).contiguous()
+    return _not_aliasing(v * scale if scale != 1.0 else v, patches)
 
 
 @torch.library.custom_op("mosaic_fast::patchify3d", mutates_args=())
