@@ -7,7 +7,8 @@ float32 in) and torch runs the linear layer and the LayerNorm on contiguous rows
 kernel gathers the patches from the volume in its GEMM prologue and adds the bias in its epilogue.
 
 Two plain attributes (not parameters, not in the state_dict) fuse an affine intensity normalisation
-into the patch gather: the module computes ``reference(x.float() * input_scale + input_shift)``. The
+into the patch gather: the module computes ``reference(x.float() * input_scale + input_shift)`` (an integer
+volume is normalised into the module's dtype, a floating one keeps its own dtype). The
 defaults (1, 0) give exactly ``reference(x)``; ``input_scale=1/255`` fuses the MedMNIST 3D ``/255``
 scaling so a pipeline can feed the raw uint8 volumes and skip a float copy of the whole batch.
 """
@@ -56,7 +57,11 @@ class PatchEmbed3D(reference.PatchEmbed3D):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not may_bypass(self, PATCH_LAYERS):
             if self.input_scale != 1.0 or self.input_shift != 0.0:
-                x = x.float() * self.input_scale + self.input_shift
+                # as the fused path: normalised in fp32 (fp64 for fp64), then in the dtype the reference
+                # takes (a float x's own, the weight's for an integer x), so a bf16 or fp64 module works here too
+                dtype = x.dtype if x.is_floating_point() else self.proj.weight.dtype
+                compute = torch.promote_types(dtype, torch.float32)
+                x = (x.to(compute) * self.input_scale + self.input_shift).to(dtype)
             return super().forward(x)
         self.check_input(x)
         y = patch_embed3d(x, self.proj.weight, self.proj.bias, self.patch_size, self.input_scale, self.input_shift)
