@@ -799,6 +799,7 @@ def _routing(ids: torch.Tensor | None, T: int, seg_len: int, G: int, device: tor
         dummy = torch.empty(1, dtype=torch.int32, device=device)
         return MODE_SINGLE, 1, T, 16, dummy, dummy, dummy
     S = ids.shape[0]
+    ids = ids.contiguous()  # the kernels read the ids densely (a strided view, e.g. a column of a table)
     if S <= SEG_MAX:
         return MODE_SEG, S, seg_len, min(64, _pow2(S)), ids, ids, ids
     ids_c = torch.where((ids < 0) | (ids >= G), torch.full_like(ids, G), ids)

@@ -131,7 +131,7 @@ def patch_embed3d_fwd(
         return y
     y2 = y.view(m, e)
     args = (
-        x, w2, bias if bias is not None else w2, y2,
+        x, w2, bias.contiguous() if bias is not None else w2, y2,  # (the kernel reads the bias densely)
         m, e, k, n_tok, nh, nw,
         *x.stride(), w2.stride(0), w2.stride(1), y2.stride(0), y2.stride(1),
         float(scale), float(shift),
