@@ -102,6 +102,8 @@ def gs_down(h: torch.Tensor, w_fold: torch.Tensor, b_fold: torch.Tensor, unit_ex
     b_fold (R,), unit_expert (R,) int32 (expert of each hidden unit), scale (T, E)."""
     t, d = h.shape
     r = w_fold.shape[0]
+    # the kernel indexes every operand densely (a no-op for contiguous ones)
+    h, w_fold, b_fold, unit_expert, scale = (v.contiguous() for v in (h, w_fold, b_fold, unit_expert, scale))
     hidden = torch.empty(t, r, device=h.device, dtype=h.dtype)
     if t == 0:
         return hidden
@@ -118,6 +120,10 @@ def gs_up(hidden: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, scale: t
     (the experts' up projections concatenated), b_up (E, D), scale (T, E), channel_weight (T, D)."""
     t, r = hidden.shape
     d = w_up.shape[0]
+    # the kernel indexes every operand densely (a no-op for contiguous ones)
+    hidden, w_up, b_up, scale = (v.contiguous() for v in (hidden, w_up, b_up, scale))
+    if channel_weight is not None:
+        channel_weight = channel_weight.contiguous()
     out = torch.empty(t, d, device=hidden.device, dtype=hidden.dtype)
     if t == 0:
         return out

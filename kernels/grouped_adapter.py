@@ -819,7 +819,7 @@ def _interp_upcast(*tensors):
 def _check(h: torch.Tensor, bottlenecks) -> None:
     if max(bottlenecks) > MAX_BOTTLENECK:
         raise ValueError(f"grouped adapter kernels support bottlenecks up to {MAX_BOTTLENECK}, got {bottlenecks}")
-    if h.dim() != 2 or h.stride(-1) != 1:
+    if h.dim() != 2 or (h.stride(-1) != 1 and h.shape[-1] != 1):  # (a width of 1 reads one element per row)
         raise ValueError(f"h must be a 2-D tensor with a contiguous last dim, got {tuple(h.shape)}")
 
 
@@ -836,6 +836,8 @@ def forward(h: torch.Tensor, base: torch.Tensor | None, ids: torch.Tensor | None
     out_dtype, w_dtype = h.dtype, wd.dtype
     h, base, ln_w, ln_b, wd, bd, wu, bu = _interp_upcast(h, base, ln_w, ln_b, wd, bd, wu, bu)
     ln_w, ln_b, wd, bd, wu, bu = (t.contiguous() for t in (ln_w, ln_b, wd, bd, wu, bu))
+    if base is not None and base.stride(-1) != 1:  # (the kernels take base's row stride, not its column stride)
+        base = base.contiguous()
     dev = h.device
     out = torch.empty((T, D), device=dev, dtype=h.dtype)
     if FORWARD_VARIANT not in FORWARD_VARIANTS:
@@ -912,6 +914,8 @@ def backward(dout: torch.Tensor, h: torch.Tensor, ids: torch.Tensor | None, seg_
     ln_w, ln_b, wd, bd, wu, bu = (t.contiguous() for t in (ln_w, ln_b, wd, bd, wu, bu))
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    # the saved statistics (T,) and pre-activation (T, R_MAX) are read densely
+    mean, rstd, a = mean.contiguous(), rstd.contiguous(), a.contiguous()
     dev = h.device
     ct = wd.dtype
     recompute = a.shape[0] != T or T == 0

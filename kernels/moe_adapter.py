@@ -165,6 +165,14 @@ _moe_combine = triton.autotune(configs=tuned_configs(_combine_configs()),
 _DOWN_BM = 16 if _INTERPRET else 64
 
 
+def _check_dense_out(launcher: str, **outputs: torch.Tensor | None) -> None:
+    """ValueError for an output buffer the kernel cannot write (it indexes its outputs densely)."""
+    for name, t in outputs.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{launcher}: {name} must be contiguous (the kernel writes it densely), got strides "
+                             f"{t.stride()} for shape {tuple(t.shape)}")
+
+
 def _bucket(n: int) -> int:
     """Autotuning key for a row count (unused by the kernels): powers of two from 1024."""
     return max(1024, triton.next_power_of_2(max(1, n)))
@@ -181,6 +189,8 @@ def moe_down(
     n, r, _ = w_down.shape
     d = x_gen.shape[1]
     k = expert_idx.shape[1]
+    # the kernel indexes every operand densely (a no-op for contiguous ones)
+    x_gen, x_med, rows, w_down, b_down = (t.contiguous() for t in (x_gen, x_med, rows, w_down, b_down))
     flat = expert_idx.reshape(-1)
     a = flat.numel()
     bm = _DOWN_BM
@@ -217,6 +227,12 @@ def moe_combine(
         return
     n, d, r = w_up.shape
     g = coef.shape[1]
+    # the kernel indexes every operand densely: it cannot write a strided out or mix in place
+    _check_dense_out("moe_combine", out=out, mix=mix)
+    if x is not out:
+        x = x.contiguous()
+    rows, expert_idx, probs, hidden, w_up, b_up, coef = (
+        v.contiguous() for v in (rows, expert_idx, probs, hidden, w_up, b_up, coef))
     grid = lambda m: (triton.cdiv(t, m["BM"]), triton.cdiv(d, m["BN"]))
     _moe_combine[grid](
         x, out, rows, expert_idx, probs, hidden, w_up, b_up, coef, mix if mix is not None else out,

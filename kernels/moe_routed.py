@@ -238,6 +238,18 @@ def moe_routed_update(
     b, n_tok, d = x_gen.shape
     n, r, _ = w_down.shape
     h, g = n * r, gate_gen[0].shape[0]
+    # The kernels index everything but idx densely: they cannot write a strided out in place; the read-only
+    # operands are made contiguous (a no-op for contiguous ones).
+    for name, t in (("out_gen", out_gen), ("out_med", out_med)):
+        if not t.is_contiguous():
+            raise ValueError(f"moe_routed_update: {name} must be contiguous (the kernel writes it densely), got "
+                             f"strides {t.stride()} for shape {tuple(t.shape)}")
+    x_gen = x_gen if x_gen is out_gen else x_gen.contiguous()
+    x_med = x_med if x_med is out_med else x_med.contiguous()
+    skip_gen, skip_med = (s.contiguous() if s is not None else None for s in (skip_gen, skip_med))
+    router_gen, router_med, gate_gen, gate_med = (
+        tuple(t.contiguous() for t in pair) for pair in (router_gen, router_med, gate_gen, gate_med))
+    w_down, b_down, w_up, b_up = (t.contiguous() for t in (w_down, b_down, w_up, b_up))
     identity = idx_gen is None
     kept_g = n_tok if identity else idx_gen.shape[1]
     kept_m = n_tok if identity else idx_med.shape[1]

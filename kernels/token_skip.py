@@ -44,6 +44,10 @@ def skip_merge(x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, update: t
     t = rows.numel()
     if t == 0:
         return
+    if not out.is_contiguous():  # (the kernel writes out's rows densely: it cannot update a strided view)
+        raise ValueError(f"skip_merge: out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}")
+    x = x if x is out else x.contiguous()  # the kernel indexes every operand densely
+    rows, update, coef = rows.contiguous(), update.contiguous(), coef.contiguous()
     d = x.shape[1]
     g = coef.shape[1]
     bm, bn = (16, 64) if _INTERPRET else (16, 256)
@@ -110,6 +114,7 @@ def skip_select(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, kept: int) 
     go to the lower token index. One program per sample: the scores stay on chip, ranks by pairwise
     comparison (no sort), positions by a prefix sum."""
     b, n, f = h.shape
+    h, w2, b2 = h.contiguous(), w2.contiguous(), b2.contiguous()  # (read densely)
     idx = torch.empty(b, kept, device=h.device, dtype=torch.int64)
     gate = torch.empty(b, kept, device=h.device, dtype=h.dtype)
     if b == 0:

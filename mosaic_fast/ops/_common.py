@@ -90,7 +90,9 @@ def check_index(name: str, t: object, *, shape: Sequence[int | None] | None = No
     if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an int64 (or int32) index tensor, got {t.dtype}")
     check_tensor(name, t, dims=dims, shape=shape)
-    return t.to(torch.int64, memory_format=torch.contiguous_format)
+    # (not ``t.to(torch.int64, memory_format=torch.contiguous_format)``: that returns an int64 t itself,
+    # strides and all, so a strided int64 index reached the kernels as it was)
+    return t.to(torch.int64).contiguous()
 
 
 def check_index_values_on_cpu(name: str, t: torch.Tensor, bound: int, *, distinct: bool = False) -> None:

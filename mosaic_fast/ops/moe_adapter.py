@@ -97,6 +97,16 @@ def _forward_into(
         return hidden.reshape(-1, r), mix_g, mix_m
     from mosaic_fast.kernels.moe_adapter import moe_combine, moe_down
 
+    if not (out_gen.is_contiguous() and out_med.is_contiguous()):
+        # the kernels write rows densely: through contiguous copies (of the streams themselves when in place,
+        # of the custom op's clones of non-contiguous streams otherwise)
+        og, om = out_gen.contiguous(), out_med.contiguous()
+        saved = _forward_into(og if out_gen is x_gen else x_gen, om if out_med is x_med else x_med, og, om,
+                              rows_gen, rows_med, eidx_gen, p_gen, c_gen, eidx_med, p_med, c_med, w_down, b_down,
+                              w_up, b_up, need_saved)
+        out_gen.copy_(og)
+        out_med.copy_(om)
+        return saved
     if _interpret_upcast(x_gen, w_down):
         args = [t.float() for t in (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)]
         xg, xm, pg, cg, pm, cm, wd, bd, wu, bu = args

@@ -32,6 +32,15 @@ def _launch(
 ) -> None:
     from mosaic_fast.kernels.moe_routed import moe_routed_update as kernel
 
+    if not (x_gen.is_contiguous() and x_med.is_contiguous()):
+        # only the custom op called directly gets here (the public function raises): the kernels write the
+        # streams densely, so they update contiguous copies that are copied back
+        xg, xm = x_gen.contiguous(), x_med.contiguous()
+        _launch(xg, xm, idx_gen, skip_gen, idx_med, skip_med, wr_gen, br_gen, wr_med, br_med, wg_gen, bg_gen,
+                wg_med, bg_med, w_down, b_down, w_up, b_up, top_k)
+        x_gen.copy_(xg)
+        x_med.copy_(xm)
+        return
     floats = [skip_gen, skip_med, wr_gen, br_gen, wr_med, br_med, wg_gen, bg_gen, wg_med, bg_med,
               w_down, b_down, w_up, b_up]
     if _interpret_upcast(x_gen, *[t for t in floats if t is not None]):

@@ -46,6 +46,14 @@ def _merge_into(x: Tensor, out: Tensor, rows: Tensor, update: Tensor, coef: Tens
     if use_kernels(x):
         from mosaic_fast.kernels.token_skip import skip_merge as kernel
 
+        if not out.is_contiguous():
+            # the kernel writes rows densely: it updates a contiguous copy (of x itself when in place, of the
+            # op's clone of a non-contiguous x otherwise) that is copied back
+            work = out.contiguous()
+            _merge_into(work if out is x else x, work, rows, update, coef)
+            out.copy_(work)
+            return
+
         if _interpret_upcast(x, update):
             tmp = out.float()
             kernel(x.float(), tmp, rows, update.float().contiguous(), coef.float().contiguous())
