@@ -19,6 +19,10 @@ class PatchEmbed2D(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
+        if not isinstance(patch_size, numbers.Integral) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        if img_size % patch_size:  # as PatchEmbed3D: else the model is built for inputs its forward rejects
+            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.num_patches = (img_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -28,9 +32,9 @@ class PatchEmbed2D(nn.Module):
         """(B, C, H, W) float images -> (B, L, embed_dim) tokens (Conv2d patches, then LayerNorm)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x: expected (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
+        if any(s % self.patch_size or s == 0 for s in x.shape[-2:]):
             raise ValueError(
-                f"x: H and W must be divisible by patch_size {self.patch_size}, got {tuple(x.shape)}"
+                f"x: H and W must be non-zero and divisible by patch_size {self.patch_size}, got {tuple(x.shape)}"
             )
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point image batch (normalised), got {x.dtype}")
