@@ -605,11 +605,14 @@ def _bwd_w_kernel(
     tl.store(dwd_ptr + split * sp_wd + (roff + offr)[:, None] * stride_pwd + offn[None, :], acc_wd, mask=m_wd)
     m_wu = nm[:, None] & rm[None, :]
     tl.store(dwu_ptr + split * sp_wu + offn[:, None] * stride_pwu + (roff + offr)[None, :], acc_wu, mask=m_wu)
-    tl.store(dbd_ptr + split * sp_bd + roff + offr, acc_bd, mask=rm & (db == 0))
-    first = nm & (rb == 0)
-    tl.store(dbu_ptr + split * sp_g + g * stride_pg + offn, acc_bu, mask=first)
-    tl.store(dlnw_ptr + split * sp_g + g * stride_pg + offn, acc_lw, mask=first)
-    tl.store(dlnb_ptr + split * sp_g + g * stride_pg + offn, acc_lb, mask=first)
+    # (scalar conditions as branches, not ANDed into the masks: triton 3.9's interpreter refuses a mask made
+    # from a block and a scalar boolean)
+    if db == 0:
+        tl.store(dbd_ptr + split * sp_bd + roff + offr, acc_bd, mask=rm)
+    if rb == 0:
+        tl.store(dbu_ptr + split * sp_g + g * stride_pg + offn, acc_bu, mask=nm)
+        tl.store(dlnw_ptr + split * sp_g + g * stride_pg + offn, acc_lw, mask=nm)
+        tl.store(dlnb_ptr + split * sp_g + g * stride_pg + offn, acc_lb, mask=nm)
 
 
 # ----------------------------------------------------------------------------------------------------

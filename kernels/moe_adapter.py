@@ -50,7 +50,7 @@ def _moe_down_kernel(
     start = tl.load(offs_ptr + e) + (pid - tl.load(tcum_ptr + e)) * BM
     end = tl.load(offs_ptr + e + 1)
     a_pos = start + tl.arange(0, BM)
-    amask = (a_pos < end) & valid
+    amask = a_pos < tl.where(valid, end, start)  # (no block & scalar mask: triton 3.9's interpreter refuses it)
     aid = tl.load(order_ptr + a_pos, mask=amask, other=0)
     row = tl.load(rows_ptr + aid // K, mask=amask, other=0).to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
