@@ -65,3 +65,17 @@ def randomize_(module: torch.nn.Module, std: float = 0.05, seed: int | None = No
             else:
                 p.copy_(noise)
     return module
+
+
+def run_with_grads(module: torch.nn.Module, call, inputs: list[torch.Tensor], seed: int = 0):
+    """(outputs, input grads, {param name: grad}) of ``call(module, *inputs)``, with random output gradients
+    (the same for the same seed and shapes)."""
+    module.zero_grad(set_to_none=True)
+    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    outs = call(module, *inputs)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    gen = torch.Generator().manual_seed(seed)
+    gouts = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
+    torch.autograd.backward(outs, gouts)
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    return outs, [x.grad for x in inputs if x.requires_grad], grads

@@ -71,8 +71,8 @@ def test_requirements_that_cannot_be_read_say_so(monkeypatch):
 
 def test_source_revision_names_the_checkout_commit_and_local_changes(tmp_path):
     """Run from a git checkout, the revision is the short commit (and says when tracked files differ from
-    it); a package directory that is not the top of a repository (site-packages, a venv inside a repo) is
-    an installed package."""
+    it; untracked files do not count); a package directory that is not the top of a repository
+    (site-packages, a venv inside a repo) is an installed package."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     repo = tmp_path / "checkout"
@@ -89,6 +89,9 @@ def test_source_revision_names_the_checkout_commit_and_local_changes(tmp_path):
     git("commit", "-q", "-m", "c")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                             check=True).stdout.strip()
+    assert info.source_revision(package) == f"git {commit}"
+    (repo / "results.json").write_text("{}")  # untracked files (outputs, scratch) are not changes to the code
+    (package / "scratch.py").write_text("")
     assert info.source_revision(package) == f"git {commit}"
     (package / "__init__.py").write_text("x = 1\n")
     assert info.source_revision(package) == f"git {commit} + uncommitted changes"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -400,27 +398,6 @@ def test_teardown_skips_the_barrier_on_an_error_path(monkeypatch):
 
 
 # --- info.py --------------------------------------------------------------------------------------------------
-
-
-def test_untracked_files_do_not_count_as_uncommitted_changes(tmp_path):
-    """The revision describes the tracked code; a stray output file in the checkout changes nothing."""
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    repo = tmp_path / "checkout"
-    package = repo / "mosaic_fast"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-
-    def git(*args):
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
-                              capture_output=True, text=True).stdout.strip()
-
-    git("init", "-q")
-    git("add", ".")
-    git("commit", "-q", "-m", "c")
-    (repo / "results.json").write_text("{}")
-    (package / "scratch.py").write_text("")
-    assert info.source_revision(package) == f"git {git('rev-parse', '--short', 'HEAD')}"
 
 
 def test_a_nightly_that_meets_the_bound_is_not_a_complaint(monkeypatch):

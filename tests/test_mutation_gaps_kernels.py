@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import TOL_CUDA_TF32, TOL_INTERPRETER, assert_grads_parity, assert_parity, randomize_
+from parity import TOL_CUDA_TF32, TOL_INTERPRETER, assert_grads_parity, assert_parity, randomize_, run_with_grads
 
 from mosaic_fast import nn as fast_nn
 from mosaic_fast import reference
@@ -204,23 +204,11 @@ def test_grouped_forward_with_an_up_chunk_wider_than_the_k_chunk(triton_backend,
 # ----------------------------------------------------------------------------------------------------
 
 
-def _run(module, call, inputs, seed=0):
-    module.zero_grad(set_to_none=True)
-    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
-    outs = call(module, *inputs)
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    gen = torch.Generator().manual_seed(seed)
-    gouts = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
-    torch.autograd.backward(outs, gouts)
-    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    return outs, [x.grad for x in inputs if x.requires_grad], grads
-
-
 def _check_module(ref, fast, call, inputs, tol):
     """Outputs, input gradients and parameter gradients of ``fast`` against the float64 reference."""
     device = inputs[0].device
-    r_out, r_in, r_par = _run(copy.deepcopy(ref).double().to(device), call, [x.double() for x in inputs])
-    f_out, f_in, f_par = _run(fast.to(device), call, inputs)
+    r_out, r_in, r_par = run_with_grads(copy.deepcopy(ref).double().to(device), call, [x.double() for x in inputs])
+    f_out, f_in, f_par = run_with_grads(fast.to(device), call, inputs)
     for i, (f, r) in enumerate(zip(f_out, r_out)):
         assert_parity(f, r, tol, f"output {i}")
     for i, (f, r) in enumerate(zip(f_in, r_in)):

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
-from parity import TOL_CUDA_TF32, TOL_INTERPRETER, assert_grads_parity, assert_parity, randomize_
+from parity import TOL_CUDA_TF32, TOL_INTERPRETER, assert_grads_parity, assert_parity, randomize_, run_with_grads
 
 from mosaic_fast import nn as fast_nn
 from mosaic_fast import reference
@@ -68,27 +68,13 @@ def launches(monkeypatch):
     return calls
 
 
-def _run(module, call, inputs, seed=0):
-    """(outputs, input grads, {param name: grad}) of ``call(module, *inputs)``, with random output gradients
-    (the same for the same seed and shapes)."""
-    module.zero_grad(set_to_none=True)
-    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
-    outs = call(module, *inputs)
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    gen = torch.Generator().manual_seed(seed)
-    gouts = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
-    torch.autograd.backward(outs, gouts)
-    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    return outs, [x.grad for x in inputs if x.requires_grad], grads
-
-
 def _check(ref, fast, call, inputs, tol, same_grad_set=True):
     """Forward and backward of ``fast`` (fp32) against the float64 reference (which gets integer inputs
     as float64 too)."""
     device = inputs[0].device
     ref64 = copy.deepcopy(ref).double().to(device)
-    r_out, r_in, r_par = _run(ref64, call, [x.double() for x in inputs])
-    f_out, f_in, f_par = _run(fast.to(device), call, inputs)
+    r_out, r_in, r_par = run_with_grads(ref64, call, [x.double() for x in inputs])
+    f_out, f_in, f_par = run_with_grads(fast.to(device), call, inputs)
     for i, (f, r) in enumerate(zip(f_out, r_out)):
         assert_parity(f, r, tol, f"output {i}")
     for i, (f, r) in enumerate(zip(f_in, r_in)):
