@@ -300,9 +300,6 @@ def moe_gated_update(
         rows_gen = rows_med = torch.arange(x_gen.shape[0], device=x_gen.device)
     idx = (rows_gen, rows_med, eidx_gen, eidx_med)
     if inplace and not needs_grad and x_gen.is_contiguous() and x_med.is_contiguous():
-        if use_kernels(x_gen):  # the kernels index the probabilities, gates and weights densely
-            p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up = (
-                t.contiguous() for t in (p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up))
         if use_kernels(x_gen) and torch.compiler.is_compiling():  # eagerly: no custom-op dispatch cost
             torch.ops.mosaic_fast.moe_gated_update_(x_gen, x_med, *idx[:2], idx[2], p_gen, c_gen, idx[3], p_med,
                                                     c_med, w_down, b_down, w_up, b_up)
