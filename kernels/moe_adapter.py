@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import check_dense_out
 from .precision import dot_precision
 from .tuning import tuned_configs
 
@@ -165,14 +166,6 @@ _moe_combine = triton.autotune(configs=tuned_configs(_combine_configs()),
 _DOWN_BM = 16 if _INTERPRET else 64
 
 
-def _check_dense_out(launcher: str, **outputs: torch.Tensor | None) -> None:
-    """ValueError for an output buffer the kernel cannot write (it indexes its outputs densely)."""
-    for name, t in outputs.items():
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{launcher}: {name} must be contiguous (the kernel writes it densely), got strides "
-                             f"{t.stride()} for shape {tuple(t.shape)}")
-
-
 def _bucket(n: int) -> int:
     """Autotuning key for a row count (unused by the kernels): powers of two from 1024."""
     return max(1024, triton.next_power_of_2(max(1, n)))
@@ -228,7 +221,7 @@ def moe_combine(
     n, d, r = w_up.shape
     g = coef.shape[1]
     # the kernel indexes every operand densely: it cannot write a strided out or mix in place
-    _check_dense_out("moe_combine", out=out, mix=mix)
+    check_dense_out("moe_combine", out=out, mix=mix)
     if x is not out:
         x = x.contiguous()
     rows, expert_idx, probs, hidden, w_up, b_up, coef = (

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import check_dense_out
 from .precision import dot_precision
 from .tuning import tuned_configs
 
@@ -240,10 +241,7 @@ def moe_routed_update(
     h, g = n * r, gate_gen[0].shape[0]
     # The kernels index everything but idx densely: they cannot write a strided out in place; the read-only
     # operands are made contiguous (a no-op for contiguous ones).
-    for name, t in (("out_gen", out_gen), ("out_med", out_med)):
-        if not t.is_contiguous():
-            raise ValueError(f"moe_routed_update: {name} must be contiguous (the kernel writes it densely), got "
-                             f"strides {t.stride()} for shape {tuple(t.shape)}")
+    check_dense_out("moe_routed_update", out_gen=out_gen, out_med=out_med)
     x_gen = x_gen if x_gen is out_gen else x_gen.contiguous()
     x_med = x_med if x_med is out_med else x_med.contiguous()
     skip_gen, skip_med = (s.contiguous() if s is not None else None for s in (skip_gen, skip_med))

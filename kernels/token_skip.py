@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import check_dense_out
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -44,8 +46,7 @@ def skip_merge(x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, update: t
     t = rows.numel()
     if t == 0:
         return
-    if not out.is_contiguous():  # (the kernel writes out's rows densely: it cannot update a strided view)
-        raise ValueError(f"skip_merge: out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}")
+    check_dense_out("skip_merge", out=out)
     x = x if x is out else x.contiguous()  # the kernel indexes every operand densely
     rows, update, coef = rows.contiguous(), update.contiguous(), coef.contiguous()
     d = x.shape[1]

@@ -608,3 +608,37 @@ def test_every_op_takes_non_contiguous_inputs(triton_backend, case, mode):
             assert torch.equal(got, want), f"output {i}"
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_launchers_refuse_a_strided_output_buffer_naming_it(triton_backend):
+    """The kernels write their outputs densely: a launcher given a strided ``out`` (or ``mix``) raises a
+    ValueError naming that buffer before launching, instead of writing the wrong elements."""
+    from mosaic_fast.kernels.moe_adapter import moe_combine
+    from mosaic_fast.kernels.moe_routed import moe_routed_update
+    from mosaic_fast.kernels.token_skip import skip_merge
+
+    device = triton_backend
+    t, d, n, r, k, g = 3, 8, 2, 4, 1, 2
+    x = torch.randn(5, d, device=device)
+    strided = torch.randn(d, 5, device=device).t()  # (5, D), column-major
+    rows = torch.arange(t, device=device)
+    update, coef = torch.randn(t, d, device=device), torch.rand(t, g, device=device)
+    with pytest.raises(ValueError, match=r"skip_merge: out must be contiguous"):
+        skip_merge(x, strided, rows, update, coef)
+
+    eidx = torch.zeros(t, k, dtype=torch.int64, device=device)
+    probs, hidden = torch.rand(t, k, device=device), torch.randn(t * k, r, device=device)
+    w_up, b_up = torch.randn(n, d, r, device=device), torch.randn(n, d, device=device)
+    with pytest.raises(ValueError, match=r"moe_combine: out must be contiguous"):
+        moe_combine(x, strided, rows, eidx, probs, hidden, w_up, b_up, coef)
+    with pytest.raises(ValueError, match=r"moe_combine: mix must be contiguous"):
+        moe_combine(x, x, rows, eidx, probs, hidden, w_up, b_up, coef, mix=torch.randn(d, t, device=device).t())
+
+    xs = torch.randn(2, 4, d, device=device)
+    out_med = torch.randn(2, d, 4, device=device).transpose(1, 2)
+    router = (torch.randn(n, d, device=device), torch.randn(n, device=device))
+    gate = (torch.randn(g, d, device=device), torch.randn(g, device=device))
+    w_down, b_down = torch.randn(n, r, 2 * d, device=device), torch.randn(n, r, device=device)
+    with pytest.raises(ValueError, match=r"moe_routed_update: out_med must be contiguous"):
+        moe_routed_update(xs, xs, xs, out_med, None, None, None, None, router, router, gate, gate,
+                          w_down, b_down, w_up, b_up, 1)
