@@ -5,6 +5,9 @@ On a CUDA machine the kernels are compiled for real and the interpreter tests ar
 torch.compile's on-disk AOTAutograd cache is off: its key does not cover the Python backward of a custom
 op (pytorch/pytorch#144344), so after an edit of a fused op's backward a warm cache would serve the old
 compiled backward to the compile tests (Inductor's own cache, keyed by the traced graphs, stays on).
+Property-based (hypothesis) tests run a fixed, derandomised set of examples by default, so CI sees the
+same inputs every run; `pytest --hypothesis-profile=fuzz` draws many fresh ones (keep any failure found
+as an `@example`).
 """
 
 import os
@@ -16,11 +19,19 @@ if not torch.cuda.is_available():
 
 import pytest
 import torch._functorch.config as functorch_config
+from hypothesis import HealthCheck, settings
 
 import mosaic_fast
 from mosaic_fast.backend import INTERPRET, triton_available
 
 functorch_config.enable_autograd_cache = False
+
+_SLOW_EXAMPLES = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("default", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=_SLOW_EXAMPLES)
+settings.register_profile("fuzz", max_examples=2000, deadline=None, database=None,
+                          suppress_health_check=_SLOW_EXAMPLES)
+settings.load_profile("default")
 
 
 @pytest.fixture(autouse=True)
