@@ -29,7 +29,7 @@ functorch_config.enable_autograd_cache = False
 _SLOW_EXAMPLES = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("default", derandomize=True, database=None, deadline=None,
                           suppress_health_check=_SLOW_EXAMPLES)
-settings.register_profile("fuzz", max_examples=2000, deadline=None, database=None,
+settings.register_profile("fuzz", max_examples=2000, derandomize=False, deadline=None, database=None,
                           suppress_health_check=_SLOW_EXAMPLES)
 settings.load_profile("default")
 
