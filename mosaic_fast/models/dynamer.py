@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..reference.checks import check_input_dtype
+from ..reference.checks import check_input_dtype, check_int, check_is_tensor
 from ..reference.moe import gather_tokens
 from .weights import load_vit_weights, read_npz, resize_pos_embed
 
@@ -54,6 +54,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
+        check_int("patch_size", patch_size, 1)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
@@ -62,6 +63,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect = (self.in_chans, self.img_size, self.img_size)
+        check_is_tensor("x", x)
         if x.dim() != 4 or tuple(x.shape[1:]) != expect:
             raise ValueError(f"x: expected (B, {', '.join(map(str, expect))}), got {tuple(x.shape)}")
         if not x.is_floating_point():

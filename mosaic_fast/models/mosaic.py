@@ -135,8 +135,14 @@ class MosaicModel(nn.Module):
         Equals ``[forward_features(x, e) for x, e in batches]``. The fast model runs attention per batch
         (the sequence lengths differ) and the MLP + grouped adapter over all tokens packed together.
         """
+        if not isinstance(batches, (list, tuple)):
+            raise TypeError(f"batches must be a list of (x, expert_id) pairs, got {type(batches).__name__}")
         if not batches:
             raise ValueError("batches must hold at least one (x, expert_id) pair")
+        for i, pair in enumerate(batches):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                what = f"length {len(pair)}" if isinstance(pair, (list, tuple)) else type(pair).__name__
+                raise TypeError(f"batches[{i}] must be an (x, expert_id) pair, got {what}")
         if not self.fast or not self._packs_blocks():
             return [self.forward_features(x, e) for x, e in batches]
         tokens, rows = [], []

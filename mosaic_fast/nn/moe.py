@@ -29,10 +29,10 @@ from ..ops.token_skip import SELECT_MAX_TOKENS, skip_merge, skip_select
 from ..reference.checks import check_floating, check_input_dtype
 from ..reference.moe import (
     check_gate_width,
+    check_merge,
     check_pair,
     check_selection,
     check_tokens,
-    check_update,
     num_kept,
     top_k_lowest_index_first,
 )
@@ -165,7 +165,7 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
-        check_gate_width(x_gen, gate_gen, gate_med)
+        check_gate_width(x_gen, ("gate_gen", gate_gen), ("gate_med", gate_med))
         n = x_gen.shape[1]
         direct = inplace and x_gen.is_contiguous() and x_med.is_contiguous()
         weights = self._routed_inference(x_gen, x_med, gate_gen, gate_med)
@@ -240,8 +240,7 @@ class SkipRouter(reference.SkipRouter):
 
     def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """The reference's merge as one gather/scatter op: rows ``idx`` of x become ``x + gate·(update − x)``."""
-        check_selection(x, idx, gate, "x")
-        check_update(x, idx, update)
+        check_merge(x, idx, gate, update)
         d = x.shape[-1]
         out = skip_merge(x.reshape(-1, d), _flat_rows(idx, x.shape[1]), update.reshape(-1, d).to(x.dtype),
                          gate.reshape(-1, 1).to(x.dtype))

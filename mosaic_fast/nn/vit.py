@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..reference.checks import check_features, check_tokens
+from ..reference.vit import layer_weight
 from .adapter import MoSAdapter
 from .bypass import global_hooks, has_hooks
 from .frozen_cast import linear, linear_act
@@ -31,6 +33,7 @@ class Attention(reference.Attention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference's attention through ``scaled_dot_product_attention``."""
+        check_tokens(x, self.dim, "x", layer_weight(self.qkv))
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -42,6 +45,7 @@ class Mlp(reference.Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference's ``fc2(gelu(fc1(x)))`` with cached autocast casts (GELU fused on CPU)."""
+        check_features("x", x, self.dim, layer_weight(self.fc1))
         return linear(self, self.fc2, linear_act(self, self.fc1, x, self.act))
 
 
@@ -50,6 +54,7 @@ class Block(reference.Block):
 
     def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
         """``x + attn(norm1(x))``, then ``+ ffn(h) + adapter(h, expert_id)`` with the adapter's add fused."""
+        check_tokens(x, self.dim, "x", layer_weight(getattr(self.ffn, "fc1", None)))
         x = x + self.attn(self.norm1(x))
         h = self.norm2(x)
         if not fuses_adapter(self):

@@ -1,7 +1,8 @@
 """Shared helpers for the ops (argument checks, autocast), reusable by every op module.
 
 * :func:`check_tensor` / :func:`check_same_device`: clear ``TypeError``/``ValueError`` naming the argument
-  and the expected and received shape/dtype/device (DESIGN.md §7).
+  and the expected and received shape/dtype/device (DESIGN.md §7); :func:`check_real` and
+  :func:`check_sizes` for scalar and size arguments (scale, eps, bottlenecks, shapes).
 * :func:`check_ids`: routing ids (one per sample): integer dtype, shape (B,), device of ``h``. Values are
   checked where that needs no host synchronisation (see :func:`check_ids_range`).
 * :func:`check_index`: an int64/int32 index tensor of a given shape, returned as int64.
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -56,6 +58,27 @@ def check_tensor(
     return t
 
 
+def check_real(name: str, value: object) -> float:
+    """``value`` (a real number, not a bool) as a float, else a TypeError naming ``name`` (``float()`` would
+    raise without naming it, or take a one-element tensor silently)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_sizes(name: str, sizes: object, *, length: int | None = None, minimum: int = 1) -> list[int]:
+    """A sequence of ints (not bools) >= ``minimum`` (``length`` of them when given), as a list, else a
+    TypeError/ValueError naming ``name``."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(sizes).__name__}")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in sizes):
+        raise TypeError(f"{name} must hold ints, got {list(sizes)}")
+    if (length is not None and len(sizes) != length) or not sizes or min(sizes) < minimum:
+        count = f"{length} " if length is not None else "a non-empty list of "
+        raise ValueError(f"{name} must be {count}ints >= {minimum}, got {list(sizes)}")
+    return [int(s) for s in sizes]
+
+
 def check_same_device(ref_name: str, ref: torch.Tensor, others: Iterable[tuple[str, torch.Tensor | None]]) -> None:
     """Raise ValueError when a tensor is on another device than ``ref``."""
     for name, t in others:
@@ -65,8 +88,6 @@ def check_same_device(ref_name: str, ref: torch.Tensor, others: Iterable[tuple[s
 
 def check_ids(name: str, ids: object, h: torch.Tensor) -> torch.Tensor:
     """Routing ids: an int64/int32 tensor of shape (B,) with B = h.shape[0], on h's device."""
-    if h.dim() < 2:
-        raise ValueError(f"h must have a batch dim when {name} is a tensor, got shape {tuple(h.shape)}")
     return check_id_tensor(ids, h, name)
 
 

@@ -61,6 +61,8 @@ from ._common import (
     autocast_dtype,
     check_ids,
     check_ids_range,
+    check_real,
+    check_sizes,
     check_tensor,
     once_differentiable_strict,
     resolve_compute_dtype,
@@ -82,6 +84,15 @@ def group_offsets(bottlenecks: Sequence[int]) -> list[int]:
 def pack_adapters(adapters: Iterable[nn.Module]) -> tuple[tuple[Tensor, ...], list[int]]:
     """((ln_w, ln_b, down_w, down_b, up_w, up_b), bottlenecks) for a sequence of Adapter modules."""
     adapters = list(adapters)
+    if not adapters:
+        raise ValueError("adapters must hold at least one Adapter")
+    for i, a in enumerate(adapters):
+        if not all(isinstance(getattr(a, n, None), nn.Module) for n in ("layer_norm", "down_proj", "up_proj")):
+            raise TypeError(f"adapters[{i}] must be an Adapter (layer_norm, down_proj, up_proj), got "
+                            f"{type(a).__name__}")
+    widths = [a.down_proj.weight.shape[1] for a in adapters]
+    if len(set(widths)) != 1:
+        raise ValueError(f"adapters must share one d_model, got {widths}")
     if len(adapters) == 1:
         a = adapters[0]
         tensors = (
@@ -494,10 +505,8 @@ def grouped_adapter(
     reference's Linear layers do).
     """
     check_tensor("h", h, floating=True)
-    bottlenecks = [int(r) for r in bottlenecks]
+    bottlenecks = check_sizes("bottlenecks", bottlenecks)
     G = len(bottlenecks)
-    if G == 0 or min(bottlenecks) <= 0:
-        raise ValueError(f"bottlenecks must be a non-empty list of positive sizes, got {bottlenecks}")
     R = sum(bottlenecks)
     check_tensor("ln_w", ln_w, shape=(G, None), floating=True)
     D = ln_w.shape[1]
@@ -507,14 +516,15 @@ def grouped_adapter(
     check_tensor("up_w", up_w, shape=(D, R), floating=True)
     check_tensor("up_b", up_b, shape=(G, D), floating=True)
     weights = [ln_w, ln_b, down_w, down_b, up_w, up_b]
-    wdtypes = {w.dtype for w in weights}
-    if len(wdtypes) != 1:
-        raise TypeError(f"all weights must share one dtype, got {sorted(map(str, wdtypes))}")
+    for name, w in zip(("ln_b", "down_w", "down_b", "up_w", "up_b"), weights[1:]):
+        if w.dtype != ln_w.dtype:
+            raise TypeError(f"{name} is {w.dtype} but ln_w is {ln_w.dtype}: all weights must share one dtype")
     return run_packed(h, weights, bottlenecks, base=base, expert_id=expert_id, scale=scale, eps=eps)
 
 
 def _check_h_base_devices(h: Tensor, base: Tensor | None, D: int, weights) -> None:
     """h's last dim, base's shape/dtype/device and the weights' device (what the packed checks skip)."""
+    check_tensor("h", h)
     if h.dim() == 0 or h.shape[-1] != D:
         raise ValueError(f"h: expected last dim {D}, got shape {tuple(h.shape)}")
     check_floating("h", h)  # (else the dtype check below suggests casting the module to an integer dtype)
@@ -538,7 +548,7 @@ def run_adapter(h: Tensor, weights: Sequence[Tensor], *, base: Tensor | None = N
     :func:`single_adapter_uses_torch` holds: no packing, no per-call weight casts beyond the reference's)."""
     _check_h_base_devices(h, base, weights[0].shape[0], weights)
     resolve_compute_dtype(h, weights[2:3], "the adapter weights")  # dtype mismatch outside autocast
-    return adapter_torch(h, base, *weights, float(scale), float(eps))
+    return adapter_torch(h, base, *weights, check_real("scale", scale), check_real("eps", eps))
 
 
 def run_packed(h: Tensor, weights: Sequence[Tensor], bottlenecks: Sequence[int], *, base: Tensor | None = None,
@@ -548,6 +558,7 @@ def run_packed(h: Tensor, weights: Sequence[Tensor], bottlenecks: Sequence[int],
     D = weights[0].shape[1]
     G = len(bottlenecks)
     _check_h_base_devices(h, base, D, weights)
+    scale, eps = check_real("scale", scale), check_real("eps", eps)
     if expert_id is None:
         if G != 1:
             raise ValueError(f"expert_id is required with {G} groups (bottlenecks {list(bottlenecks)})")
@@ -556,7 +567,7 @@ def run_packed(h: Tensor, weights: Sequence[Tensor], bottlenecks: Sequence[int],
     cast = resolve_compute_dtype(h, weights[2:3], "the adapter weights")
     if expert_id is None and single_adapter_uses_torch(h):
         ln_w, ln_b, wd, bd, wu, bu = weights
-        return adapter_torch(h, base, ln_w[0], ln_b[0], wd, bd, wu, bu[0], float(scale), float(eps))
+        return adapter_torch(h, base, ln_w[0], ln_b[0], wd, bd, wu, bu[0], scale, eps)
     if cast is not None:
         weights = [w.to(cast) for w in weights]
 
@@ -574,7 +585,7 @@ def run_packed(h: Tensor, weights: Sequence[Tensor], bottlenecks: Sequence[int],
     save = torch.is_grad_enabled() and (
         h.requires_grad or (base is not None and base.requires_grad) or any(w.requires_grad for w in weights)
     )
-    args = (h2, base2, expert_id, seg_len, *weights, list(bottlenecks), float(scale), float(eps))
+    args = (h2, base2, expert_id, seg_len, *weights, list(bottlenecks), scale, eps)
     if torch.compiler.is_compiling():
         out = grouped_adapter_fwd(*args, bool(save))[0]
     elif not save:

@@ -30,6 +30,7 @@ import torch
 
 from .. import backend
 from . import cpu_gemm
+from ._common import check_real, check_sizes
 
 try:
     from .. import _C
@@ -240,7 +241,7 @@ def patchify3d(
     ``patch_size`` (pd, ph, pw) or one int for cubes."""
     patch = _check_patch(patch_size)
     _check_volume(x, patch)
-    return _patchify3d_op(x, patch, float(scale), float(shift))
+    return _patchify3d_op(x, patch, check_real("scale", scale), check_real("shift", shift))
 
 
 def unpatchify3d(
@@ -248,9 +249,9 @@ def unpatchify3d(
 ) -> torch.Tensor:
     """Adjoint of :func:`patchify3d`: ``scale·fold(patches)`` as a (B, C, D, H, W) volume."""
     patch = _check_patch(patch_size)
-    if len(volume_shape) != 5:
+    if isinstance(volume_shape, Sequence) and not isinstance(volume_shape, str) and len(volume_shape) != 5:
         raise ValueError(f"volume_shape: expected (B, C, D, H, W), got {tuple(volume_shape)}")
-    shape = tuple(int(s) for s in volume_shape)
+    shape = tuple(check_sizes("volume_shape", volume_shape, length=5, minimum=0))
     if any(s % p for s, p in zip(shape[2:], patch)):
         raise ValueError(f"volume_shape: {shape[2:]} is not divisible by patch_size {patch}")
     b, c, nd, nh, nw = _geometry(shape, patch)
@@ -260,7 +261,7 @@ def unpatchify3d(
         raise ValueError(f"patches: expected shape {expected} for volume_shape {shape}, got {got}")
     if not patches.is_floating_point():
         raise TypeError(f"patches: expected a floating dtype, got {patches.dtype}")
-    return _unpatchify3d_op(patches, shape, patch, float(scale))
+    return _unpatchify3d_op(patches, shape, patch, check_real("scale", scale))
 
 
 def patch_embed3d_proj(
@@ -284,7 +285,7 @@ def patch_embed3d_proj(
         raise TypeError(f"x: the Triton path takes dtypes {_TRITON_X_DTYPES}, got {x.dtype}")
     if weight.dtype not in _TRITON_W_DTYPES:
         raise TypeError(f"weight: the Triton path takes dtypes {_TRITON_W_DTYPES}, got {weight.dtype}")
-    return _proj_checked(x, weight, bias, patch, scale, shift)
+    return _proj_checked(x, weight, bias, patch, check_real("scale", scale), check_real("shift", shift))
 
 
 def _proj_checked(
@@ -361,6 +362,7 @@ def patch_embed3d(
     patch = _check_patch(patch_size)
     _check_volume(x, patch)
     _check_weight(x, weight, bias, patch)
+    scale, shift = check_real("scale", scale), check_real("shift", shift)
     if backend.use_triton(x) and _triton_supported(x, weight):
         return _proj_checked(x, weight, bias, patch, scale, shift)
     if _C is None and x.device.type == "cpu" and not _warned_no_extension:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .checks import check_floating, check_input_dtype
+from .checks import check_features, check_int, check_is_tensor
 
 EXPERT_NAMES = ("A", "B", "C")
 
@@ -28,6 +28,8 @@ class Adapter(nn.Module):
         adapter_scalar: float = 0.1,
     ) -> None:
         super().__init__()
+        check_int("d_model", d_model, 0)
+        check_int("bottleneck", bottleneck, 0)
         if d_model <= 0 or bottleneck <= 0:
             raise ValueError(f"d_model and bottleneck must be positive, got {d_model} and {bottleneck}")
         if not 0.0 <= dropout < 1.0:
@@ -57,10 +59,7 @@ class Adapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``s · up(relu(down(LN(h))))`` for h (..., d_model); the residual is the caller's."""
-        if h.shape[-1] != self.d_model:
-            raise ValueError(f"h: expected last dim {self.d_model}, got shape {tuple(h.shape)}")
-        check_floating("h", h)
-        check_input_dtype("h", h, self.down_proj.weight)
+        check_features("h", h, self.d_model, self.down_proj.weight)
         z = self.activation(self.down_proj(self.layer_norm(h)))
         return self.dropout(self.up_proj(z)) * self.scale
 
@@ -72,11 +71,14 @@ def check_id_tensor(ids: object, h: torch.Tensor, name: str = "expert_id") -> to
         raise TypeError(
             f"{name} must be a str or an integer tensor of shape (B,) (a LongTensor), got {type(ids).__name__}"
         )
+    check_is_tensor("h", h)
+    if h.dim() < 2:  # (B, ..., D): else the ids would route single features
+        raise ValueError(f"h must have a batch dim when {name} is a tensor, got shape {tuple(h.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} tensor must be int64 (or int32), got {ids.dtype}")
-    if h.dim() < 1 or ids.dim() != 1 or ids.shape[0] != h.shape[0]:
+    if ids.dim() != 1 or ids.shape[0] != h.shape[0]:
         raise ValueError(
-            f"{name} tensor must have shape ({h.shape[0] if h.dim() else 'B'},) (one id per sample of h with "
+            f"{name} tensor must have shape ({h.shape[0]},) (one id per sample of h with "
             f"shape {tuple(h.shape)}), got {tuple(ids.shape)}"
         )
     if ids.device != h.device:
@@ -135,6 +137,7 @@ class MoSAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor, expert_id: str | torch.Tensor = "A") -> torch.Tensor:
         """The specialist ``expert_id`` ('A'/'B'/'C') on all of h, or per sample for a (B,) tensor of 0/1/2."""
+        check_features("h", h, self.d_model)  # (the dtype against each specialist's weights: in its forward)
         check_expert_id(expert_id, h)
         if isinstance(expert_id, str):
             return self.get_expert(expert_id)(h)

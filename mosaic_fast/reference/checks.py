@@ -2,7 +2,50 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+
+def check_is_tensor(name: str, x: object) -> None:
+    """Raise a TypeError naming ``name`` unless ``x`` is a tensor (torch would fail with an AttributeError)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int: an integer (not a bool) >= ``minimum``, else a TypeError/ValueError naming ``name``
+    (a float or a string would fail later inside a tensor constructor or a slice)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_tokens(x: torch.Tensor, d_model: int | None, name: str, weight: torch.Tensor | None = None,
+                 min_tokens: int = 0) -> None:
+    """Raise unless ``x`` is a floating (B, N, d_model) tensor (any width for ``d_model`` None) with
+    N >= ``min_tokens`` (of ``weight``'s dtype outside autocast)."""
+    check_is_tensor(name, x)
+    if x.dim() != 3 or (d_model is not None and x.shape[-1] != d_model) or x.shape[1] < min_tokens:
+        at_least = f" with N >= {min_tokens} tokens" if min_tokens else ""
+        raise ValueError(f"{name}: expected shape (B, N, {'D' if d_model is None else d_model}){at_least}, "
+                         f"got {tuple(x.shape)}")
+    check_floating(name, x)
+    if weight is not None:
+        check_input_dtype(name, x, weight)
+
+
+def check_features(name: str, x: object, d_model: int, weight: torch.Tensor | None = None) -> None:
+    """Raise unless ``x`` is a floating (..., d_model) tensor with at least one dim (of ``weight``'s dtype
+    outside autocast)."""
+    check_is_tensor(name, x)
+    if x.dim() == 0 or x.shape[-1] != d_model:
+        raise ValueError(f"{name}: expected last dim {d_model}, got shape {tuple(x.shape)}")
+    check_floating(name, x)
+    if weight is not None:
+        check_input_dtype(name, x, weight)
 
 
 def check_floating(name: str, x: torch.Tensor) -> None:

@@ -16,21 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, MoSAdapter
-from .checks import check_floating, check_input_dtype, repeats_in_rows
-
-
-def check_tokens(x: torch.Tensor, d_model: int, name: str, weight: torch.Tensor | None = None,
-                 min_tokens: int = 0) -> None:
-    """Raise unless ``x`` is a floating (B, N, d_model) tensor with N >= ``min_tokens`` (of ``weight``'s
-    dtype outside autocast)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] < min_tokens:
-        at_least = f" with N >= {min_tokens} tokens" if min_tokens else ""
-        raise ValueError(f"{name}: expected shape (B, N, {d_model}){at_least}, got {tuple(x.shape)}")
-    check_floating(name, x)
-    if weight is not None:
-        check_input_dtype(name, x, weight)
+from .checks import check_floating, check_input_dtype, check_int, check_tokens, repeats_in_rows
 
 
 def check_pair(x_gen: torch.Tensor, x_med: torch.Tensor, d_model: int, weight: torch.Tensor | None = None) -> None:
@@ -53,9 +39,11 @@ def check_selection(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, name
     if idx.dim() != 2 or idx.shape[0] != x.shape[0] or not 1 <= idx.shape[1] <= x.shape[1]:
         raise ValueError(f"idx_{name}: expected shape (B={x.shape[0]}, k) with 1 <= k <= N={x.shape[1]}, "
                          f"got {tuple(idx.shape)}")
-    if not isinstance(gate, torch.Tensor) or gate.shape != idx.shape or not gate.is_floating_point():
+    if not isinstance(gate, torch.Tensor) or gate.shape != idx.shape:
         raise ValueError(f"gate_{name}: expected a floating tensor of shape {tuple(idx.shape)}, got "
                          f"{tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__}")
+    if not gate.is_floating_point():
+        raise TypeError(f"gate_{name}: expected a floating tensor, got {gate.dtype}")
     if idx.device != x.device or gate.device != x.device:
         raise ValueError(f"idx_{name}/gate_{name} must be on {x.device}")
     # values only where reading them is free (CPU): on CUDA that would synchronise the host
@@ -67,23 +55,33 @@ def check_selection(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, name
             raise ValueError(f"idx_{name}: token indices must be distinct within each sample")
 
 
-def check_gate_width(x_gen: torch.Tensor, gate_gen: torch.Tensor, gate_med: torch.Tensor) -> None:
-    """Raise a TypeError unless both skip gates fit the streams' dtype (a float64 gate on float32 streams
-    would make gated tokens the streams cannot hold; torch would fail later inside a scatter)."""
-    for name, gate in (("gate_gen", gate_gen), ("gate_med", gate_med)):
-        if torch.promote_types(gate.dtype, x_gen.dtype) != x_gen.dtype:
-            raise TypeError(f"{name} is {gate.dtype}, wider than x_gen ({x_gen.dtype}): the gated tokens would "
-                            "not fit the streams")
+def check_gate_width(x: torch.Tensor, *gates: tuple[str, torch.Tensor], x_name: str = "x_gen") -> None:
+    """Raise a TypeError unless the skip gates ``(name, gate)`` fit the tokens' dtype (a float64 gate on float32
+    tokens would make gated tokens the streams cannot hold; torch would fail later inside a scatter)."""
+    for name, gate in gates:
+        if torch.promote_types(gate.dtype, x.dtype) != x.dtype:
+            raise TypeError(f"{name} is {gate.dtype}, wider than {x_name} ({x.dtype}): the gated tokens would not "
+                            "fit the streams")
 
 
 def check_update(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor) -> None:
-    """``update`` (B, k, D) for the tokens ``idx`` (B, k) of ``x``, in x's dtype or a narrower one (bf16
-    under autocast): a wider one would not fit the merged tokens into x."""
+    """``update`` (B, k, D) floating, for the tokens ``idx`` (B, k) of ``x``, in x's dtype or a narrower one
+    (bf16 under autocast): a wider one would not fit the merged tokens into x."""
     if not isinstance(update, torch.Tensor) or update.shape != (*idx.shape, x.shape[-1]):
         got = tuple(update.shape) if isinstance(update, torch.Tensor) else type(update).__name__
         raise ValueError(f"update: expected shape {(*idx.shape, x.shape[-1])}, got {got}")
+    check_floating("update", update)
     if torch.promote_types(update.dtype, x.dtype) != x.dtype:
         raise TypeError(f"update is {update.dtype}, wider than x ({x.dtype}): the merged tokens would not fit x")
+
+
+def check_merge(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> None:
+    """The arguments of :meth:`SkipRouter.merge`: floating tokens x (B, N, D) (any width), a selection of them,
+    its gates and updates, neither wider than x's dtype."""
+    check_tokens(x, None, "x")
+    check_selection(x, idx, gate, "x")
+    check_gate_width(x, ("gate", gate), x_name="x")
+    check_update(x, idx, update)
 
 
 def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +128,9 @@ class GatedMoEAdapter(nn.Module):
     ) -> None:
         super().__init__()
         gate_dim = d_model if gate_dim is None else gate_dim
+        for name, value in (("d_model", d_model), ("bottleneck", bottleneck), ("num_experts", num_experts),
+                            ("top_k", top_k), ("gate_dim", gate_dim)):
+            check_int(name, value, 0)
         if d_model <= 0 or bottleneck <= 0:
             raise ValueError(f"d_model and bottleneck must be positive, got {d_model} and {bottleneck}")
         if num_experts < 1:
@@ -204,7 +205,7 @@ class GatedMoEAdapter(nn.Module):
         check_pair(x_gen, x_med, self.d_model, self.router_gen.weight)
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
-        check_gate_width(x_gen, gate_gen, gate_med)
+        check_gate_width(x_gen, ("gate_gen", gate_gen), ("gate_med", gate_med))
         hats = self(x_gen, x_med)
         outs = []
         for x, hat, idx, gate in ((x_gen, hats[0], idx_gen, gate_gen), (x_med, hats[1], idx_med, gate_med)):
@@ -271,8 +272,7 @@ class SkipRouter(nn.Module):
 
     def merge(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``x`` with rows ``idx`` set to ``x + gate·(update − x)``; ``update`` is (B, k, D)."""
-        check_selection(x, idx, gate, "x")
-        check_update(x, idx, update)
+        check_merge(x, idx, gate, update)
         sel = gather_tokens(x, idx)
         return scatter_tokens(x, idx, sel + gate.unsqueeze(-1) * (update - sel))
 
@@ -348,7 +348,7 @@ class GatedSpecialistAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The specialists on h (..., d_model), mixed by the softmax gate (per expert, or per channel)."""
-        if not isinstance(h, torch.Tensor) or h.shape[-1] != self.d_model or h.dim() < 2:
+        if not isinstance(h, torch.Tensor) or h.dim() < 2 or h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected shape (..., {self.d_model}), got "
                              f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
         check_floating("h", h)

@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import nn
 
-from .checks import check_input_dtype
+from .checks import check_input_dtype, check_is_tensor
 
 
 def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
@@ -30,6 +30,7 @@ class PatchEmbed2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) float images -> (B, L, embed_dim) tokens (Conv2d patches, then LayerNorm)."""
+        check_is_tensor("x", x)
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"x: expected (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         if any(s % self.patch_size or s == 0 for s in x.shape[-2:]):
@@ -70,6 +71,7 @@ class PatchEmbed3D(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Clear errors for a wrong rank, channel count or dtype, or a size not divisible by the patch."""
+        check_is_tensor("x", x)
         if x.dim() != 5 or x.shape[1] != self.in_chans:
             raise ValueError(f"x: expected (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}")
         if x.dtype == torch.bool or x.is_complex():
@@ -111,6 +113,7 @@ class UnifiedPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Returns (tokens (B, N, D), is_3d)."""
+        check_is_tensor("x", x)
         if x.dim() == 4:
             return self.patch_embed_2d(x), False
         if x.dim() == 5:

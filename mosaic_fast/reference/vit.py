@@ -10,6 +10,14 @@ import torch
 from torch import nn
 
 from .adapter import MoSAdapter
+from .checks import check_features, check_tokens
+
+
+def layer_weight(layer: nn.Module | None) -> torch.Tensor | None:
+    """The ``weight`` tensor of a layer, or None when it has none (a replaced or wrapped layer, or no layer): the input
+    dtype is then checked by the layer itself."""
+    weight = getattr(layer, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
 
 
 class Attention(nn.Module):
@@ -19,6 +27,7 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -33,6 +42,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention of x (B, N, D) -> (B, N, D)."""
+        check_tokens(x, self.dim, "x", layer_weight(self.qkv))
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
@@ -44,12 +54,14 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int = 768, hidden_dim: int = 3072) -> None:
         super().__init__()
+        self.dim = dim
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``fc2(gelu(fc1(x)))``."""
+        check_features("x", x, self.dim, layer_weight(self.fc1))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -72,6 +84,7 @@ class Block(nn.Module):
         adapter_scalar: float = 0.1,
     ) -> None:
         super().__init__()
+        self.dim = dim
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = self.attention_cls(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
@@ -83,6 +96,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
         """``x + attn(norm1(x))``, then ``+ ffn(h) + adapter(h, expert_id)`` with h = norm2(x)."""
+        check_tokens(x, self.dim, "x", layer_weight(getattr(self.ffn, "fc1", None)))
         x = x + self.attn(self.norm1(x))
         h = self.norm2(x)
         return x + self.ffn(h) + self.adapter(h, expert_id)
@@ -95,12 +109,13 @@ class Encoder(nn.Module):
 
     def __init__(self, depth: int = 12, dim: int = 768, **block_kwargs) -> None:
         super().__init__()
-        self.depth = depth
+        self.depth, self.dim = depth, dim
         self.blocks = nn.ModuleList([self.block_cls(dim, **block_kwargs) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor, expert_id: str | torch.Tensor) -> torch.Tensor:
         """Every block with the same routing ``expert_id``, then the final LayerNorm."""
+        check_tokens(x, self.dim, "x")  # (the dtype: in the blocks)
         for block in self.blocks:
             x = block(x, expert_id)
         return self.norm(x)
