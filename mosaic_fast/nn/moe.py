@@ -166,6 +166,12 @@ class GatedMoEAdapter(reference.GatedMoEAdapter):
         check_selection(x_gen, idx_gen, gate_gen, "gen")
         check_selection(x_med, idx_med, gate_med, "med")
         check_gate_width(x_gen, ("gate_gen", gate_gen), ("gate_med", gate_med))
+        if inplace and torch.is_grad_enabled() and any(
+                t.requires_grad for t in (x_gen, x_med, gate_gen, gate_med, *self._routed_weights())):
+            # under autograd the update saves what it reads (the streams, or views of them, for the routing's
+            # and the experts' backward): it reads copies, then its result is copied into the streams
+            out_gen, out_med = self.forward_skip(x_gen.clone(), x_med.clone(), idx_gen, gate_gen, idx_med, gate_med)
+            return x_gen.copy_(out_gen), x_med.copy_(out_med)
         n = x_gen.shape[1]
         direct = inplace and x_gen.is_contiguous() and x_med.is_contiguous()
         weights = self._routed_inference(x_gen, x_med, gate_gen, gate_med)
