@@ -6,8 +6,8 @@ torch.compile's on-disk AOTAutograd cache is off: its key does not cover the Pyt
 op (pytorch/pytorch#144344), so after an edit of a fused op's backward a warm cache would serve the old
 compiled backward to the compile tests (Inductor's own cache, keyed by the traced graphs, stays on).
 Property-based (hypothesis) tests run a fixed, derandomised set of examples by default, so CI sees the
-same inputs every run; `pytest --hypothesis-profile=fuzz` draws many fresh ones (keep any failure found
-as an `@example`).
+same inputs every run; `pytest --hypothesis-profile=fuzz` draws 20× as many fresh ones (tests/fuzzing.py;
+keep any failure found as an `@example`).
 """
 
 import os
@@ -26,11 +26,11 @@ from mosaic_fast.backend import INTERPRET, triton_available
 
 functorch_config.enable_autograd_cache = False
 
-_SLOW_EXAMPLES = [HealthCheck.too_slow, HealthCheck.data_too_large]
+_SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile("default", derandomize=True, database=None, deadline=None,
-                          suppress_health_check=_SLOW_EXAMPLES)
+                          suppress_health_check=_SUPPRESSED)
 settings.register_profile("fuzz", max_examples=2000, derandomize=False, deadline=None, database=None,
-                          suppress_health_check=_SLOW_EXAMPLES)
+                          suppress_health_check=_SUPPRESSED)
 settings.load_profile("default")
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings
+from fuzzing import examples
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from parity import randomize_
 
@@ -38,12 +39,6 @@ from mosaic_fast.ops import patch_embed3d as pe_ops
 from mosaic_fast.ops import token_skip
 
 D = 8
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def examples(n: int) -> int:
-    """``n`` examples in CI's derandomised default profile; the profile's own count otherwise."""
-    return n if settings.default.derandomize else settings.default.max_examples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,7 +325,7 @@ def spoiled_calls(draw):
     return name, arg, draw(spoiled(ENTRIES[name].args()[arg]))
 
 
-@settings(max_examples=examples(1500), **SETTINGS)
+@settings(max_examples=examples(1500))
 @given(call=spoiled_calls())
 @example(call=("Adapter", "h", torch.tensor(1.0)))  # 0-d h: the reference raised IndexError
 @example(call=("Adapter", "h", [1.0] * D))  # not a tensor: AttributeError in both
@@ -363,7 +358,7 @@ def test_spoiled_argument_raises_a_named_error_or_matches(one_thread, call):
 BAD_INTS = st.sampled_from([-1, 0, 1.5, 2.0, "2", None, True, 1000]) | st.integers(-3, 12)
 
 
-@settings(max_examples=examples(200), **SETTINGS)
+@settings(max_examples=examples(200))
 @given(arg=st.sampled_from(["num_experts", "top_k", "bottleneck", "gate_dim", "keep_ratio", "patch_size"]),
        value=st.sampled_from([0, -0.1, 1.0001, float("nan"), float("inf"), "0.5", None, True, 1e-9, 1, 0.3])
        | BAD_INTS)

@@ -22,7 +22,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, example, given, settings
+from fuzzing import examples
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_parity, randomize_
 
@@ -31,14 +32,6 @@ from mosaic_fast.reference.moe import num_kept
 
 #: fp32 resolves router scores to ~1e-6; a float64 top-k boundary closer than this may be decided the other way.
 TIE_GAP = 3e-5
-
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def examples(n: int) -> int:
-    """``n`` examples in CI's derandomised default profile; the profile's own count otherwise
-    (``--hypothesis-profile=fuzz``)."""
-    return n if settings.default.derandomize else settings.default.max_examples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,7 +209,7 @@ PACKED_CACHE_CASE = (
          ids=[([0, 1, 2], "int64"), "C"], task_id=0, return_features=False, inference="no_grad"))
 
 
-@settings(max_examples=examples(200), **SETTINGS)
+@settings(max_examples=examples(200))
 @given(case=mosaic_cases())
 @example(case=PACKED_CACHE_CASE)
 def test_mosaic_model_fast_equals_reference(one_thread, case):
@@ -226,7 +219,7 @@ def test_mosaic_model_fast_equals_reference(one_thread, case):
     check_mosaic(case, TOL_CPU_FWD, TOL_CPU_GRAD)
 
 
-@settings(max_examples=examples(5), **SETTINGS)
+@settings(max_examples=examples(5))
 @given(case=mosaic_cases(max_dim=32))
 def test_mosaic_model_triton_kernels_equal_reference(triton_backend, one_thread, case):
     """The same on the Triton kernels (grouped adapter forward and backward) in the interpreter."""
@@ -356,7 +349,7 @@ ILL_CONDITIONED_ROUTER = dict(
     med_mlp_ratio=3.0)
 
 
-@settings(max_examples=examples(200), **SETTINGS)
+@settings(max_examples=examples(200))
 @given(case=dynamer_cases())
 @example(case=(ILL_CONDITIONED_ROUTER, dict(seed=65536, batch=2, return_features=False, inference="no_grad")))
 def test_dynamer_model_fast_equals_reference(one_thread, case):
@@ -365,7 +358,7 @@ def test_dynamer_model_fast_equals_reference(one_thread, case):
     check_dynamer(case, TOL_CPU_FWD, TOL_CPU_GRAD)
 
 
-@settings(max_examples=examples(5), **SETTINGS)
+@settings(max_examples=examples(5))
 @given(case=dynamer_cases(max_dim=32))
 def test_dynamer_model_triton_kernels_equal_reference(triton_backend, one_thread, case):
     """The same on the Triton kernels in the interpreter: the MoE update and skip merge in training, the

@@ -23,6 +23,7 @@ import copy
 
 import pytest
 import torch
+from fuzzing import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from parity import TOL_CPU_FWD, TOL_CPU_GRAD, TOL_INTERPRETER, assert_grads_parity, assert_parity, randomize_
@@ -264,7 +265,7 @@ def check_adapter(case: dict, backend: str) -> None:
                  tol_grad=tol_grad, seed=case["seed"])
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(case=adapter_cases())
 def test_adapter_and_mos_adapter_torch(case):
     """nn.Adapter / nn.MoSAdapter (forward, forward_fused) equal the reference on the torch fallback."""
@@ -273,7 +274,7 @@ def test_adapter_and_mos_adapter_torch(case):
 
 
 @needs_interpreter
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(case=adapter_cases(tiny=True))
 def test_adapter_and_mos_adapter_triton(case):
     """The same property on the Triton kernels (interpreter), tiny shapes."""
@@ -365,7 +366,7 @@ def check_moe(case: dict, backend: str) -> None:
                  training=case["training"], tol_fwd=tol_fwd, tol_grad=tol_grad, seed=case["seed"])
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(case=moe_cases())
 @example(case=dict(  # found: every token kept, in place under autograd: the routing saved the overwritten streams
     d=4, num_experts=1, top_k=1, bottleneck=1, gate_dim=4, shape=(1, 1), call="skip_inplace", sel_gen=[[0]],
@@ -378,7 +379,7 @@ def test_gated_moe_adapter_torch(case):
 
 
 @needs_interpreter
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(case=moe_cases(tiny=True))
 @example(case=dict(  # found: in place under autograd, the op's backward read the overwritten streams
     d=4, num_experts=1, top_k=1, bottleneck=1, gate_dim=4, shape=(1, 1), call="skip_inplace", sel_gen=[[0]],
@@ -453,7 +454,7 @@ def check_skip(case: dict, backend: str) -> None:
     close(gate_f, gate_r, tol_fwd, "skip gates")
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(case=skip_cases())
 def test_skip_router_torch(case):
     """nn.SkipRouter selects the reference's tokens (ties, CLS) and merges like it, on the torch fallback."""
@@ -462,7 +463,7 @@ def test_skip_router_torch(case):
 
 
 @needs_interpreter
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(case=skip_cases(tiny=True))
 def test_skip_router_triton(case):
     """The same property on the Triton kernels (interpreter; inference runs the fused selection)."""
@@ -511,7 +512,7 @@ def check_specialist(case: dict, backend: str) -> None:
                  tol_grad=tol_grad, seed=case["seed"])
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(case=specialist_cases())
 def test_gated_specialist_adapter_torch(case):
     """nn.GatedSpecialistAdapter (gate "expert"/"channel") equals the reference on the torch fallback."""
@@ -520,7 +521,7 @@ def test_gated_specialist_adapter_torch(case):
 
 
 @needs_interpreter
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(case=specialist_cases(tiny=True))
 def test_gated_specialist_adapter_triton(case):
     """The same property on the Triton kernels (interpreter), tiny shapes."""
@@ -577,7 +578,7 @@ def check_patch(case: dict, backend: str) -> None:
                  seed=case["seed"])
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(case=patch_cases())
 def test_patch_embed3d_torch(case):
     """nn.PatchEmbed3D (C++ patchify + GEMM) equals the Conv3d reference for any divisible geometry."""
@@ -586,7 +587,7 @@ def test_patch_embed3d_torch(case):
 
 
 @needs_interpreter
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(case=patch_cases(tiny=True))
 def test_patch_embed3d_triton(case):
     """The same property on the Triton kernel (interpreter), tiny volumes."""
