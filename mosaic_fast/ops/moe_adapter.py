@@ -309,7 +309,7 @@ def moe_gated_update(
         return x_gen, x_med
     if use_kernels(x_gen):
         c = [t.contiguous() for t in (x_gen, x_med, p_gen, c_gen, p_med, c_med, w_down, b_down, w_up, b_up)]
-        if inplace:  # (with gradients) the op saves its inputs: the copy into the streams below must not
+        if inplace and needs_grad:  # the op saves its inputs: the copy into the streams below must not
             # overwrite the streams it read, so it reads copies
             c[0], c[1] = (t.clone() if t is x else t for t, x in ((c[0], x_gen), (c[1], x_med)))
         out_gen, out_med, *_ = _moe_op(c[0], c[1], rows_gen, rows_med, eidx_gen, c[2], c[3], eidx_med, c[4], c[5],
