@@ -384,6 +384,19 @@ def test_dynamer_constructor_arguments(one_thread, arg, value):
     _assert_same(fast(x), ref(x), f"DynaMerModel({arg}={value!r}), grad mode")
 
 
+@pytest.mark.parametrize(("build", "name"), [
+    (lambda v: models.MosaicModel([2, v], embed_dim=8, depth=1, num_heads=2), r"num_classes_list\[1\]"),
+    (lambda v: models.DynaMerModel(v, **DYNAMER), "num_classes"),
+    (lambda v: reference.GatedSpecialistAdapter(D, (4, v)), r"bottlenecks\[1\]"),
+    (lambda v: fast_nn.GatedSpecialistAdapter(D, (4, v)), r"bottlenecks\[1\]")])
+@pytest.mark.parametrize(("value", "exc"), [(1.5, TypeError), ("3", TypeError), (True, TypeError), (0, ValueError)])
+def test_class_and_bottleneck_counts_must_be_ints(build, name, value, exc):
+    """A head's class count or a specialist's bottleneck of 1.5 was truncated to 1 by ``int()`` (a "3" became
+    3): each is now an int >= 1, else an error naming it."""
+    with pytest.raises(exc, match=name):
+        build(value)
+
+
 @pytest.mark.parametrize("module", ["reference", "fast"])
 @pytest.mark.parametrize(("batches", "exc"), [
     (None, TypeError), (torch.zeros(2, 3, 8, 8), TypeError), ([], ValueError),

@@ -193,8 +193,7 @@ class DynaMerModel(nn.Module):
         med_mlp_ratio: float | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_int("num_classes", num_classes, 1)
         if skip_mode not in SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
         if depth < 1:

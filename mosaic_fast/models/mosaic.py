@@ -16,6 +16,7 @@ from torch import nn
 from .. import reference
 from ..data.registry import ALL_DATASETS, EXPERT_ROUTING, NUM_CLASSES
 from ..reference.adapter import EXPERT_NAMES, check_expert_id
+from ..reference.checks import check_int
 
 #: Parameter-name fragments of the parts that are new (randomly initialised) and trained by default.
 TOKENIZER_3D_PARAMS = ("patch_embed.patch_embed_3d.", "pos_embed_3d")
@@ -55,8 +56,10 @@ class MosaicModel(nn.Module):
         super().__init__()
         if adapter_mode != "v2_moe":
             raise ValueError(f"adapter_mode: only 'v2_moe' (three specialists) is supported, got {adapter_mode!r}")
-        if not num_classes_list or any(int(c) < 1 for c in num_classes_list):
+        if not num_classes_list:
             raise ValueError(f"num_classes_list must be a non-empty list of positive ints, got {num_classes_list}")
+        for i, c in enumerate(num_classes_list):  # (a float would be truncated by nn.Linear's int())
+            check_int(f"num_classes_list[{i}]", c, 1)
         if task_experts is None and list(num_classes_list) == list(NUM_CLASSES):
             task_experts = [EXPERT_ROUTING[name] for name in ALL_DATASETS]
         if task_experts is not None:

@@ -309,7 +309,7 @@ class GatedSpecialistAdapter(nn.Module):
         super().__init__()
         if gate not in GATE_KINDS:
             raise ValueError(f"gate must be one of {GATE_KINDS}, got {gate!r}")
-        bottlenecks = tuple(int(b) for b in bottlenecks)
+        bottlenecks = tuple(check_int(f"bottlenecks[{i}]", b, 1) for i, b in enumerate(bottlenecks))
         if not 1 <= len(bottlenecks) <= 26:
             raise ValueError(f"bottlenecks must name 1..26 experts, got {bottlenecks}")
         self.d_model, self.bottlenecks, self.gate_kind = d_model, bottlenecks, gate
