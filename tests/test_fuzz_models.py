@@ -151,9 +151,10 @@ def mosaic_cases(draw, max_dim: int = 48):
     return cfg, run
 
 
-def mosaic_pair(cfg: dict, seed: int):
-    ref = randomize_(models.MosaicModel(**cfg, fast=False), std=0.1, seed=seed)
-    fast = models.MosaicModel(**cfg, fast=True)
+def model_pair(model_class: type, cfg: dict, seed: int):
+    """(float64 reference, fp32 reference, fast model) of ``model_class(**cfg)``, one randomised state_dict."""
+    ref = randomize_(model_class(**cfg, fast=False), std=0.1, seed=seed)
+    fast = model_class(**cfg, fast=True)
     fast.load_state_dict(ref.state_dict())
     return copy.deepcopy(ref).double(), ref, fast
 
@@ -232,7 +233,7 @@ def check_mosaic(case, tol_fwd: float, tol_grad: float) -> None:
     """One MosaicModel case: training step, then inference twice around an in-place update."""
     cfg, run = case
     seed, kind, task_id, return_features = run["seed"], run["kind"], run["task_id"], run["return_features"]
-    ref, ref32, fast = mosaic_pair(cfg, seed)
+    ref, ref32, fast = model_pair(models.MosaicModel, cfg, seed)
     if run["freeze"] is not None:
         counts = {m.freeze_backbone(run["freeze"], verbose=False) for m in (ref, ref32, fast)}
         assert len(counts) == 1
@@ -301,13 +302,6 @@ def dynamer_cases(draw, max_dim: int = 48):
     return cfg, run
 
 
-def dynamer_pair(cfg: dict, seed: int):
-    ref = randomize_(models.DynaMerModel(**cfg, fast=False), std=0.1, seed=seed)
-    fast = models.DynaMerModel(**cfg, fast=True)
-    fast.load_state_dict(ref.state_dict())
-    return copy.deepcopy(ref).double(), ref, fast
-
-
 def top_k_gap(ref: models.DynaMerModel, x: torch.Tensor) -> float:
     """The smallest gap, over every top-k decision of the reference on ``x`` (skip routers and expert
     routers), between the last kept score and the first dropped one (inf when no decision is made)."""
@@ -372,7 +366,7 @@ def check_dynamer(case, tol_fwd: float, tol_grad: float) -> None:
     """One DynaMerModel case: training step, then inference twice around an in-place update."""
     cfg, run = case
     seed, return_features = run["seed"], run["return_features"]
-    ref, ref32, fast = dynamer_pair(cfg, seed)
+    ref, ref32, fast = model_pair(models.DynaMerModel, cfg, seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(run["batch"], cfg["in_chans"], cfg["img_size"], cfg["img_size"], generator=gen)
     assume(top_k_gap(ref, x.double()) > TIE_GAP)
