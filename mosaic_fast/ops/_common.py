@@ -28,7 +28,7 @@ import torch
 
 from .. import backend
 from ..reference.adapter import check_id_tensor
-from ..reference.checks import repeats_in_rows
+from ..reference.checks import check_int, repeats_in_rows
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -71,12 +71,10 @@ def check_sizes(name: str, sizes: object, *, length: int | None = None, minimum:
     TypeError/ValueError naming ``name``."""
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {type(sizes).__name__}")
-    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in sizes):
-        raise TypeError(f"{name} must hold ints, got {list(sizes)}")
-    if (length is not None and len(sizes) != length) or not sizes or min(sizes) < minimum:
+    if (length is not None and len(sizes) != length) or not sizes:
         count = f"{length} " if length is not None else "a non-empty list of "
         raise ValueError(f"{name} must be {count}ints >= {minimum}, got {list(sizes)}")
-    return [int(s) for s in sizes]
+    return [check_int(f"{name}[{i}]", s, minimum) for i, s in enumerate(sizes)]
 
 
 def check_same_device(ref_name: str, ref: torch.Tensor, others: Iterable[tuple[str, torch.Tensor | None]]) -> None:
