@@ -23,6 +23,11 @@
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl medmnist==3.0.2
 # and sent along with the device tool's carry=[".whl"].
 set -u
+stages="tests kernels tune graphs profile compiled model-eager ops model"
+for stage in "$@"; do  # before the install: a misspelt stage would otherwise be skipped in silence
+  case " $stages " in *" $stage "*) ;; *) echo "gpu_session.sh: unknown stage '$stage' (stages: $stages)"; exit 2 ;; esac
+done
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_session.sh STAGE [STAGE ...] (stages: $stages)"; exit 2; }
 OUT=${OUT:-/tmp/mosaic_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

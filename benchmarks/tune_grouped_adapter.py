@@ -200,11 +200,15 @@ def profile(device: torch.device, dtype: torch.dtype, batch: int, calls: int = 5
     return "\n".join(tables)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (D = 64) on CPU under TRITON_INTERPRET=1")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.smoke:
         device, dtype, batches = torch.device("cpu"), torch.float32, [1]
         ceilings = {"bytes_per_s": 1e10, "flops_bf16": 1e11}
