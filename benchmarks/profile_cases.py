@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print(f"profile_cases: no case name contains any of {args.filter}")
         return 2
+    for text in args.filter:
+        if not any(text in c.name for c in cases):
+            print(f"profile_cases: note: no case name contains {text!r}")
     parts = []
     for case in cases:
         inputs = case.make_inputs(0)

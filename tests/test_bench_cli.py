@@ -78,11 +78,13 @@ def _benchmark_script(name: str):
     return module
 
 
-def test_profile_cases_writes_one_table_per_implementation(tmp_path):
+def test_profile_cases_writes_one_table_per_implementation(tmp_path, capsys):
     profile_cases = _benchmark_script("profile_cases")
     out = tmp_path / "profile.txt"
     assert profile_cases.main(["--device", "cpu", "--suite", "ops", "--filter", "moe_skip_rho0.1", "--calls", "1",
-                               "--out", str(out)]) == 0
+                               "--filter", "moe_skip_rho0.55", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "no case name contains 'moe_skip_rho0.55'" in said and "contains 'moe_skip_rho0.1'" not in said
     text = out.read_text()
     for impl in ("reference", "fast"):
         assert f"== moe_skip_rho0.1 / {impl} (cpu, float32)" in text

@@ -116,6 +116,15 @@ def test_bench_prints_no_table_for_a_suite_without_a_matching_case(capsys):
     assert "== suite ops" in out and "== suite model" not in out
 
 
+def test_bench_names_a_filter_text_that_matches_nothing_beside_one_that_matches(capsys):
+    from mosaic_fast.bench.run import main as bench_main
+
+    assert bench_main(["ops", "--device", "cpu", "--filter", "moe_skip_rho0.1", "--filter", "moe_skip_rho0.55",
+                       "--no-compile", "--min-run-time", "0.02"]) == 0
+    err = capsys.readouterr().err
+    assert "--filter 'moe_skip_rho0.55' matches no case of ops" in err and "'moe_skip_rho0.1' matches" not in err
+
+
 def test_bench_filter_matching_nothing_is_an_error(capsys):
     from mosaic_fast.bench.run import main as bench_main
 

@@ -366,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceilings: copy {ceilings['bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 GEMM {ceilings['flops_bf16'] / 1e12:.0f} TFLOP/s", file=sys.stderr)
     # for the error when --filter matches nothing (not said when a module failed to build: its cases might)
-    matched, unmatched, build_failures = 0, [], 0
+    matched, unmatched, build_failures, names = 0, [], 0, []
     for suite in suites:
         failures: list[dict] = []
         built = collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
                               with_compile=not args.no_compile, failures=failures)
         cases = [c for c in built if args.filter is None or any(f in c.name for f in args.filter)]
+        names += [c.name for c in built]
         matched, build_failures = matched + len(cases), build_failures + len(failures)
         unmatched += [c.name for c in built if args.filter is not None and not any(f in c.name for f in args.filter)]
         if not cases and not failures:
@@ -396,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{' or '.join(repr(f) for f in args.filter)} (a case is kept when its name contains the text); "
               f"the cases are: {', '.join(unmatched)}", file=sys.stderr)
         return 2
+    for text in args.filter or []:  # one of several texts matching nothing is most likely misspelt
+        if not build_failures and not any(text in name for name in names):
+            print(f"mosaic-fast bench: note: --filter {text!r} matches no case of {'/'.join(suites)}",
+                  file=sys.stderr)
     write_outputs(results, args)
     return strict_status(results, args)
 
