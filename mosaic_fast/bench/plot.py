@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -23,6 +25,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from mosaic_fast.bench.targets import REFERENCE_COLUMNS, split_runs
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 #: Fixed colour per known column, so a column looks the same in every chart; others get one by name hash.
 COLUMN_COLORS = {
@@ -128,7 +133,7 @@ def bar_columns(rows: list[Row]) -> list[str]:
     return _ordered(c for row in rows for c in row.speedups)
 
 
-def _ordered(columns) -> list[str]:
+def _ordered(columns: Iterable[str]) -> list[str]:
     """Distinct ``columns``: reference, then the reference side, then the fast side (see bar_columns)."""
     present = list(dict.fromkeys(columns))
     head = ["reference"] if "reference" in present else []
@@ -195,7 +200,7 @@ def _fmt_x(value: float) -> str:
     return f"{value:.2f}×" if value < 9.95 else f"{value:.0f}×"
 
 
-def _draw_bars(ax, rows: list[Row], columns: list[str], row_heights: list[float]) -> None:
+def _draw_bars(ax: Axes, rows: list[Row], columns: list[str], row_heights: list[float]) -> None:
     """Grouped horizontal bars from the 1× line, one per column a row has, on a log x axis."""
     values = [v for row in rows for v in row.speedups.values()]
     lo = min([*values, 1.0]) / 1.7
@@ -234,7 +239,7 @@ def _draw_bars(ax, rows: list[Row], columns: list[str], row_heights: list[float]
     ax.set_xlabel("speed-up over the eager reference (×, log scale; right of 1× is faster)", fontsize=9)
 
 
-def _draw_rho(axes, series: list[RhoSeries], families: list[str]) -> None:
+def _draw_rho(axes: Sequence[Axes], series: list[RhoSeries], families: list[str]) -> None:
     """One panel per case family: time vs ρ, a line per (run, column); log y axis when the range is wide."""
     for ax, family in zip(axes, families):
         mine = [s for s in series if s.family == family]

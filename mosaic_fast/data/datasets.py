@@ -149,7 +149,8 @@ class MultiSource(Dataset):
     def __len__(self) -> int:
         return sum(len(s) for s in self.sources)
 
-    def __getitem__(self, key: tuple[int, int, int]):
+    def __getitem__(self, key: tuple[int, int, int]
+                    ) -> tuple[tuple[int, int, int], bool, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         source, index, aug_seed = key
         ds = self.sources[source]
         if aug_seed == NO_AUGMENT:

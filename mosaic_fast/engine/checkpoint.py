@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ def load_for_resume(path: str | Path) -> tuple[Path, dict]:
     return path, ckpt
 
 
-def _names(names) -> str:
+def _names(names: Sequence[str]) -> str:
     """``a,b,c`` (ready for ``--datasets``), or "all 18"."""
     return "all 18" if len(names) == len(ALL_DATASETS) else ",".join(names)
 

@@ -8,11 +8,12 @@ for several GPUs or nodes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_split(
-    names: Sequence[str], split: str, args, info: DistInfo, img_size_2d: int, img_size_3d: int,
+    names: Sequence[str], split: str, args: argparse.Namespace, info: DistInfo, img_size_2d: int, img_size_3d: int,
     file_sizes: dict[str, int | None] | None = None,
 ) -> MultiSource:
     """One :class:`MultiSource` of ``split`` over ``names`` (local rank 0 downloads first if asked).
@@ -76,7 +77,7 @@ def build_split(
     return make(args.download)
 
 
-def _workers(args, info: DistInfo) -> int:
+def _workers(args: argparse.Namespace, info: DistInfo) -> int:
     if args.num_workers is not None:
         return args.num_workers
     return 4 if info.device.type == "cuda" else 0
@@ -137,7 +138,7 @@ def _chance_table(train: MultiSource, test: MultiSource) -> str:
     return "\n".join(lines)
 
 
-def _warn(args, info: DistInfo) -> None:
+def _warn(args: argparse.Namespace, info: DistInfo) -> None:
     """Warnings about legitimate but surprising option combinations, printed once at the start."""
     if info.is_main and args.freeze_backbone and not args.pretrained and not args.demo:
         print("mosaic-fast train: warning: --freeze_backbone without --pretrained: the frozen backbone keeps its "
@@ -146,12 +147,12 @@ def _warn(args, info: DistInfo) -> None:
               file=sys.stderr)
 
 
-def _run_args(args) -> dict:
+def _run_args(args: argparse.Namespace) -> dict:
     """The options as recorded in args.json and the checkpoints (tuples as lists)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
-def _check_resume(args, names: Sequence[str], model_cfg: dict, info: DistInfo) -> tuple[Path, dict]:
+def _check_resume(args: argparse.Namespace, names: Sequence[str], model_cfg: dict, info: DistInfo) -> tuple[Path, dict]:
     """Load the ``--resume`` checkpoint and compare its recorded options with these, before any data is
     read: a missing or unreadable file, a ``best.pt`` or another model / dataset list fails at once."""
     path, ckpt = ckpt_io.load_for_resume(args.resume)
@@ -163,7 +164,7 @@ def _check_resume(args, names: Sequence[str], model_cfg: dict, info: DistInfo) -
     return path, ckpt
 
 
-def _train(args, info: DistInfo) -> int:
+def _train(args: argparse.Namespace, info: DistInfo) -> int:
     _seed_everything(args.seed)
     dtype = amp_dtype(args.precision, info.device)
     names = training_order(args.datasets, args.interleaved)
@@ -223,7 +224,7 @@ def _train(args, info: DistInfo) -> int:
     return 0
 
 
-def _run(command: str, body, args) -> int:
+def _run(command: str, body: Callable[[argparse.Namespace, DistInfo], int], args: argparse.Namespace) -> int:
     """Set up (DDP when launched by torchrun), run ``body(args, info)`` and tear down; a diverged model
     (non-finite loss or logits) or a failed download exits 1, bad input or a file problem 2, each with
     one message and no traceback."""
@@ -252,7 +253,8 @@ def train_main(argv: Sequence[str]) -> int:
     return _run("train", _train, parse_train_args(list(argv)))
 
 
-def _recorded_data(args, config: dict, names: Sequence[str]) -> tuple[dict[str, int | None], list[str]]:
+def _recorded_data(args: argparse.Namespace, config: dict, names: Sequence[str]
+                   ) -> tuple[dict[str, int | None], list[str]]:
     """Fill ``args.data_root`` and pick each dataset's file size from what training recorded in the
     checkpoint, where not given on the command line, so eval reads the files training read. Returns the
     sizes and which of these settings ("data root", "file sizes") came from the checkpoint."""
@@ -271,7 +273,7 @@ def _recorded_data(args, config: dict, names: Sequence[str]) -> tuple[dict[str, 
     return sizes, used + (["file sizes"] if sizes_used else [])
 
 
-def _eval(args, info: DistInfo) -> int:
+def _eval(args: argparse.Namespace, info: DistInfo) -> int:
     ckpt = ckpt_io.load(args.checkpoint)
     config = ckpt.get("config") or {}
     model_cfg = config.get("model", {})  # a seed checkpoint: the ViT-B/16 defaults

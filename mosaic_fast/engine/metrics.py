@@ -22,6 +22,7 @@ its mean AUC: the one place where ``"mosaic"`` deliberately differs from it.)
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def scores_from_logits(logits: np.ndarray, task: str) -> np.ndarray:
     return (t.sigmoid() if task.startswith("multi-label") else t.softmax(dim=1)).numpy()
 
 
-def _auc_or_nan(fn) -> float:
+def _auc_or_nan(fn: Callable[[], float]) -> float:
     """``fn()``, or NaN where one class only is present (sklearn raises or warns, by version)."""
     try:
         with warnings.catch_warnings():

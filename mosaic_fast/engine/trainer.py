@@ -44,7 +44,7 @@ from ..cliutil import plural
 from ..data.datasets import Batch, MultiSource, collate
 from ..data.registry import EXPERT_INDEX, EXPERT_ROUTING
 from ..data.sampling import round_plan, shard_batch
-from ..models.ema import expert_of_parameter
+from ..models.ema import EMATeacher, expert_of_parameter
 from ..reference.adapter import EXPERT_NAMES
 from . import checkpoint as ckpt_io
 from .distributed import DistInfo, barrier, mean_across_ranks
@@ -172,7 +172,7 @@ class Trainer:
     def __init__(
         self,
         student: nn.Module,
-        teacher,
+        teacher: EMATeacher,
         train_data: MultiSource,
         val_data: MultiSource,
         test_data: MultiSource | None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class EMATeacher:
             if m is None or not 0.0 <= m <= 1.0:
                 raise ValueError(f"momentum[{expert!r}] must be in [0, 1], got {m}")
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs) -> Any:
         with torch.no_grad():
             return self.model(*args, **kwargs)
 

@@ -27,6 +27,7 @@ CUDA-graph capture nothing is cached: the graph packs on every replay from the l
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ MAX_FAST_BOTTLENECK = 256
 _PACK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def adapter_parameters(adapters) -> list[torch.Tensor]:
+def adapter_parameters(adapters: Sequence[reference.Adapter]) -> list[torch.Tensor]:
     """The six tensors the fused ops read from each Adapter (LayerNorm weight and bias, down and up weights
     and biases), through the modules' dicts: ``Module.__getattr__`` costs ~1.3 µs a lookup on a 2-core Zen 3
     (55 vs 11 µs for three specialists), and this runs on every forward. Callers have checked
@@ -57,7 +58,8 @@ def adapter_parameters(adapters) -> list[torch.Tensor]:
     return tensors
 
 
-def _packed_weights(owner: torch.nn.Module, adapters, h: torch.Tensor):
+def _packed_weights(owner: torch.nn.Module, adapters: Sequence[reference.Adapter], h: torch.Tensor
+                    ) -> tuple[tuple[torch.Tensor, ...], list[int]]:
     """Packed (weights, bottlenecks) of ``adapters``; cached on ``owner`` when no gradient is needed."""
     cast = autocast_dtype(h.device.type)
     if len(adapters) == 1 and (cast is None or cast == adapters[0].down_proj.weight.dtype):
@@ -97,7 +99,7 @@ ADAPTER_LAYERS = {"layer_norm": (nn.LayerNorm,), "down_proj": (nn.Linear,), "act
                   "up_proj": (nn.Linear,), "dropout": (nn.Dropout,)}
 
 
-def _complete(a) -> bool:
+def _complete(a: reference.Adapter) -> bool:
     """Whether the Adapter's layers have every tensor the fused op reads (a LayerNorm affine, both biases)."""
     layers = a._modules
     ln = layers["layer_norm"]._parameters
@@ -106,7 +108,7 @@ def _complete(a) -> bool:
             and layers["up_proj"]._parameters.get("bias") is not None)
 
 
-def bypassable(owner: torch.nn.Module, adapters) -> bool:
+def bypassable(owner: torch.nn.Module, adapters: Sequence[nn.Module]) -> bool:
     """Whether a fused op may read the weights of ``adapters`` instead of calling their layers (warns when
     not, see :mod:`.bypass`). ``adapters`` other than ``owner`` (specialists inside a MoSAdapter or a
     GatedSpecialistAdapter) are not called either: they must be unhooked Adapters."""
@@ -126,7 +128,7 @@ def bypassable(owner: torch.nn.Module, adapters) -> bool:
     return True
 
 
-def _exact(owner: torch.nn.Module, adapters) -> bool:
+def _exact(owner: torch.nn.Module, adapters: Sequence[reference.Adapter]) -> bool:
     """Whether the fused op computes exactly what the reference modules compute."""
     if not bypassable(owner, adapters):
         return False
@@ -141,7 +143,8 @@ def _exact(owner: torch.nn.Module, adapters) -> bool:
     return True
 
 
-def _run(owner, adapters, h, base, expert_id):
+def _run(owner: torch.nn.Module, adapters: Sequence[reference.Adapter], h: torch.Tensor, base: torch.Tensor | None,
+         expert_id: torch.Tensor | None) -> torch.Tensor:
     first = adapters[0]
     eps = first._modules["layer_norm"].eps
     if expert_id is None and single_adapter_uses_torch(h):

@@ -89,7 +89,8 @@ def _in_token_order(idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 class GatedMoEAdapter(reference.GatedMoEAdapter):
     """Drop-in fast :class:`mosaic_fast.reference.GatedMoEAdapter` (top-k experts only, fused update)."""
 
-    def _routing(self, x_sel: torch.Tensor, stream: int, skip_gate: torch.Tensor | None = None):
+    def _routing(self, x_sel: torch.Tensor, stream: int, skip_gate: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The reference's :meth:`route` and gate (fp32 CPU Linears through oneDNN), times the skip gate."""
         router, gate = (self.router_gen, self.gate_gen) if stream == 0 else (self.router_med, self.gate_med)
         top, index = top_k_lowest_index_first(cpu_gemm.linear(x_sel, router.weight, router.bias), self.top_k)
