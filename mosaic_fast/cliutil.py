@@ -22,6 +22,8 @@ class ShortUsageParser(argparse.ArgumentParser):
         self.short_usage = short_usage or f"{self.prog} [options]"
 
     def error(self, message: str) -> NoReturn:
+        """Exit with status 2 after the short usage line, the error and a pointer to ``--help`` (argparse
+        would print its whole usage block)."""
         self.exit(2, f"usage: {self.short_usage}\n{self.prog}: error: {message}\n"
                      f"run '{self.prog} --help' for all options\n")
 

@@ -61,6 +61,8 @@ class CUDAGraphInference:
         self._graphs: dict[Hashable, _Captured] = {}
 
     def __call__(self, *args: torch.Tensor) -> Any:
+        """``fn(*args)`` by replaying the graph of this input signature (captured on its first call); returns
+        clones of the outputs."""
         _check_cuda_args(args, "CUDAGraphInference")
         signature = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
         signature += (self.key(),) if self.key is not None else ()
@@ -130,6 +132,8 @@ class CUDAGraphTraining:
         self._graphed: dict[Hashable, nn.Module] = {}
 
     def __call__(self, *args: torch.Tensor) -> Any:
+        """``call(module, *args)`` through the graphed forward (and, under autograd, backward) of this input
+        signature, captured on its first call; the outputs live in the graph's static buffers."""
         _check_cuda_args(args, "CUDAGraphTraining")
         signature = tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
         signature += (self.module.training, torch.is_autocast_enabled("cuda"),

@@ -134,6 +134,7 @@ def collect() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``mosaic-fast info``: print :func:`collect`'s report, one ``key  value`` line per item."""
     ShortUsageParser(prog="mosaic-fast info", description=__doc__).parse_args(argv)
     for key, value in collect().items():
         print(f"{key:<32} {value}")

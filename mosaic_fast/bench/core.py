@@ -117,12 +117,15 @@ class Rotating:
         self._used: list[int] = []
 
     def __call__(self) -> Any:
+        """``fn`` on the next input set in turn (noted for :meth:`restore` when there are pristine copies)."""
         i = next(self._order)
         if self.pristine is not None:
             self._used.append(i)
         return self.fn(*self.input_sets[i])
 
     def restore(self) -> None:
+        """Copy the pristine inputs back into every set used since the last restore (nothing without
+        ``pristine``)."""
         if self.pristine is None:
             return
         with torch.no_grad():

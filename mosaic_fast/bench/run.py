@@ -38,6 +38,7 @@ def _device_name(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Options of ``mosaic-fast bench`` (a bad option is a short usage error, see :class:`ShortUsageParser`)."""
     p = ShortUsageParser(prog="mosaic-fast bench", short_usage="mosaic-fast bench [ops|model|all] [options]",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"],
@@ -311,6 +312,8 @@ def _markdown_run(env_line: str, records: list[dict]) -> str:
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """What the results were measured on: :func:`mosaic_fast.info.collect` plus the date (UTC), the bench
+    device and the dtype, recorded in the JSON so runs can be told apart."""
     from mosaic_fast.info import collect
 
     env = collect()
@@ -329,6 +332,10 @@ def write_json(results: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``mosaic-fast bench``: time the suites (or re-render ``--from-json`` results) and write the outputs.
+
+    Returns the exit code: 0, 2 for a usage problem (no CUDA device, a ``--filter`` matching nothing, an
+    unreadable ``--from-json`` file), 3 under ``--strict`` (:func:`strict_status`)."""
     args = parse_args(argv)
     if args.from_json:
         try:

@@ -30,6 +30,7 @@ class Check:
 
     @property
     def met(self) -> bool:
+        """Whether ``value`` meets the target: at least ``bound`` when ``at_least``, else at most."""
         return self.value >= self.bound if self.at_least else self.value <= self.bound
 
 

@@ -108,10 +108,12 @@ class Part:
     labels: torch.Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Part:
+        """The part's tensors on ``device`` (``x_clean`` stays None in evaluation)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return Part(move(self.x), move(self.x_clean), move(self.source), move(self.labels))
 
     def pin_memory(self) -> Part:
+        """The part's tensors in page-locked memory, so the copies to the GPU can run asynchronously."""
         pin = lambda t: None if t is None else t.pin_memory()
         return Part(pin(self.x), pin(self.x_clean), pin(self.source), pin(self.labels))
 
@@ -127,9 +129,11 @@ class Batch:
         return len(self.keys)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Every part on ``device`` (the trainer moves each batch with ``non_blocking=True``)."""
         return Batch([p.to(device, non_blocking) for p in self.parts], self.keys)
 
     def pin_memory(self) -> Batch:
+        """Every part pinned: what ``DataLoader(pin_memory=True)`` calls on a custom batch type."""
         return Batch([p.pin_memory() for p in self.parts], self.keys)
 
 

@@ -252,6 +252,7 @@ def parse_train_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``eval`` options; ``--datasets`` becomes canonical names (an unknown one is a usage error)."""
     p = eval_parser()
     args = p.parse_args(argv)
     args.datasets = _datasets_or_error(p, args.datasets)

@@ -31,6 +31,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
+        """Several processes (under torchrun): DDP, barriers and cross-rank reductions are needed."""
         return self.world_size > 1
 
 
@@ -96,5 +97,6 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing in a single process), e.g. while local rank 0 downloads the data."""
     if info.enabled:
         dist.barrier()

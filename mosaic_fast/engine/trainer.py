@@ -100,6 +100,7 @@ class RoundSchedule:
         self.num_rounds, self.warmup, self.base_lr, self.min_lr = num_rounds, warmup, base_lr, min_lr
 
     def __call__(self, r: int) -> float:
+        """The factor on ``base_lr`` for round ``r``, as ``LambdaLR`` takes it."""
         if r < self.warmup:
             return 0.01 + 0.99 * r / self.warmup
         t = min(r - self.warmup, self.num_rounds - self.warmup) / max(self.num_rounds - self.warmup, 1)
@@ -149,6 +150,7 @@ class StudentStep(nn.Module):
         self.model = model
 
     def forward(self, parts: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Summed per-sample task loss over all parts and the CLS features of each part."""
         total = None
         features = []
         for x, expert, labels, groups in parts:
@@ -221,6 +223,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging and checkpoints
     def log(self, msg: str) -> None:
+        """Print ``msg`` on rank 0 only, through ``tqdm.write`` so progress bars are not broken up."""
         if self.info.is_main:
             tqdm.write(msg)
 

@@ -45,6 +45,7 @@ class ViTBlock(nn.Module):
         self.ffn = reference.Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens through attention then the MLP, each added to the residual."""
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
 
@@ -62,6 +63,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, patches, D) tokens; another shape, an integer batch or (outside autocast)
+        another dtype than the weights' raises a clear error."""
         expect = (self.in_chans, self.img_size, self.img_size)
         check_is_tensor("x", x)
         if x.dim() != 4 or tuple(x.shape[1:]) != expect:
@@ -85,6 +88,7 @@ class ViTBackbone(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks' input: patch tokens with the CLS token prepended and the position table added."""
         tokens = self.patch_embed(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
@@ -216,6 +220,7 @@ class DynaMerModel(nn.Module):
 
     @property
     def keep_ratio(self) -> float:
+        """ρ, the fraction of tokens the skip routers keep (read from the first; setting it sets all)."""
         return self.skip_gen[0].keep_ratio
 
     @keep_ratio.setter

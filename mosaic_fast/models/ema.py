@@ -53,18 +53,22 @@ class EMATeacher:
                 raise ValueError(f"momentum[{expert!r}] must be in [0, 1], got {m}")
 
     def __call__(self, *args, **kwargs) -> Any:
+        """The teacher model's forward, under ``torch.no_grad()``."""
         with torch.no_grad():
             return self.model(*args, **kwargs)
 
     def eval(self) -> EMATeacher:
+        """Put the teacher model in eval mode; returns self, as ``nn.Module.eval`` does."""
         self.model.eval()
         return self
 
     def to(self, *args, **kwargs) -> EMATeacher:
+        """Move or cast the teacher model (``nn.Module.to``'s arguments); returns self."""
         self.model.to(*args, **kwargs)
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The teacher model's state_dict (the student's keys, as the seed saves it)."""
         return self.model.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> object:

@@ -68,4 +68,5 @@ class PatchEmbed3D(reference.PatchEmbed3D):
         return self.norm(y)
 
     def extra_repr(self) -> str:
+        """The fused normalisation in the repr (plain attributes, which ``nn.Module`` would not show)."""
         return f"input_scale={self.input_scale}, input_shift={self.input_shift}"

@@ -27,6 +27,7 @@ class Attention(reference.Attention):
     (flash/mem-eff)."""
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> q, k, v each (B, heads, N, head_dim), the qkv projection with its cached autocast cast."""
         b, n, _ = x.shape
         qkv = linear(self, self.qkv, x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)

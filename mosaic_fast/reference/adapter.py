@@ -129,9 +129,11 @@ class MoSAdapter(nn.Module):
 
     @property
     def experts(self) -> tuple[Adapter, Adapter, Adapter]:
+        """The specialists A, B, C, in the order of the integer ids 0, 1, 2."""
         return (self.expert_a, self.expert_b, self.expert_c)
 
     def get_expert(self, expert_id: str) -> Adapter:
+        """The specialist of letter ``expert_id`` ('A'/'B'/'C'; another letter raises a ValueError)."""
         check_expert_id(expert_id, torch.empty(0))
         return self.experts[EXPERT_NAMES.index(expert_id)]
 

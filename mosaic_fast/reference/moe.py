@@ -246,6 +246,7 @@ class SkipRouter(nn.Module):
 
     @property
     def keep_ratio(self) -> float:
+        """ρ in (0, 1], the fraction of tokens kept (the setter checks it and stores it as a float)."""
         return self._keep_ratio
 
     @keep_ratio.setter
@@ -322,6 +323,7 @@ class GatedSpecialistAdapter(nn.Module):
 
     @property
     def experts(self) -> tuple[Adapter, ...]:
+        """The expert adapters in name order (``expert_a``, ``expert_b``, ...)."""
         return tuple(getattr(self, name) for name in self.expert_names)
 
     def load_specialists(self, mos: MoSAdapter) -> None:
