@@ -97,6 +97,16 @@ def test_every_documented_invocation_names_existing_stages():
         assert set(stages) <= _declared_stages(), (where, stages)
 
 
+def test_each_documented_call_leaves_at_most_eight_files_in_out():
+    """The device tool brings back at most 8 files from $OUT per call, so a planned call (the script's header,
+    NOTES.md) that writes more would lose some (README's user on their own GPU has no such limit)."""
+    commands = _stage_commands()
+    for where, stages in (run for run in _documented_runs() if run[0] != "README.md"):
+        files = {path for stage in stages
+                 for path in re.findall(r'\$OUT/([^"\s]+)', commands[stage].replace("$stage", stage))}
+        assert len(files) <= 8, (where, stages, sorted(files))
+
+
 @pytest.mark.parametrize("stage", sorted(_stage_commands()))
 def test_each_stage_calls_its_programs_with_arguments_they_accept(stage, pytestconfig):
     for program, argv in _python_calls(_stage_commands()[stage], stage):
