@@ -59,7 +59,7 @@ packages = sorted({*find_packages(include=["mosaic_fast", "mosaic_fast.*"]), "mo
 setup(
     packages=packages,
     package_dir={"mosaic_fast.kernels": "kernels"},
-    package_data={"mosaic_fast": ["data/demo/*.npz", "data/demo/*.md"]},
+    package_data={"mosaic_fast": ["py.typed", "data/demo/*.npz", "data/demo/*.md"]},  # py.typed: PEP 561
     ext_modules=_extensions(),
     cmdclass={"build_ext": build_ext},
 )

@@ -99,3 +99,11 @@ def test_source_revision_names_the_checkout_commit_and_local_changes(tmp_path):
     nested.mkdir(parents=True)
     assert info.source_revision(nested) == "installed package (no git checkout)"
     assert info.source_revision(tmp_path / "elsewhere" / "mosaic_fast") == "installed package (no git checkout)"
+
+
+def test_installed_package_ships_its_type_hints_marker():
+    """PEP 561: ``py.typed`` in the installed package (setup.py's package_data), so a user's type checker
+    reads mosaic_fast's annotations instead of treating the package as untyped."""
+    from importlib.resources import files
+
+    assert (files("mosaic_fast") / "py.typed").is_file()
