@@ -125,6 +125,23 @@ def test_bench_names_a_filter_text_that_matches_nothing_beside_one_that_matches(
     assert "--filter 'moe_skip_rho0.55' matches no case of ops" in err and "'moe_skip_rho0.1' matches" not in err
 
 
+def test_bench_list_names_the_filtered_cases_and_their_columns_without_timing(capsys, monkeypatch):
+    from mosaic_fast.bench import core
+    from mosaic_fast.bench.run import main as bench_main
+    from mosaic_fast.ops import cpu_gemm
+
+    monkeypatch.setattr(core, "time_case", lambda *a, **k: pytest.fail("--list must time nothing"))
+    assert bench_main(["--device", "cpu", "--list", "--filter", "moe_skip_rho0.", "--filter", "infer_single",
+                       "--no-compile", "--cpu-gemm-mkl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["ops", f"moe_skip_rho{r}"] for r in ("0.5", "0.3", "0.1")] + \
+        [["model", "mosaic_infer_single_b8"]]
+    mkl = ", fast+mkl" if cpu_gemm.onednn_enabled() else ""  # the column exists where oneDNN is in use
+    assert lines[0].split(None, 2)[2] == f"reference, fast{mkl}" and "compiled" not in lines[-1]
+    assert bench_main(["ops", "--device", "cpu", "--list", "--filter", "no_such_case"]) == 2
+    assert "no case of ops matches --filter 'no_such_case'" in capsys.readouterr().err
+
+
 def test_bench_filter_matching_nothing_is_an_error(capsys):
     from mosaic_fast.bench.run import main as bench_main
 

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "to separate the oneDNN GEMM speed-up from the rest")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="only cases whose name contains TEXT (repeat for any of several)")
+    p.add_argument("--list", action="store_true",
+                   help="time nothing: print the cases (those --filter keeps) and the columns each would time")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds of timing per measurement")
     p.add_argument("--targets", action="store_true",
                    help="also check the results against the issues' performance targets (GPU or CPU ones)")
@@ -331,6 +333,28 @@ def write_json(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def list_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quick: bool,
+               args: argparse.Namespace) -> int:
+    """``--list``: one line per case a run with these options would time (suite, name, columns), for
+    choosing ``--filter`` texts; builds the cases (their models and inputs) but times nothing."""
+    from mosaic_fast.bench.core import case_implementations
+
+    shown = 0
+    for suite in suites:
+        for case in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
+                                  with_compile=not args.no_compile):
+            if args.filter is None or any(f in case.name for f in args.filter):
+                columns = case_implementations(case, device, with_compile=not args.no_compile,
+                                               with_mkl=args.cpu_gemm_mkl)
+                print(f"{suite:<6} {case.name:<34} {', '.join(columns)}")
+                shown += 1
+    if not shown:
+        print(f"mosaic-fast bench: no case of {'/'.join(suites)} matches --filter "
+              f"{' or '.join(repr(f) for f in args.filter or [])}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``mosaic-fast bench``: time the suites (or re-render ``--from-json`` results) and write the outputs.
 
@@ -366,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.2 if quick else 0.5)
     from mosaic_fast.bench.core import measure_ceilings, time_case
 
+    if args.list:
+        return list_cases(suites, device, dtype, quick, args)
     results = {"environment": environment(device, dtype), "records": []}
     ceilings = measure_ceilings(device) if device.type == "cuda" else None
     if ceilings:
