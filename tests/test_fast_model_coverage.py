@@ -19,6 +19,7 @@ from parity import TOL_BF16, TOL_CPU_FWD, TOL_CPU_GRAD, TOL_FP16, TOL_INTERPRETE
 from test_fast_model import model_pair
 
 import mosaic_fast
+from mosaic_fast import nn, reference
 
 #: A parameter's gradient under 16-bit autocast may miss float64 by this much (relative) and still pass
 #: on its own (its share of the whole gradient is held to the 2x rule): at these tiny shapes a single
@@ -137,6 +138,34 @@ def cpu_autocast_unsupported(dtype: torch.dtype) -> str | None:
         return (f"torch {torch.__version__}: CPU autocast to {dtype} does not cast linear/sdpa/conv3d "
                 f"(got {lin.dtype}, {att.dtype}, {conv.dtype})")
     return None
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-module"])
+def test_cpu_bf16_attention_is_the_references_product(autocast):
+    """On CPU in bfloat16 the fast Attention computes the reference's explicit softmax product (torch's fused
+    CPU attention was slower there, nn/vit.py): output and every gradient bitwise equal to the reference's,
+    under autocast (cached weight casts equal autocast's own) and for a module cast to bfloat16."""
+    reason = cpu_autocast_unsupported(torch.bfloat16)
+    if reason:
+        pytest.skip(reason)
+    ref = reference.Attention(48, num_heads=4)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    fast = nn.convert(torch.nn.Sequential(copy.deepcopy(ref)))[0]
+    assert type(fast) is not reference.Attention
+    x = torch.randn(3, 17, 48)
+    if not autocast:
+        ref, fast, x = ref.to(torch.bfloat16), fast.to(torch.bfloat16), x.to(torch.bfloat16)
+    results = []
+    for module in (ref, fast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(xi)
+        out.float().square().sum().backward()
+        results.append([out, xi.grad, *(p.grad for p in module.parameters())])
+    for want, got in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 AUTOCAST_CASES = [

@@ -40,13 +40,17 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ · scale) v over (B, heads, N, head_dim)."""
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return attn @ v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention of x (B, N, D) -> (B, N, D)."""
         check_tokens(x, self.dim, "x", layer_weight(self.qkv))
         b, n, d = x.shape
         q, k, v = self.split_heads(x)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return self.proj(self.attend(q, k, v).transpose(1, 2).reshape(b, n, d))
 
 
 class Mlp(nn.Module):
