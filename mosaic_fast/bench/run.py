@@ -339,20 +339,27 @@ def list_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quic
     choosing ``--filter`` texts; builds the cases (their models and inputs) but times nothing."""
     from mosaic_fast.bench.core import case_implementations
 
-    shown = 0
+    shown, names = 0, []
     for suite in suites:
         for case in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
                                   with_compile=not args.no_compile):
+            names.append(case.name)
             if args.filter is None or any(f in case.name for f in args.filter):
                 columns = case_implementations(case, device, with_compile=not args.no_compile,
                                                with_mkl=args.cpu_gemm_mkl)
                 print(f"{suite:<6} {case.name:<34} {', '.join(columns)}")
                 shown += 1
     if not shown:
-        print(f"mosaic-fast bench: no case of {'/'.join(suites)} matches --filter "
-              f"{' or '.join(repr(f) for f in args.filter or [])}", file=sys.stderr)
+        print(no_match_message(suites, args.filter or [], names), file=sys.stderr)
         return 2
     return 0
+
+
+def no_match_message(suites: list[str], filters: list[str], names: list[str]) -> str:
+    """The error for ``--filter`` texts that no case name contains, with the names to choose from."""
+    return (f"mosaic-fast bench: error: no case of {'/'.join(suites)} matches --filter "
+            f"{' or '.join(repr(f) for f in filters)} (a case is kept when its name contains the text); "
+            f"the cases are: {', '.join(names)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ceilings: copy {ceilings['bytes_per_s'] / 1e12:.2f} TB/s, "
               f"bf16 GEMM {ceilings['flops_bf16'] / 1e12:.0f} TFLOP/s", file=sys.stderr)
     # for the error when --filter matches nothing (not said when a module failed to build: its cases might)
-    matched, unmatched, build_failures, names = 0, [], 0, []
+    matched, build_failures, names = 0, 0, []
     for suite in suites:
         failures: list[dict] = []
         built = collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
@@ -407,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in built if args.filter is None or any(f in c.name for f in args.filter)]
         names += [c.name for c in built]
         matched, build_failures = matched + len(cases), build_failures + len(failures)
-        unmatched += [c.name for c in built if args.filter is not None and not any(f in c.name for f in args.filter)]
         if not cases and not failures:
             continue  # --filter matched nothing here: no empty table
         records = list(failures)
@@ -426,9 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== suite {suite} ({device}, {str(dtype).replace('torch.', '')}) ==")
         print(format_table(records, device, str(dtype)))
     if args.filter is not None and not matched and not build_failures:
-        print(f"mosaic-fast bench: error: no case of {'/'.join(suites)} matches --filter "
-              f"{' or '.join(repr(f) for f in args.filter)} (a case is kept when its name contains the text); "
-              f"the cases are: {', '.join(unmatched)}", file=sys.stderr)
+        print(no_match_message(suites, args.filter, names), file=sys.stderr)
         return 2
     for text in args.filter or []:  # one of several texts matching nothing is most likely misspelt
         if not build_failures and not any(text in name for name in names):
