@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark_script
 
 from mosaic_fast.bench.core import Case, floor_seconds, time_case
 from mosaic_fast.bench.run import format_table, main
@@ -66,20 +67,8 @@ def test_floor_uses_measured_ceilings():
     assert floor_seconds(case, {"bytes_per_s": 1e12, "flops_bf16": 5e15}) == 4e-3  # memory-bound here
 
 
-def _benchmark_script(name: str):
-    """A script of benchmarks/ (not a package) imported as a module."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_profile_cases_writes_one_table_per_implementation(tmp_path, capsys):
-    profile_cases = _benchmark_script("profile_cases")
+    profile_cases = load_benchmark_script("profile_cases")
     out = tmp_path / "profile.txt"
     assert profile_cases.main(["--device", "cpu", "--suite", "ops", "--filter", "moe_skip_rho0.1", "--calls", "1",
                                "--filter", "moe_skip_rho0.55", "--out", str(out)]) == 0
@@ -204,7 +193,7 @@ def test_cpu_gemm_libraries_times_every_product_with_both_libraries(capsys, oned
     really used for its column (a spy counts the calls that reach oneDNN), the active library restored."""
     from mosaic_fast.ops import cpu_gemm
 
-    script = _benchmark_script("cpu_gemm_libraries")
+    script = load_benchmark_script("cpu_gemm_libraries")
     before = cpu_gemm._library
     script.main(["--dim", "8", "--tokens", "6", "--rounds", "2"])
     assert cpu_gemm._library == before

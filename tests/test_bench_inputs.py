@@ -2,26 +2,16 @@
 count all the work, a replayed training step's memory includes its CUDA-graph pools, and the tune
 script's "cuBLAS" backward is the torch ops' backward."""
 
-import importlib.util
-import pathlib
 import sys
 import types
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark_script
 
 import mosaic_fast
 from mosaic_fast.bench import cases_model, cases_moe
 from mosaic_fast.bench.core import Case, Rotating, pristine_copy, time_case
-
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_in_place_implementation_is_timed_on_its_original_inputs():
@@ -134,7 +124,7 @@ def test_training_peak_memory_counts_the_graph_pool_of_a_replayed_step(monkeypat
 def test_tune_cublas_backward_is_the_torch_path(monkeypatch):
     """`benchmarks/tune_grouped_adapter.py` builds its variants on backend "triton"; the "bwd: cuBLAS
     autograd" row must still differentiate the torch ops (recorded on "auto"), not the kernels' Function."""
-    tune = _load("tune_grouped_adapter")
+    tune = load_benchmark_script("tune_grouped_adapter")
     from mosaic_fast.ops import grouped_adapter as ga
 
     recorded = []
@@ -157,7 +147,7 @@ def test_tune_forced_configs_run_the_config_they_name(triton_backend, monkeypatc
     """Each "kernel one-pass/two-pass ..." row of the tune script launches exactly its config, with
     autotuning on or off (MOSAIC_FAST_AUTOTUNE=0 sends "auto" to the two-pass autotuner), and leaves the
     forward variant and the autotuners as they were."""
-    tune = _load("tune_grouped_adapter")
+    tune = load_benchmark_script("tune_grouped_adapter")
     from mosaic_fast.kernels import grouped_adapter as kernels
 
     monkeypatch.setattr(kernels, "AUTOTUNE", autotune)
@@ -189,7 +179,7 @@ def test_tune_forced_configs_run_the_config_they_name(triton_backend, monkeypatc
 
 
 def test_tune_floors_include_the_weights():
-    tune = _load("tune_grouped_adapter")
+    tune = load_benchmark_script("tune_grouped_adapter")
     ceilings = {"bytes_per_s": 1.0, "flops_bf16": 1e30}  # memory-bound: the floors are byte counts
     t, d, rs = 197, 768, [64, 96, 192]
     fwd, bwd = tune.floors(t, d, rs, [64, 96, 192], 197, 2, ceilings)
@@ -198,7 +188,7 @@ def test_tune_floors_include_the_weights():
 
 
 def test_profile_of_an_in_place_implementation_gives_each_call_its_own_inputs():
-    profile_cases = _load("profile_cases")
+    profile_cases = load_benchmark_script("profile_cases")
     seen = []
     x = torch.ones(8)
 

@@ -4,7 +4,6 @@ not there (a filter that matches nothing among several is otherwise dropped with
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark_script
 
 from mosaic_fast.bench import run as bench_run
 
@@ -47,13 +47,6 @@ def _python_calls(command: str, stage: str) -> list[tuple[str, list[str]]]:
         argv = argv.replace("$OUT", "/out").replace("${tag}", "tag")
         calls.append((match.group(1), shlex.split(argv)))
     return calls
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @cache
@@ -121,10 +114,10 @@ def test_each_stage_calls_its_programs_with_arguments_they_accept(stage, pytestc
             for text in args.filter or []:
                 assert any(text in name for name in _case_names(args.suite)), (stage, text)
         elif program == "benchmarks/profile_cases.py":
-            args = _load_script("profile_cases").parse_args(argv)
+            args = load_benchmark_script("profile_cases").parse_args(argv)
             for text in args.filter:
                 assert any(text in name for name in _case_names(args.suite)), (stage, text)
         elif program == "benchmarks/tune_grouped_adapter.py":
-            assert not _load_script("tune_grouped_adapter").parse_args(argv).smoke
+            assert not load_benchmark_script("tune_grouped_adapter").parse_args(argv).smoke
         else:
             pytest.fail(f"stage {stage} runs {program}, which this test does not know")
