@@ -69,6 +69,26 @@ def cuda_device():
     return torch.device("cuda")
 
 
+def pytest_report_header(config) -> list[str]:
+    """Which mosaic_fast the run tests (the installed package, ``--import-mode=importlib``), on what stack; and
+    a warning when that package is another checkout's source tree (an editable install of another clone), so
+    a clone's edits are not silently left untested (set ``PYTHONPATH`` to the clone's root to test them)."""
+    from pathlib import Path
+
+    from mosaic_fast.info import collect
+
+    env = collect()
+    package = Path(mosaic_fast.__file__).resolve().parent
+    keys = ("torch", "triton", "triton kernels", "C++ extension (mosaic_fast._C)", "CPU float32 GEMMs (fast modules)")
+    lines = [f"mosaic_fast {mosaic_fast.__version__} from {package}", "; ".join(f"{k}: {env[k]}" for k in keys)]
+    root = Path(config.rootpath).resolve()
+    installed = {"site-packages", "dist-packages"} & set(package.parts)
+    if not installed and package.parent != root:
+        lines.append(f"WARNING: these tests import mosaic_fast from {package.parent}, not from this checkout "
+                     f"({root}); run them with PYTHONPATH={root} to test this checkout's code")
+    return lines
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that take the ``cuda_device`` fixture carry the ``cuda`` marker (``pytest -m cuda``), those
     that take ``triton_backend`` the ``kernels`` marker (``pytest -m kernels`` on a GPU runs the
