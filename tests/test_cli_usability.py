@@ -11,6 +11,7 @@ import pytest
 from mosaic_fast.cli import main
 from mosaic_fast.cliutil import plural
 from mosaic_fast.data.synthetic import write_synthetic_npz
+from mosaic_fast.engine import commands
 from mosaic_fast.engine.config import DEMO_DEFAULTS, eval_parser, parse_eval_args, parse_train_args, train_parser
 from mosaic_fast.models.weights import VIT_B16_URL, read_npz
 
@@ -99,6 +100,28 @@ def test_all_missing_files_are_listed_in_one_error(breast_root, capsys):
     assert "PathMNIST: pathmnist.npz or pathmnist_224.npz or pathmnist_128.npz or pathmnist_64.npz" in err
     assert "AdrenalMNIST3D: adrenalmnist3d.npz or adrenalmnist3d_64.npz" in err
     assert "--download" in err and "--datasets breastmnist" in err
+
+
+def test_an_output_dir_that_cannot_be_made_fails_first_naming_the_option(breast_root, tmp_path, capsys, monkeypatch):
+    """train and eval refuse an --output_dir that cannot be created before reading any data (not after the
+    training or evaluation whose results it was to hold), naming the option."""
+    run = tmp_path / "run"
+    assert main(["train", "--data_root", str(breast_root), "--datasets", "breastmnist", *TINY, "--num_rounds", "1",
+                 "--warmup_rounds", "0", "--max_steps", "1", "--output_dir", str(run)]) == 0
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    unusable = blocker / "out"  # a folder inside a file cannot be made
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the output folder was checked")
+
+    monkeypatch.setattr(commands, "build_split", no_data)
+    capsys.readouterr()
+    for argv in (["train", "--data_root", str(breast_root), "--datasets", "breastmnist", *TINY],
+                 ["eval", "--checkpoint", str(run / "last.pt")]):
+        assert main([*argv, "--output_dir", str(unusable)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {unusable}: cannot create the folder" in err, err
 
 
 def test_vit_weights_error_names_the_official_address(tmp_path):

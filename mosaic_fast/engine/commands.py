@@ -147,6 +147,18 @@ def _warn(args: argparse.Namespace, info: DistInfo) -> None:
               file=sys.stderr)
 
 
+def _make_output_dir(path: str | Path, info: DistInfo) -> Path:
+    """Create the ``--output_dir`` folder (rank 0, the one that writes) before any data is read or model
+    built, so that one that cannot be made fails at once, by its option, not after the work it was to hold."""
+    path = Path(path)
+    try:
+        if info.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"--output_dir {path}: cannot create the folder ({err.strerror or err})") from None
+    return path
+
+
 def _run_args(args: argparse.Namespace) -> dict:
     """The options as recorded in args.json and the checkpoints (tuples as lists)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
@@ -173,6 +185,7 @@ def _train(args: argparse.Namespace, info: DistInfo) -> int:
     if args.pretrained:
         require_weights_file(args.pretrained)
     resume = _check_resume(args, names, model_cfg, info) if args.resume else None
+    out_dir = _make_output_dir(args.output_dir, info)
     sizes = (args.img_size_2d, args.img_size_3d)
     train = build_split(names, "train", args, info, *sizes)
     val = build_split(names, "val", args, info, *sizes)
@@ -207,13 +220,11 @@ def _train(args: argparse.Namespace, info: DistInfo) -> int:
         eval_batch_size=args.eval_batch_size, num_workers=_workers(args, info), amp_dtype=dtype,
         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, config=config,
     )
-    out_dir = Path(args.output_dir)
     trainer = Trainer(student, teacher, train, val, test, settings, info, out_dir)
     if resume is not None:
         trainer.resume(*resume)
         del resume  # a full last.pt (optimizer state included) can be large: free it before training
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(config["args"], indent=2))
     t0 = time.time()
     results = trainer.fit()
@@ -275,6 +286,7 @@ def _recorded_data(args: argparse.Namespace, config: dict, names: Sequence[str]
 
 def _eval(args: argparse.Namespace, info: DistInfo) -> int:
     ckpt = ckpt_io.load(args.checkpoint)
+    out_dir = _make_output_dir(args.output_dir, info) if args.output_dir else Path(args.checkpoint).parent
     config = ckpt.get("config") or {}
     model_cfg = config.get("model", {})  # a seed checkpoint: the ViT-B/16 defaults
     trained = config.get("datasets")  # None: a seed checkpoint, trained on all 18
@@ -319,7 +331,6 @@ def _eval(args: argparse.Namespace, info: DistInfo) -> int:
     if info.is_main:
         title = f"{args.split} ({args.metrics} metrics): {args.checkpoint}"
         print(format_table(results, names, title, untrained))
-        out_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent
         save_table(results, names, out_dir, f"eval_{args.split}_{args.metrics}")
         print(f"table saved to {out_dir / f'eval_{args.split}_{args.metrics}.csv'} (and .json)")
     return 0
