@@ -157,7 +157,8 @@ def train_parser() -> argparse.ArgumentParser:
          help="each batch mixes datasets and specialists (2D and 3D parts) instead of one dataset at a time")
     _add(p, "samples_per_round", type=_positive_int, default=None,
          help="balanced subsampling: this many training samples per round, an equal share per dataset "
-              "(default: every sample of every dataset)")
+              "(all of a dataset smaller than its share, so a round can hold fewer) (default: every sample "
+              "of every dataset)")
 
     m = p.add_argument_group("model")
     _add(m, "pretrained", default=None, metavar="NPZ",
