@@ -124,6 +124,27 @@ def test_an_output_dir_that_cannot_be_made_fails_first_naming_the_option(breast_
         assert f"--output_dir {unusable}: cannot create the folder" in err, err
 
 
+def test_triton_backend_where_its_kernels_cannot_run_is_one_message_before_any_data(
+        breast_root, tmp_path, capsys, monkeypatch):
+    """MOSAIC_FAST_BACKEND=triton on a CPU without Triton's interpreter cannot run a step (README: "on CPU
+    only under TRITON_INTERPRET=1"): train refuses it at once as a usage error, not with a traceback from
+    inside the first forward after the data were read."""
+    from mosaic_fast import backend
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the backend was checked")
+
+    monkeypatch.setattr(backend, "_backend", "triton")
+    monkeypatch.setattr(backend, "INTERPRET", False)
+    monkeypatch.setattr(commands, "build_split", no_data)
+    argv = ["train", "--data_root", str(breast_root), "--datasets", "breastmnist", *TINY, "--device", "cpu",
+            "--output_dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mosaic-fast train: error: backend 'triton'") and "TRITON_INTERPRET=1" in err, err
+    assert "Traceback" not in err
+
+
 def test_vit_weights_error_names_the_official_address(tmp_path):
     assert VIT_B16_URL == "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
     with pytest.raises(FileNotFoundError, match=re.escape(VIT_B16_URL)):

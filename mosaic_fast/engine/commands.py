@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import backend
 from ..data.datasets import MedMNISTSplit, MultiSource
 from ..data.npz import DownloadError, find_all_npz
 from ..data.registry import ALL_DATASETS, NUM_CLASSES, dataset_spec, training_order
@@ -235,6 +236,17 @@ def _train(args: argparse.Namespace, info: DistInfo) -> int:
     return 0
 
 
+def _check_backend(device: torch.device) -> None:
+    """Backend "triton" (``MOSAIC_FAST_BACKEND``) where its kernels cannot run (CPU without Triton's
+    interpreter, no triton package) fails here, as a usage error, before any data is read."""
+    if backend.get_backend() != "triton":
+        return
+    try:
+        backend.require_triton("backend 'triton' (MOSAIC_FAST_BACKEND)", torch.empty(0, device=device))
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+
+
 def _run(command: str, body: Callable[[argparse.Namespace, DistInfo], int], args: argparse.Namespace) -> int:
     """Set up (DDP when launched by torchrun), run ``body(args, info)`` and tear down; a diverged model
     (non-finite loss or logits) or a failed download exits 1, bad input or a file problem 2, each with
@@ -242,6 +254,7 @@ def _run(command: str, body: Callable[[argparse.Namespace, DistInfo], int], args
     info, finished = None, False
     try:
         info = setup(args.device)
+        _check_backend(info.device)
         code = body(args, info)
         finished = True
         return code
