@@ -145,6 +145,26 @@ def test_triton_backend_where_its_kernels_cannot_run_is_one_message_before_any_d
     assert "Traceback" not in err
 
 
+def test_ctrl_c_in_train_says_how_to_resume_without_a_traceback(breast_root, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during training exits 130 (128 + SIGINT) with one line naming the last.pt it wrote and
+    --resume, instead of a KeyboardInterrupt traceback from wherever the step was."""
+
+    def fit_until_ctrl_c(self):
+        self.save("last.pt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands.Trainer, "fit", fit_until_ctrl_c)
+    argv = ["train", "--data_root", str(breast_root), "--datasets", "breastmnist", *TINY, "--output_dir", str(tmp_path)]
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped mosaic-fast train as a KeyboardInterrupt traceback")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert f"mosaic-fast train: interrupted; {tmp_path / 'last.pt'} holds" in err
+    assert f"--resume {tmp_path / 'last.pt'}" in err
+
+
 def test_vit_weights_error_names_the_official_address(tmp_path):
     assert VIT_B16_URL == "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
     with pytest.raises(FileNotFoundError, match=re.escape(VIT_B16_URL)):

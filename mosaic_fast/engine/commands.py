@@ -247,11 +247,20 @@ def _check_backend(device: torch.device) -> None:
         raise ValueError(str(err)) from None
 
 
+def _interrupted(command: str, args: argparse.Namespace, started: float) -> str:
+    """The message for Ctrl-C: for a train that wrote a checkpoint since ``started``, how to continue."""
+    last = Path(args.output_dir) / "last.pt" if command == "train" else None
+    if last is not None and last.is_file() and last.stat().st_mtime >= started:
+        return (f"mosaic-fast {command}: interrupted; {last} holds the last checkpoint written: continue with "
+                f"the same options and --resume {last}")
+    return f"mosaic-fast {command}: interrupted"
+
+
 def _run(command: str, body: Callable[[argparse.Namespace, DistInfo], int], args: argparse.Namespace) -> int:
     """Set up (DDP when launched by torchrun), run ``body(args, info)`` and tear down; a diverged model
-    (non-finite loss or logits) or a failed download exits 1, bad input or a file problem 2, each with
-    one message and no traceback."""
-    info, finished = None, False
+    (non-finite loss or logits) or a failed download exits 1, bad input or a file problem 2, Ctrl-C 130,
+    each with one message and no traceback."""
+    info, finished, started = None, False, time.time()
     try:
         info = setup(args.device)
         _check_backend(info.device)
@@ -267,6 +276,9 @@ def _run(command: str, body: Callable[[argparse.Namespace, DistInfo], int], args
     except (ValueError, OSError) as err:
         print(f"mosaic-fast {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(command, args, started), file=sys.stderr)
+        return 130
     finally:
         if info is not None:
             teardown(synchronize=finished)
