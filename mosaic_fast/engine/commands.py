@@ -2,7 +2,7 @@
 
 Both return an exit code: 0 on success, 2 for bad options, files or checkpoints (the message says
 which), 1 when the model diverged (a non-finite loss, or non-finite logits in evaluation) or a
-``--download`` failed. Errors are printed as one message, without a traceback. Run under ``torchrun``
+``--download`` failed, 130 on Ctrl-C. Errors are printed as one message, without a traceback. Run under ``torchrun``
 for several GPUs or nodes.
 """
 
