@@ -3,6 +3,7 @@ for all missing files, warnings for surprising combinations, bench filters, and 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -163,6 +164,28 @@ def test_ctrl_c_in_train_says_how_to_resume_without_a_traceback(breast_root, tmp
     err = capsys.readouterr().err
     assert f"mosaic-fast train: interrupted; {tmp_path / 'last.pt'} holds" in err
     assert f"--resume {tmp_path / 'last.pt'}" in err
+
+
+def test_ctrl_c_before_a_checkpoint_offers_no_other_runs_last_pt(breast_root, tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the run wrote its first checkpoint: a last.pt already in --output_dir (another, earlier
+    run's) is not offered to --resume; a resumed run offers the checkpoint it resumed from."""
+    stale = tmp_path / "last.pt"
+    stale.write_bytes(b"an earlier run's checkpoint")
+    os.utime(stale, (0, 0))
+
+    def ctrl_c_at_once(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands.Trainer, "fit", ctrl_c_at_once)
+    argv = ["train", "--data_root", str(breast_root), "--datasets", "breastmnist", *TINY, "--output_dir", str(tmp_path)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before its first checkpoint" in err and "--resume" not in err, err
+
+    monkeypatch.setattr(commands, "_check_resume", lambda *args: None)  # the resumed state itself is not needed
+    assert main([*argv, "--resume", "earlier/last.pt"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before its first checkpoint" in err and "(--resume earlier/last.pt)" in err, err
 
 
 def test_vit_weights_error_names_the_official_address(tmp_path):

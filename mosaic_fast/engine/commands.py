@@ -248,12 +248,18 @@ def _check_backend(device: torch.device) -> None:
 
 
 def _interrupted(command: str, args: argparse.Namespace, started: float) -> str:
-    """The message for Ctrl-C: for a train that wrote a checkpoint since ``started``, how to continue."""
-    last = Path(args.output_dir) / "last.pt" if command == "train" else None
-    if last is not None and last.is_file() and last.stat().st_mtime >= started:
-        return (f"mosaic-fast {command}: interrupted; {last} holds the last checkpoint written: continue with "
+    """The message for Ctrl-C: for a train, how to continue: from the last.pt it wrote since ``started``, else
+    from the checkpoint it resumed (a last.pt older than the run is another run's, not offered)."""
+    if command != "train":
+        return f"mosaic-fast {command}: interrupted"
+    last = Path(args.output_dir) / "last.pt"
+    if last.is_file() and last.stat().st_mtime >= started:
+        return (f"mosaic-fast train: interrupted; {last} holds the last checkpoint written: continue with "
                 f"the same options and --resume {last}")
-    return f"mosaic-fast {command}: interrupted"
+    if args.resume:
+        return (f"mosaic-fast train: interrupted before its first checkpoint; continue with the same options "
+                f"(--resume {args.resume})")
+    return "mosaic-fast train: interrupted before its first checkpoint"
 
 
 def _run(command: str, body: Callable[[argparse.Namespace, DistInfo], int], args: argparse.Namespace) -> int:
