@@ -143,13 +143,18 @@ class TrainStep:
     ``graphs``: the student's forward and backward replay CUDA graphs (:class:`CUDAGraphTraining`, one per
     routing letter, or one for per-sample ids), and so does the teacher's forward
     (:class:`CUDAGraphInference`, reading the EMA weights as updated in place); the loss, optimizer and
-    EMA update stay eager."""
+    EMA update stay eager. ``compile_model``: the student model under ``torch.compile``; ``compile_encoders``:
+    the student's and teacher's encoders compiled in place (:meth:`MosaicModel.compile_encoder`, as
+    ``mosaic-fast train --compile`` does)."""
 
     def __init__(self, model: MosaicModel, device: torch.device, dtype: torch.dtype, compile_model: bool = False,
-                 graphs: bool = False):
+                 graphs: bool = False, compile_encoders: bool = False):
         self.model = model.train()
         self.model.freeze_backbone(verbose=False)
         self.teacher = EMATeacher(model)
+        if compile_encoders:  # what `mosaic-fast train --compile` runs
+            for m in (self.model, self.teacher.model):
+                m.compile_encoder()
         self.opt = build_adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
         self.specialist_params = specialist_parameters(model)
         self.forward = torch.compile(model) if compile_model else model
@@ -214,11 +219,13 @@ class TrainStep:
 def _agreement_steps(cfg: dict, device: torch.device, dtype: torch.dtype, labels: tuple[str, ...]) -> dict:
     """Fresh training steps of the timed columns ``labels``, all from the same weights, each computing one
     step (:meth:`TrainStep.computed`): the timed steps have updated their weights a different number of
-    times, so their own calls cannot be compared. "compiled" is torch.compile of the reference, "kernel"
-    the fast model on the fused kernels, "fast+graphs" the fast model replayed. The optimizer and EMA
+    times, so their own calls cannot be compared. "compiled" is torch.compile of the reference, "fast+compiled"
+    the fast model with its encoders compiled (``train --compile``), "kernel" the fast model on the fused
+    kernels, "fast+graphs" the fast model replayed. The optimizer and EMA
     update are the same code for all (:class:`TrainStep`), not compared here."""
     ref, fast = _pair(cfg, device)
-    twins = {"compiled": (ref, {"compile_model": True}), "kernel": (fast, {}), "fast+graphs": (fast, {"graphs": True})}
+    twins = {"compiled": (ref, {"compile_model": True}), "fast+compiled": (fast, {"compile_encoders": True}),
+             "kernel": (fast, {}), "fast+graphs": (fast, {"graphs": True})}
     built = {label: TrainStep(copy.deepcopy(model), device, dtype, **options).computed  # copies before any step
              for label, (model, options) in twins.items() if label in labels}
     if "kernel" in built:
@@ -272,7 +279,9 @@ def _peak_memory(step: TrainStep, inputs: tuple, device: torch.device) -> int | 
 def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_compile: bool = True,
                    graphs: bool = False) -> list[Case]:
     """Training steps of the reference, torch.compile(reference) (unless ``with_compile`` is False) and fast;
-    with ``graphs`` on CUDA, fast with its student forward+backward replayed as CUDA graphs ("fast+graphs")."""
+    on CUDA also the fast model with its student's and teacher's encoders compiled ("fast+compiled", what
+    ``train --compile`` runs; with ``with_compile``) and, with ``graphs``, fast with its student
+    forward+backward replayed as CUDA graphs ("fast+graphs")."""
     cfg = _config(quick)
     b = cfg["batch"]
     cases = []
@@ -281,6 +290,8 @@ def training_cases(device: torch.device, dtype: torch.dtype, quick: bool, with_c
         steps = {"reference": TrainStep(ref, device, dtype), "fast": TrainStep(fast, device, dtype)}
         if with_compile:
             steps["compiled"] = TrainStep(_pair(cfg, device)[0], device, dtype, compile_model=True)
+            if device.type == "cuda":  # on CPU compile is the slower one (the fast model's oneDNN GEMMs are eager)
+                steps["fast+compiled"] = TrainStep(_pair(cfg, device)[1], device, dtype, compile_encoders=True)
         if graphs and device.type == "cuda":
             steps["fast+graphs"] = TrainStep(_pair(cfg, device)[1], device, dtype, graphs=True)
         if device.type == "cuda" and not mixed:

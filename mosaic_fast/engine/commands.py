@@ -160,6 +160,17 @@ def _make_output_dir(path: str | Path, info: DistInfo) -> Path:
     return path
 
 
+def _compile(command: str, info: DistInfo, *models: MosaicModel) -> None:
+    """``--compile`` with a warning where it slows the fast model down: on CPU its float32 GEMMs run on
+    oneDNN only eagerly (under torch.compile they are Inductor's), so the compiled step is the slower one."""
+    if info.is_main and info.device.type == "cpu" and any(m.fast for m in models):
+        print(f"mosaic-fast {command}: warning: --compile on CPU: the fast model's float32 GEMMs run on oneDNN "
+              "only eagerly, so compiled it is slower here (a training step took 1.5x as long on a 2-core Zen 5); "
+              "--compile is meant for CUDA", file=sys.stderr)
+    for model in models:
+        model.compile_encoder()
+
+
 def _run_args(args: argparse.Namespace) -> dict:
     """The options as recorded in args.json and the checkpoints (tuples as lists)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
@@ -200,6 +211,8 @@ def _train(args: argparse.Namespace, info: DistInfo) -> int:
     if args.freeze_backbone:
         student.freeze_backbone(freeze_3d_tokenizer=args.freeze_3d_tokenizer, verbose=False)
     teacher = EMATeacher(student)
+    if args.compile:
+        _compile("train", info, student, teacher.model)
     if info.is_main:
         print(f"device {info.device} × {info.world_size} process(es), precision "
               f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.')}")
@@ -329,6 +342,8 @@ def _eval(args: argparse.Namespace, info: DistInfo) -> int:
     ckpt_io.load_model_state(teacher, ckpt["teacher_state_dict"], f"{args.checkpoint}: teacher_state_dict")
     student.to(info.device)
     teacher.to(info.device)
+    if args.compile:
+        _compile("eval", info, student, teacher)
     img_2d = model_cfg.get("img_size_2d", 224)
     img_3d = model_cfg.get("img_size_3d", 64)
     file_sizes, recorded = _recorded_data(args, config, names)

@@ -135,6 +135,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     _add(p, "eval_batch_size", type=_positive_int, default=128, help="batch size of validation and test")
     _add(p, "reference_model", action="store_true",
          help="build the model from the plain reference modules instead of the fast ones (same weights)")
+    _add(p, "compile", action="store_true",
+         help="torch.compile the transformer encoders (student and teacher): fuses the elementwise work "
+              "around the GEMMs; the first batches of each shape and routing compile first (minutes for ViT-B)")
 
 
 def _parser(prog: str, **kw) -> ShortUsageParser:

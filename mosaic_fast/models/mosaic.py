@@ -21,6 +21,11 @@ from ..reference.checks import check_int
 #: Parameter-name fragments of the parts that are new (randomly initialised) and trained by default.
 TOKENIZER_3D_PARAMS = ("patch_embed.patch_embed_3d.", "pos_embed_3d")
 
+#: Compiled variants :meth:`MosaicModel.compile_encoder` allows per function: a training run meets up to 4
+#: routings (three letters, per-sample ids) × gradients on/off × sequence lengths and last-batch sizes, more
+#: than Dynamo's default of 8, past which it would run the encoder eagerly.
+COMPILE_VARIANTS = 64
+
 
 class MosaicModel(nn.Module):
     """Unified 2D/3D MedMNIST classifier: tokenizer, ViT encoder with MoS adapters, one head per task.
@@ -190,6 +195,13 @@ class MosaicModel(nn.Module):
         if return_features:
             return features
         return features, self.heads[task_id](features)
+
+    def compile_encoder(self, **options) -> None:
+        """``torch.compile`` the transformer encoder, where the time goes, in place (``nn.Module.compile``, so
+        state_dict keys and checkpoints are unchanged; ``options`` go to torch.compile). The tokenizers and
+        heads stay eager. Raises Dynamo's recompile limit to :data:`COMPILE_VARIANTS` (process-wide)."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
+        self.encoder.compile(**options)
 
     def freeze_backbone(self, freeze_3d_tokenizer: bool = False, verbose: bool = True) -> int:
         """Train only adapters and heads (+ the new 3D tokenizer and pos_embed_3d unless frozen).
