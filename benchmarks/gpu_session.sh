@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh model-eager   # the model suite without any torch.compile (faster)
 #   bash benchmarks/gpu_session.sh compiled      # only the torch.compile cases that matter for the targets
 #   bash benchmarks/gpu_session.sh kernels       # the interpreter parity tests, against the compiled kernels
+#   bash benchmarks/gpu_session.sh compiled-train  # single-dataset training step with "fast+compiled" (train --compile)
 #
 # Durations on an H200 (2026-11-30): start ~1.5 min; tests ~4 min with autotuning (which dominated; 170 s
 # was too short), so the tests stage now runs each kernel's first config only (MOSAIC_FAST_AUTOTUNE=0;
@@ -23,7 +24,7 @@
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl medmnist==3.0.2
 # and sent along with the device tool's carry=[".whl"].
 set -u
-stages="tests kernels tune graphs profile compiled model-eager ops model"
+stages="tests kernels tune graphs profile compiled compiled-train model-eager ops model"
 for stage in "$@"; do  # before the install: a misspelt stage would otherwise be skipped in silence
   case " $stages " in *" $stage "*) ;; *) echo "gpu_session.sh: unknown stage '$stage' (stages: $stages)"; exit 2 ;; esac
 done
@@ -60,6 +61,9 @@ for stage in "$@"; do
     compiled) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda --targets \
              --filter mosaic_infer_single --filter dynamer_block_rho1 --filter dynamer_block_rho0.5 \
              --json "$OUT/${tag}_compiled.json" 2>"$OUT/bench_compiled.err" | tail -20 ;;
+    compiled-train) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda --targets \
+             --filter mosaic_train_step_single --json "$OUT/${tag}_compiled_train.json" \
+             2>"$OUT/bench_compiled_train.err" | tail -20 ;;
     model-eager) timeout "${BENCH_S:-300}" python3 benchmarks/run.py model --device cuda --no-compile --targets \
              --json "$OUT/${tag}_model.json" --markdown "$OUT/${tag}_model.md" 2>"$OUT/bench_model.err" \
              | tee "$OUT/bench_model.log" | tail -45 ;;
