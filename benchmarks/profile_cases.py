@@ -19,7 +19,7 @@ import time
 import torch
 
 from mosaic_fast.bench.core import pristine_copy
-from mosaic_fast.bench.run import DTYPES, SUITES, bench_dtype, collect_cases
+from mosaic_fast.bench.run import DTYPES, SUITES, bench_dtype, collect_cases, kept_by_filter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     impls = args.impl or ["reference", "fast", "kernel"]
     cases = [c for c in collect_cases(suites, device, dtype, quick=device.type == "cpu", with_compile=False)
-             if any(f in c.name for f in args.filter)]
+             if kept_by_filter(c.name, args.filter)]
     if not cases:
         print(f"profile_cases: no case name contains any of {args.filter}")
         return 2

@@ -344,7 +344,7 @@ def list_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quic
         for case in collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
                                   with_compile=not args.no_compile):
             names.append(case.name)
-            if args.filter is None or any(f in case.name for f in args.filter):
+            if kept_by_filter(case.name, args.filter):
                 columns = case_implementations(case, device, with_compile=not args.no_compile,
                                                with_mkl=args.cpu_gemm_mkl)
                 print(f"{suite:<6} {case.name:<34} {', '.join(columns)}")
@@ -353,6 +353,11 @@ def list_cases(suites: list[str], device: torch.device, dtype: torch.dtype, quic
         print(no_match_message(suites, args.filter or [], names), file=sys.stderr)
         return 2
     return 0
+
+
+def kept_by_filter(name: str, filters: list[str] | None) -> bool:
+    """Whether ``--filter`` keeps the case ``name``: no filter, or its name contains one of the texts."""
+    return filters is None or any(text in name for text in filters)
 
 
 def no_match_message(suites: list[str], filters: list[str], names: list[str]) -> str:
@@ -411,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         failures: list[dict] = []
         built = collect_cases([suite], device, dtype, quick, graphs=args.graphs and device.type == "cuda",
                               with_compile=not args.no_compile, failures=failures)
-        cases = [c for c in built if args.filter is None or any(f in c.name for f in args.filter)]
+        cases = [c for c in built if kept_by_filter(c.name, args.filter)]
         names += [c.name for c in built]
         matched, build_failures = matched + len(cases), build_failures + len(failures)
         if not cases and not failures:
