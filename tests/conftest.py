@@ -62,6 +62,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def breast_root(tmp_path_factory):
+    """A data folder with a small synthetic BreastMNIST (28², 24/8/8 samples) for the CLI tests."""
+    from mosaic_fast.data.synthetic import write_synthetic_npz
+
+    root = tmp_path_factory.mktemp("breast")
+    write_synthetic_npz(root, "BreastMNIST", 28, (24, 8, 8), seed=0)
+    return root
+
+
 @pytest.fixture
 def cuda_device():
     if not torch.cuda.is_available():

@@ -11,7 +11,6 @@ import pytest
 
 from mosaic_fast.cli import main
 from mosaic_fast.cliutil import plural
-from mosaic_fast.data.synthetic import write_synthetic_npz
 from mosaic_fast.engine import commands
 from mosaic_fast.engine.config import DEMO_DEFAULTS, eval_parser, parse_eval_args, parse_train_args, train_parser
 from mosaic_fast.models.weights import VIT_B16_URL, read_npz
@@ -20,13 +19,6 @@ TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d"
         "--img_size_3d", "28", "--patch_size_3d", "14", "--batch_size", "8", "--eval_batch_size", "16"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def breast_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("breast")
-    write_synthetic_npz(root, "BreastMNIST", 28, (24, 8, 8), seed=0)
-    return root
 
 
 def test_datasets_are_comma_or_space_separated():

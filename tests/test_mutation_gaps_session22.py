@@ -40,13 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def breast_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("breast")
-    write_synthetic_npz(root, "BreastMNIST", 28, (24, 8, 8), seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained(breast_root, tmp_path_factory) -> Path:
     """The last.pt of a one-step tiny run."""
     out = tmp_path_factory.mktemp("trained")
