@@ -302,6 +302,56 @@ def test_metrics_accept_one_dimensional_labels():
         compute_metrics(labels[:, None], logits, "multi-class", "medmnist")
 
 
+def test_demo_files_are_ordered_subsets_of_the_official_files(tmp_path):
+    """build_demo_files (how the bundled --demo data was made) keeps DEMO_SUBSET samples per split (all where
+    None), in the source file's order with each image's own label, in the official layout."""
+    from mosaic_fast.data.demo import DEMO_DATASETS, DEMO_SUBSET, build_demo_files
+    from mosaic_fast.data.synthetic import write_synthetic_npz
+
+    source = tmp_path / "official"
+    for i, name in enumerate(DEMO_DATASETS):
+        write_synthetic_npz(source, name, 28, (450, 70, 160) if name != "AdrenalMNIST3D" else (12, 4, 4), seed=i)
+    written = build_demo_files(source, tmp_path / "demo", seed=0)
+    assert [p.name for p in written] == [registry.npz_filename(n, 28) for n in DEMO_DATASETS]
+    for name, path in zip(DEMO_DATASETS, written):
+        for split in npz.SPLITS:
+            images, labels = npz.load_split(path, split)
+            full_images, full_labels = npz.load_split(source / path.name, split)
+            keep = DEMO_SUBSET[name][split]
+            assert len(images) == (len(full_images) if keep is None else keep), (name, split)
+            flat = full_images.reshape(len(full_images), -1)
+            rows = [int(np.flatnonzero((flat == img.reshape(-1)).all(axis=1))[0]) for img in images]
+            assert rows == sorted(rows) and len(set(rows)) == len(rows), (name, split)
+            assert np.array_equal(labels, full_labels[rows]), (name, split)
+
+
+def test_chance_table_of_a_multi_label_set_predicts_each_labels_training_majority():
+    """--demo's chance table on a multi-label set (ChestMNIST with --data_root): ACC of predicting, for every
+    label, its training majority (medmnist's multi-label ACC: the mean over labels and samples)."""
+    from types import SimpleNamespace
+
+    from mosaic_fast.engine import commands
+
+    rng = np.random.default_rng()
+    spec = registry.dataset_spec("ChestMNIST")
+    train_labels = torch.from_numpy((rng.random((30, 14)) < np.linspace(0.1, 0.9, 14)).astype(np.int64))
+    test_labels = torch.from_numpy((rng.random((25, 14)) < 0.5).astype(np.int64))
+    train = SimpleNamespace(sources=[SimpleNamespace(spec=spec, labels=train_labels)])
+    test = SimpleNamespace(sources=[SimpleNamespace(spec=spec, labels=test_labels)])
+    majority = (train_labels.sum(0) * 2 > len(train_labels)).long()
+    want = 100 * np.mean([[int(test_labels[i, j] == majority[j]) for j in range(14)] for i in range(25)])
+    row = commands._chance_table(train, test).splitlines()[-1].split()
+    assert row[0] == "ChestMNIST" and float(row[1]) == pytest.approx(want, abs=0.006)
+
+
+def test_dynamer_keep_ratio_reads_what_was_set_on_every_router():
+    """DynaMerModel.keep_ratio: setting ρ sets every skip router of both streams; reading returns it."""
+    model = models.DynaMerModel(3, img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, fast=False)
+    model.keep_ratio = 0.3
+    assert model.keep_ratio == 0.3
+    assert {r.keep_ratio for r in (*model.skip_gen, *model.skip_med)} == {0.3}
+
+
 # ------------------------------------------------------------------- evaluation sharded over DDP ranks
 
 
@@ -408,8 +458,9 @@ def test_eval_with_a_data_root_lacking_the_file_exits_2(tmp_path, capsys):
     assert "BreastMNIST: no file breastmnist" in err and "that training recorded" not in err
 
 
-def test_pretrained_of_another_shape_names_the_options_to_match(breast_root, tmp_path, capsys):
-    """--pretrained with a Google ViT npz of another depth: exit 2, saying which options must match."""
+def test_pretrained_of_another_shape_or_no_npz_at_all_is_named(breast_root, tmp_path, capsys):
+    """--pretrained with a Google ViT npz of another depth: exit 2, saying which options must match; with a
+    file that is no npz at all (e.g. an HTML error page saved by a failed download): exit 2, naming it."""
     from test_mosaic_model import write_google_npz
 
     path = tmp_path / "vit.npz"
@@ -417,3 +468,7 @@ def test_pretrained_of_another_shape_names_the_options_to_match(breast_root, tmp
     assert _train(breast_root, tmp_path / "run", "--pretrained", str(path), "--max_steps", "1") == 2
     err = capsys.readouterr().err
     assert f"--pretrained {path} does not fit the model" in err and "--depth, --embed_dim and --patch_size_2d" in err
+    garbage = tmp_path / "ViT-B_16.npz"
+    garbage.write_bytes(b"<html>a download that failed</html>")
+    assert _train(breast_root, tmp_path / "run", "--pretrained", str(garbage), "--max_steps", "1") == 2
+    assert f"{garbage} is not a readable npz file" in capsys.readouterr().err
