@@ -352,6 +352,19 @@ def test_dynamer_keep_ratio_reads_what_was_set_on_every_router():
     assert {r.keep_ratio for r in (*model.skip_gen, *model.skip_med)} == {0.3}
 
 
+@pytest.mark.parametrize("name", ["dynamer_block_rho0.5", "dynamer_adapter_rho1"])
+def test_dynamer_bench_cases_agree_on_cpu(name):
+    """`mosaic-fast bench` on CPU runs the DynaMer Table-7 cases (quick shapes): their reference and fast
+    implementations run and give the same logits (fp32 CPU bound), as the bench's agreement column reports."""
+    from mosaic_fast.bench import cases_dynamer
+    from mosaic_fast.bench.core import output_errors
+
+    (case,) = [c for c in cases_dynamer.cases(torch.device("cpu"), torch.float32, quick=True) if c.name == name]
+    assert set(case.impls) == {"reference", "fast"}
+    errors = output_errors(case, case.impls)
+    assert set(errors) == {"fast"} and errors["fast"] <= TOL_CPU_FWD, errors
+
+
 # ------------------------------------------------------------------- evaluation sharded over DDP ranks
 
 
