@@ -1,7 +1,8 @@
-"""torchrun + DDP (gloo, CPU): two processes agree with one process on the same global batch."""
+"""torchrun + DDP (gloo, CPU): two processes agree with one process, in training and in evaluation."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,25 @@ def test_two_gloo_processes_match_one_process(tmp_path, mixed):
                            "img_size_3d": 28, "patch_size_3d": 14, "adapter_bottleneck_a": 8,
                            "adapter_bottleneck_b": 8, "adapter_bottleneck_c": 16, "fast": False}).state_dict()
     assert any(not torch.equal(fresh[k], initial[k]) for k in fresh)
+
+
+def test_eval_under_two_gloo_processes_matches_one_process(tmp_path):
+    """Sharded evaluation in a real process group: each rank predicts its share of every split and the
+    logits gathered from the ranks go back in file order, so two processes print the one-process table.
+    (Synthetic labels are random: logits gathered out of order would change ACC and AUC.)"""
+    for i, name in enumerate(NAMES):
+        write_synthetic_npz(tmp_path / "data", name, 28, (32, 8, 11), seed=i)
+    data = ["--data_root", str(tmp_path / "data"), "--datasets", ",".join(NAMES), "--device", "cpu"]
+    _run([sys.executable, "-m", "mosaic_fast.cli", "train", *data, *TINY, "--num_rounds", "1", "--warmup_rounds",
+          "0", "--lr", "1e-2", "--max_steps", "3", "--batch_size", "8", "--output_dir", "run"], tmp_path)
+    evaluate = ["-m", "mosaic_fast.cli", "eval", "--checkpoint", "run/last.pt", *data, "--split", "test",
+                "--eval_batch_size", "4"]
+    _run([sys.executable, *evaluate, "--output_dir", "one"], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *evaluate,
+          "--output_dir", "two"], tmp_path)
+    one = json.loads((tmp_path / "one" / "eval_test_medmnist.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval_test_medmnist.json").read_text())
+    for model in ("student", "teacher"):
+        for name in NAMES:
+            for metric in ("acc", "auc"):
+                assert two[model][name][metric] == pytest.approx(one[model][name][metric], abs=1e-6), (model, name)
