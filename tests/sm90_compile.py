@@ -4,9 +4,11 @@ Triton's interpreter (how CI runs the kernels) checks their arithmetic but not t
 mismatches between branches, unsupported ops or too much shared memory only show on a GPU. This script
 compiles the kernels ahead of time for sm_90 with Triton's bundled ptxas and prints one JSON line per
 kernel, case and config (shared memory bytes, or the error; ``first``: the config MOSAIC_FAST_AUTOTUNE=0
-runs) and a summary on stderr. Run by tests/test_sm90_compile.py in a process without TRITON_INTERPRET
-(the interpreter replaces the kernels when it is set), which also fails when a kernel launched from
-kernels/*.py is not compiled here.
+runs; registers per thread, local memory and spill stores/loads in bytes per thread, and the resident warps
+per SM they allow, from the cubin: see sm90_resources.py) and a summary on stderr (also the configs that
+spill, and the first configs' registers and warps per SM). Run by tests/test_sm90_compile.py in a process
+without TRITON_INTERPRET (the interpreter replaces the kernels when it is set), which also fails when a
+kernel launched from kernels/*.py is not compiled here.
 
 How: each case calls a launcher of kernels/*.py with tensors on torch's "meta" device (shapes and
 dtypes, no data) at the benchmark shapes (ViT-B: D = 768, 197 tokens, batch 32; grouped bottlenecks
@@ -63,6 +65,7 @@ os.environ["MOSAIC_FAST_AUTOTUNE"] = "1"  # every config in the autotuning lists
 
 import torch
 import triton
+from sm90_resources import resource_usage  # (tests/, the script's folder)
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -489,6 +492,8 @@ def compile_job(index: int) -> dict:
         src = ASTSource(job.fn, job.signature, job.constexprs, job.attrs)
         compiled = triton.compile(src, target=TARGET, options=job.options)
         entry["shared"] = compiled.metadata.shared
+        entry["num_warps"] = compiled.metadata.num_warps
+        entry.update(resource_usage(compiled.asm["cubin"], entry["shared"], entry["num_warps"]))
     except Exception as exc:  # reported; the test fails on it unless the autotuner would skip the config
         entry["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
         entry["skippable"] = isinstance(exc, SKIPPABLE)
@@ -518,18 +523,52 @@ def _parse_args(argv: list[str]):
     return widths, (BF16, FP32, FP16) if args.all_dtypes else (BF16,), args.table
 
 
+def _spills(e: dict) -> bool:
+    return bool(e.get("spill_stores") or e.get("spill_loads"))
+
+
 def _width_summary(entries: list[dict]) -> dict:
     """Per width: the first-config compiles (at 768 the benchmark cases'), the largest shared memory among
-    them, how many exceed the limit, and errors."""
+    them, how many exceed the limit, how many spill registers, and errors."""
     out: dict[int, dict] = {}
     for e in entries:
         for w in e["first_widths"]:
-            row = out.setdefault(w, {"first configs": 0, "max shared": 0, "over the limit": 0, "errors": 0})
+            row = out.setdefault(w, {"first configs": 0, "max shared": 0, "over the limit": 0, "spill": 0, "errors": 0})
             row["first configs"] += 1
             row["max shared"] = max(row["max shared"], e.get("shared", 0))
             row["over the limit"] += e.get("shared", 0) > HOPPER_SHARED_BYTES
+            row["spill"] += _spills(e)
             row["errors"] += "error" in e
     return dict(sorted(out.items()))
+
+
+def _resource_summary(entries: list[dict]) -> dict:
+    """The compiles that spill (kernel, dtype, config, warps, first case: spill stores/loads in bytes per
+    thread), and per kernel and dtype the registers and resident warps per SM of its first configs (ranges
+    over the cases and widths)."""
+    spilling = [
+        f"{e['module']}.{e['kernel']} {e['dtype']} config {e['config']}/{e['configs']}{' (first)' * e['first']} "
+        f"{e['num_warps']} warps, {e['cases'][0]}: {e['spill_stores']}/{e['spill_loads']} B"
+        for e in entries
+        if _spills(e)
+    ]
+    first: dict[str, dict[str, list]] = {}
+    for e in entries:
+        if e["first"] and e.get("registers") is not None:
+            row = first.setdefault(f"{e['module']}.{e['kernel']}", {}).setdefault(e["dtype"], [[], []])
+            row[0].append(e["registers"])
+            row[1].append(e["warps_per_sm"])
+
+    def span(values: list[int]) -> str:
+        return f"{min(values)}-{max(values)}" if min(values) != max(values) else str(values[0])
+
+    return {
+        "configs that spill": spilling,
+        "first configs (registers, warps per SM)": {
+            kernel: {dtype: f"{span(regs)} registers, {span(warps)} warps/SM" for dtype, (regs, warps) in rows.items()}
+            for kernel, rows in sorted(first.items())
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             if entry.get("shared", 0) > HOPPER_SHARED_BYTES:
                 summary["first configs over the limit" if entry["first"] else "other configs over"] += 1
     summary["first configs per width"] = _width_summary(entries)
+    summary.update(_resource_summary(entries))
     if table:
         for e in sorted(entries, key=lambda e: (e["module"], e["kernel"], e["dtype"])):
             for w in e["first_widths"]:

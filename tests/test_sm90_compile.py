@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from sm90_resources import parse_resource_usage, warps_per_sm
 
 #: Largest dynamic shared memory one block may use on H100/H200 (227 KiB).
 HOPPER_SHARED_BYTES = 232_448
@@ -59,6 +60,48 @@ def test_kernel_entry_points_rule():
     helpers = {("grouped_adapter", "_tile"), ("grouped_adapter", "_ln_down_onepass"), ("moe_routed", "_of_stream")}
     assert kernels <= entries
     assert not helpers & entries
+
+
+#: A cubin's ``cuobjdump -res-usage -sass`` output (lines of the fp32 weight-gradient kernel's): the spill
+#: stores and loads are the bytes its STL/LDL instructions move (4, or 8 for .64, 16 for .128), which for the
+#: whole kernel gave ptxas -v's own "872 bytes spill stores, 744 bytes spill loads".
+CUOBJDUMP_SAMPLE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _bwd_w_kernel:
+  REG:255 STACK:592 SHARED:1024 LOCAL:0 CONSTANT[0]:800 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+        code for sm_90a
+        /*1a40*/                   STL [R1+0x140], R27 ;                                       /* 0x0001401b01007387 */
+        /*1a50*/                   STL.64 [R1+0x148], R28 ;                                    /* 0x0001481c01007387 */
+        /*1a60*/                   STL.128 [R1+0x150], R4 ;                                    /* 0x0001500401007387 */
+        /*2b10*/                   LDL.LU R27, [R1+0x140] ;                                    /* 0x00014000011b7983 */
+        /*2b20*/                   LDL.LU.64 R28, [R1+0x148] ;                                 /* 0x00014800011c7983 */
+        /*2b30*/                   LDL R4, [R1+0x150] ;                                        /* 0x0001500001047983 */
+        /*2b40*/                   LDG.E.64 R6, desc[UR4][R2.64] ;                             /* 0x0000000402067981 */
+"""
+
+
+def test_resource_usage_parsing():
+    """Registers, local memory (stack frame) and the spill bytes of the STL/LDL instructions; a cubin
+    without a resource line gives None."""
+    usage = parse_resource_usage(CUOBJDUMP_SAMPLE)
+    assert usage == {"registers": 255, "local": 592, "spill_stores": 4 + 8 + 16, "spill_loads": 4 + 8 + 4}
+    assert set(parse_resource_usage("no kernel here").values()) == {None}
+
+
+def test_warps_per_sm_follows_the_occupancy_rules():
+    """sm_90: 64 K registers in four sub-partitions, allocated per warp in units of 256; 64 warps, 32 blocks;
+    228 KiB of shared memory per SM with 1 KiB reserved per block (CUDA's occupancy calculator)."""
+    assert warps_per_sm(32, 0, 8) == 64  # full occupancy
+    assert warps_per_sm(128, 0, 4) == 16  # 4,096 registers per warp: 65,536 / 4,096
+    assert warps_per_sm(96, 0, 1) == 20  # 3,072 per warp: 5 per sub-partition (not 65,536 // 3,072 = 21)
+    assert warps_per_sm(52, 0, 4) == 36  # 56 x 32 = 1,792 per warp: 9 per sub-partition, 9 blocks of 4
+    assert warps_per_sm(255, 0, 8) == 8  # 8,192 per warp: one block of 8 warps
+    assert warps_per_sm(64, 100 * 1024, 4) == 8  # (100 + 1) KiB per block: 2 blocks in 228 KiB
+    assert warps_per_sm(64, HOPPER_SHARED_BYTES, 4) == 4  # the largest block: alone on its SM
+    assert warps_per_sm(16, 0, 1) == 32  # at most 32 blocks
 
 
 def test_kernels_compile_for_sm90():
