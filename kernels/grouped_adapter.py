@@ -717,12 +717,27 @@ def _dh_configs() -> list[triton.Config]:
     ]
 
 
+#: K chunk of the dh kernel in fp32. IEEE dots are FMA loops with both operand chunks in registers: at BK 64 the
+#: first config spills 5 KB per thread recomputing the pre-activation (and 15 KB with it saved under triton 3.6's
+#: ptxas), at 16 nothing (tests/sm90_compile.py). An FMA dot accumulates k in order onto its acc, so the chunk
+#: does not change the sums.
+_FP32_DH_BK = 16
+
+
+def _fp32_dh_config(config: triton.Config, recompute: bool) -> triton.Config:
+    """``config`` with the fp32 K chunk, and one pipeline stage fewer when recomputing the pre-activation (with
+    three it still spills 20-100 bytes at BK 16; at BK 64 it needed 304 KB of shared memory, over 227 KiB)."""
+    fp32 = _one_stage_fewer(config) if recompute else copy.copy(config)
+    fp32.kwargs = {**config.kwargs, "BK": _FP32_DH_BK}
+    return fp32
+
+
 def _prune_dh(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Recomputing the pre-activation in fp32 runs one pipeline stage fewer: the first config (BK 64,
-    three stages) would need 304 KB of shared memory on sm_90 (limit 227 KiB), with two 156 KB."""
-    if kwargs["RECOMPUTE"] and _fp32_tiles(named_args):
-        return [_one_stage_fewer(c) for c in configs]
-    return configs
+    """The fp32 configs (:func:`_fp32_dh_config`), those that then coincide kept once; others unchanged."""
+    if not _fp32_tiles(named_args):
+        return configs
+    fp32 = (_fp32_dh_config(c, kwargs["RECOMPUTE"]) for c in configs)
+    return list({(repr(c.kwargs), c.num_warps, c.num_stages): c for c in fp32}.values())
 
 
 _bwd_dh = triton.autotune(

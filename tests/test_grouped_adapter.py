@@ -661,7 +661,9 @@ def test_forward_variant_auto_times_both_layernorm_variants(monkeypatch):
 def test_fp32_tiles_run_one_pipeline_stage_fewer_where_shared_memory_needs_it(monkeypatch):
     """fp32 tiles take twice the shared memory of bf16 ones: the one-pass forward configs and the
     recomputing dh configs drop a pipeline stage in fp32 (tests/sm90_compile.py measures the fit on
-    sm_90); bf16, the two-pass forward and the dh kernel with a saved pre-activation keep theirs."""
+    sm_90); bf16, the two-pass forward and the dh kernel with a saved pre-activation keep theirs. The fp32
+    dh configs also take K chunks of 16 (their FMA dots spill registers with wider ones), each distinct
+    config once, in the list's order; the shared configs are left alone."""
     k = _kernels()
     monkeypatch.setattr(k, "INTERPRET", False)
     monkeypatch.setattr(k, "AUTOTUNE", True)
@@ -677,12 +679,17 @@ def test_fp32_tiles_run_one_pipeline_stage_fewer_where_shared_memory_needs_it(mo
     assert fwd_stages(torch.float32) == {key: st - 1 if key[0] else st for key, st in stages.items()}
     assert all(c.num_stages == stages[(c.kwargs["ONEPASS"], tuple(sorted(c.kwargs.items())))] for c in fwd)
 
-    def dh_stages(dtype, recompute):
+    def dh_tiles(dtype, recompute):
         t = torch.empty(0, dtype=dtype)
-        return [c.num_stages for c in k._prune_dh(dh, {"h_ptr": t, "wd_ptr": t}, RECOMPUTE=recompute)]
+        pruned = k._prune_dh(dh, {"h_ptr": t, "wd_ptr": t}, RECOMPUTE=recompute)
+        return [(c.kwargs["BK"], c.num_warps, c.num_stages) for c in pruned]
 
-    assert dh_stages(torch.bfloat16, True) == dh_stages(torch.float32, False) == [c.num_stages for c in dh]
-    assert dh_stages(torch.float32, True) == [max(1, c.num_stages - 1) for c in dh]
+    tiles = [(c.kwargs["BK"], c.num_warps, c.num_stages) for c in dh]
+    assert dh_tiles(torch.bfloat16, True) == dh_tiles(torch.bfloat16, False) == tiles
+    for recompute in (False, True):
+        fp32 = [(16, warps, max(1, stages - recompute)) for _, warps, stages in tiles]
+        assert dh_tiles(torch.float32, recompute) == list(dict.fromkeys(fp32))
+    assert [(c.kwargs["BK"], c.num_warps, c.num_stages) for c in dh] == tiles
 
 
 def test_fp32_pipeline_stage_reduction_needs_both_operands_fp32_and_keeps_one_stage():
