@@ -90,6 +90,11 @@ WGRAD_SPLIT: int | None = None
 #: times faster for the shape (with MOSAIC_FAST_AUTOTUNE=0 and in the interpreter: two-pass).
 FORWARD_VARIANT = "auto"
 FORWARD_VARIANTS = ("auto", "fused", "split", "onepass")
+#: Tell the compiler that every group's offset and width in the packed R dimension are multiples of 16 when
+#: every bottleneck is (then so is every offset: 64/96/192 in MOSAIC). Wu's tiles are contiguous along R and
+#: masked by r: without the hint each element is a separate 2-byte load, unpipelined; with it they are vector
+#: loads / cp.async (tests/sm90_compile.py). False: never hint (``benchmarks/tune_grouped_adapter.py`` times both).
+ALIGN_HINTS = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,13 +178,24 @@ def _tile(pid, ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE: tl.constexpr, SC: tl.c
 
 
 @triton.jit
-def _group_meta(g, G, meta_ptr):
+def _packed_range(meta_ptr, g, R_ALIGNED: tl.constexpr):
+    """Group g's (offset, width) in the packed R dim, marked as multiples of 16 when R_ALIGNED (every bottleneck
+    is: :func:`_r_aligned`). The hints go on the loads: on a helper's arguments Triton drops them silently."""
+    roff = tl.load(meta_ptr + 2 * g)
+    r = tl.load(meta_ptr + 2 * g + 1)
+    if R_ALIGNED:
+        roff = tl.multiple_of(roff, 16)
+        r = tl.multiple_of(r, 16)
+    return roff, r
+
+
+@triton.jit
+def _group_meta(g, G, meta_ptr, R_ALIGNED: tl.constexpr):
     """(valid group?, group clamped into [0, G), its offset in the packed R dim, its bottleneck or 0)."""
     ok = (g >= 0) & (g < G)
     gc = tl.minimum(tl.maximum(g, 0), G - 1)
-    roff = tl.load(meta_ptr + 2 * gc)
-    r = tl.where(ok, tl.load(meta_ptr + 2 * gc + 1), 0)
-    return ok, gc, roff, r
+    roff, r = _packed_range(meta_ptr, gc, R_ALIGNED)
+    return ok, gc, roff, tl.where(ok, r, 0)
 
 
 @triton.jit
@@ -237,10 +253,10 @@ def _fwd_kernel(
     scale, eps,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, SAVE: tl.constexpr, SAVE_A: tl.constexpr,
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_D: tl.constexpr,
-    UP: tl.constexpr, ONEPASS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UP: tl.constexpr, ONEPASS: tl.constexpr, DOT_PRECISION: tl.constexpr, R_ALIGNED: tl.constexpr,
 ):
     g, _, valid, rows, _ = _tile(tl.program_id(0), ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
-    ok, gc, roff, r = _group_meta(g, G, meta_ptr)
+    ok, gc, roff, r = _group_meta(g, G, meta_ptr, R_ALIGNED)
     offr = tl.arange(0, R_BLOCK)
     rmask = offr < r
     offk = tl.arange(0, BK)
@@ -400,12 +416,12 @@ def _up_kernel(
     scale,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, HAS_BASE: tl.constexpr,
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, R_ALIGNED: tl.constexpr,
 ):
     """Split forward, second kernel: program (tile, column block) computes BN output columns of a tile
     of BM rows of one group from the pre-activation ``a`` written by ``_fwd_kernel`` (UP=False)."""
     g, _, valid, rows, _ = _tile(tl.program_id(0), ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
-    ok, gc, roff, r = _group_meta(g, G, meta_ptr)
+    ok, gc, roff, r = _group_meta(g, G, meta_ptr, R_ALIGNED)
     offn = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = offn < D
     offk = tl.arange(0, BK)
@@ -438,14 +454,14 @@ def _bwd_dh_kernel(
     scale,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, RECOMPUTE: tl.constexpr, NEED_DH: tl.constexpr,
     R_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, R_ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g, pos, valid, rows, seg_off = _tile(pid, ids_ptr, perm_ptr, cnt_ptr, S, L, G, MODE, S_BLOCK, BM)
     if MODE != 0:
         # rows in sorted order, for the weight-gradient kernel
         tl.store(srows_ptr + seg_off * L + pos, rows.to(tl.int32), mask=valid)
-    ok, gc, roff, r = _group_meta(g, G, meta_ptr)
+    ok, gc, roff, r = _group_meta(g, G, meta_ptr, R_ALIGNED)
     offr = tl.arange(0, R_BLOCK)
     rmask = offr < r
     offk = tl.arange(0, BK)
@@ -535,7 +551,7 @@ def _bwd_w_kernel(
     scale,
     MODE: tl.constexpr, S_BLOCK: tl.constexpr, BM1: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, R_ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -545,8 +561,7 @@ def _bwd_w_kernel(
     rem = pid - g * (nrb * ndb)
     rb = rem // ndb
     db = rem - rb * ndb
-    roff = tl.load(meta_ptr + 2 * g)
-    r = tl.load(meta_ptr + 2 * g + 1)
+    roff, r = _packed_range(meta_ptr, g, R_ALIGNED)
     r0 = rb * BR
     active = r0 < r
     ct = da_ptr.dtype.element_ty
@@ -670,7 +685,7 @@ def _fwd_autotuner(configs: list[triton.Config]):
     which needs a GPU and so fails in the interpreter)."""
     return triton.autotune(
         configs=configs,
-        key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET"],
+        key=["D", "R_BLOCK", "MODE", "HAS_BASE", "SAVE", "SAVE_A", "UP", "T_BUCKET", "R_ALIGNED"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )(triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BK"] == 0 and args["D"] % args["BN"] == 0})(
         _fwd_kernel))
@@ -694,9 +709,10 @@ def _fwd_for(variant: str):
 
 
 def _up_configs() -> list[triton.Config]:
-    # The first tile runs 8 warps: with 4 it spills 160 bytes per thread in bf16 (255 registers; sm90_compile.py).
-    # Its (BK, BN) weight tile is read one element per load (the mask on r, Wu's contiguous dim, allows no vector
-    # loads, nor cp.async pipelining in bf16), 64 loads and addresses per thread at 4 warps, 32 at 8.
+    # The first tile runs 8 warps: with 4 it spills 160 bytes per thread in bf16 (255 registers; sm90_compile.py)
+    # where a bottleneck is not a multiple of 16 (R_ALIGNED False). There its (BK, BN) weight tile is read one
+    # element per load (the mask on r, Wu's contiguous dim, allows no vector loads, nor cp.async pipelining in
+    # bf16), 64 loads and addresses per thread at 4 warps, 32 at 8; with R_ALIGNED it is pipelined (93 registers).
     if INTERPRET:
         return [triton.Config({"BM": 16, "BK": 16, "BN": 32}, num_warps=4, num_stages=1)]
     return [
@@ -705,7 +721,9 @@ def _up_configs() -> list[triton.Config]:
     ]
 
 
-_up = triton.autotune(configs=tuned_configs(_up_configs()), key=["D", "R_BLOCK", "MODE", "HAS_BASE", "T_BUCKET"])(_up_kernel)
+_up = triton.autotune(
+    configs=tuned_configs(_up_configs()), key=["D", "R_BLOCK", "MODE", "HAS_BASE", "T_BUCKET", "R_ALIGNED"]
+)(_up_kernel)
 
 
 def _dh_configs() -> list[triton.Config]:
@@ -742,7 +760,7 @@ def _prune_dh(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
 
 _bwd_dh = triton.autotune(
     configs=tuned_configs(_dh_configs()),
-    key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM", "T_BUCKET"],
+    key=["D", "R_BLOCK", "MODE", "RECOMPUTE", "NEED_DH", "BM", "T_BUCKET", "R_ALIGNED"],
     prune_configs_by={"early_config_prune": _prune_dh},
 )(_bwd_dh_kernel)
 
@@ -762,7 +780,9 @@ def _w_configs() -> list[triton.Config]:
     ]
 
 
-_bwd_w = triton.autotune(configs=tuned_configs(_w_configs()), key=["D", "R_MAX", "MODE", "SPLIT", "BM1", "T_BUCKET"])(_bwd_w_kernel)
+_bwd_w = triton.autotune(
+    configs=tuned_configs(_w_configs()), key=["D", "R_MAX", "MODE", "SPLIT", "BM1", "T_BUCKET", "R_ALIGNED"]
+)(_bwd_w_kernel)
 
 
 def _dh_block_m(r_block: int) -> int:
@@ -783,6 +803,12 @@ _SM_COUNT: dict[int, int] = {}
 def _t_bucket(T: int) -> int:
     """Autotuning key for the number of rows (unused by the kernels): powers of two from 1024."""
     return max(1024, triton.next_power_of_2(max(1, T)))
+
+
+def _r_aligned(bottlenecks: Sequence[int]) -> bool:
+    """The kernels' R_ALIGNED: ALIGN_HINTS and every bottleneck a multiple of 16, so that every group's offset
+    and width in :func:`_meta` are too (an invalid group's width, 0, as well)."""
+    return ALIGN_HINTS and all(int(r) % 16 == 0 for r in bottlenecks)
 
 
 def _meta(bottlenecks: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -871,6 +897,7 @@ def forward(h: torch.Tensor, base: torch.Tensor | None, ids: torch.Tensor | None
     if T > 0:
         mode, S, L, s_block, ids_t, perm, counts = _routing(ids, T, seg_len, G, dev)
         meta = _meta(bottlenecks, dev)
+        aligned = _r_aligned(bottlenecks)
         base_arg, base_stride = (base, base.stride(0)) if base is not None else (h, 0)
         grid = lambda m: (triton.cdiv(T, m["BM"]) + G + 1,)
         _fwd_for(FORWARD_VARIANT)[grid](
@@ -882,7 +909,7 @@ def forward(h: torch.Tensor, base: torch.Tensor | None, ids: torch.Tensor | None
             ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0), bu.stride(0),
             float(scale), float(eps),
             MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, SAVE=bool(save), SAVE_A=save_a or split,
-            R_BLOCK=_pow2(r_max), UP=not split, DOT_PRECISION=dot_precision(wd.dtype),
+            R_BLOCK=_pow2(r_max), UP=not split, DOT_PRECISION=dot_precision(wd.dtype), R_ALIGNED=aligned,
         )
         if split:
             grid_up = lambda m: (triton.cdiv(T, m["BM"]) + G + 1, triton.cdiv(D, m["BN"]))
@@ -892,7 +919,7 @@ def forward(h: torch.Tensor, base: torch.Tensor | None, ids: torch.Tensor | None
                 r_max, base_stride, out.stride(0), wu.stride(0), bu.stride(0),
                 float(scale),
                 MODE=mode, S_BLOCK=s_block, HAS_BASE=base is not None, R_BLOCK=_pow2(r_max),
-                DOT_PRECISION=dot_precision(wu.dtype),
+                DOT_PRECISION=dot_precision(wu.dtype), R_ALIGNED=aligned,
             )
         if split and not save_a:
             a = a[:0]
@@ -952,6 +979,7 @@ def backward(dout: torch.Tensor, h: torch.Tensor, ids: torch.Tensor | None, seg_
 
     mode, S, L, s_block, ids_t, perm, counts = _routing(ids, T, seg_len, G, dev)
     meta = _meta(bottlenecks, dev)
+    aligned = _r_aligned(bottlenecks)
     r_block = _pow2(r_max)
     bm1 = _dh_block_m(r_block)
     n_tiles = triton.cdiv(T, bm1) + G + 1
@@ -968,7 +996,7 @@ def backward(dout: torch.Tensor, h: torch.Tensor, ids: torch.Tensor | None, seg_
         ln_w.stride(0), ln_b.stride(0), wd.stride(0), wu.stride(0),
         float(scale),
         MODE=mode, S_BLOCK=s_block, RECOMPUTE=recompute, NEED_DH=bool(need_dh), R_BLOCK=r_block, BM=bm1,
-        DOT_PRECISION=dot_precision(ct),
+        DOT_PRECISION=dot_precision(ct), R_ALIGNED=aligned,
     )
     if need_w:
         split = _wgrad_split(T, D, G, r_max, dev)
@@ -991,7 +1019,7 @@ def backward(dout: torch.Tensor, h: torch.Tensor, ids: torch.Tensor | None, seg_
             G * D, r_tot * D, r_tot, D * r_tot,
             D, D, r_tot,
             float(scale),
-            MODE=mode, S_BLOCK=s_block, BM1=bm1, DOT_PRECISION=dot_precision(ct),
+            MODE=mode, S_BLOCK=s_block, BM1=bm1, DOT_PRECISION=dot_precision(ct), R_ALIGNED=aligned,
         )
         parts = (p_lnw, p_lnb, p_wd, p_bd, p_wu, p_bu)
         grads = [(p[0] if split == 1 else p.sum(dim=0)).to(w_dtype) for p in parts]
