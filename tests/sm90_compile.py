@@ -34,7 +34,8 @@ dtype would take about four times as long (mostly the fp32 configs), so not ever
   * the first config, for the other cases: fp32 with IEEE dots and fp16 (routed MoE, MoE adapter,
     grouped forward auto/one-pass/split and backward saved/recomputed; fp32 routed MoE also without
     selection), fp32 activations with bf16 weights (grouped, as under autocast), and in bf16 each
-    routing mode (single group, segments, permuted rows), no base, inference (nothing saved),
+    routing mode (single group, segments, permuted rows), no base, inference (nothing saved), grouped
+    bottlenecks that are not all multiples of 16 (24/96/192: the kernels without their alignment hints),
     weight-dtype split partials, identity routing without skip gates (routed MoE), no mixture output
     (MoE adapter), and the patch embedding with uint8/fp32/bf16 volumes and fp32/bf16/fp16 weights;
   * kernels without autotuning, their one config in bf16, fp32 and fp16: the gated specialist (expert
@@ -101,6 +102,9 @@ DTYPE_NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
 B, N, D = 32, 197, 768
 T = B * N
 BOTTLENECKS = [64, 96, 192]
+#: Grouped bottlenecks that are not all multiples of 16: the kernels compile without their alignment hints
+#: (R_ALIGNED False; the first configs in bf16).
+UNALIGNED_BOTTLENECKS = [24, 96, 192]
 EXPERTS, R, TOPK = 4, 64, 2
 #: Other ViT widths -> tokens per sample at 224² (ViT-S/16 and ViT-L/16: 197, ViT-H/14: 257), compiled at the
 #: first config in bf16, fp32 (IEEE dots) and fp16. The kernels loop over D in BK/BN chunks (no tile holds
@@ -242,8 +246,8 @@ class Case:
     width: int = D
 
 
-def _grouped_weights(dtype, d=D):
-    g, r_tot = len(BOTTLENECKS), sum(BOTTLENECKS)
+def _grouped_weights(dtype, d=D, rs=BOTTLENECKS):
+    g, r_tot = len(rs), sum(rs)
     shapes = ((g, d), (g, d), (r_tot, d), (r_tot,), (d, r_tot), (g, d))
     return [meta(*s, dtype=dtype) for s in shapes]
 
@@ -257,22 +261,21 @@ def _grouped_routing(routing: str, rows: int):
     return rows, meta(rows, dtype=I64), 1  # per-row routing: more segments than SEG_MAX
 
 
-def grouped_forward(act, wdt=None, routing="seg", base=True, save=True, rows=T, d=D):
+def grouped_forward(act, wdt=None, routing="seg", base=True, save=True, rows=T, d=D, rs=BOTTLENECKS):
     wdt = wdt or act
     t, ids, seg_len = _grouped_routing(routing, rows)
     h = meta(t, d, dtype=act)
     grouped_adapter.forward(
-        h, meta(t, d, dtype=act) if base else None, ids, seg_len, *_grouped_weights(wdt, d), BOTTLENECKS, 0.1, 1e-5,
-        save,
+        h, meta(t, d, dtype=act) if base else None, ids, seg_len, *_grouped_weights(wdt, d, rs), rs, 0.1, 1e-5, save,
     )  # fmt: skip
 
 
-def grouped_backward(act, wdt=None, routing="seg", saved_a=True, need_dh=True, rows=T, d=D):
+def grouped_backward(act, wdt=None, routing="seg", saved_a=True, need_dh=True, rows=T, d=D, rs=BOTTLENECKS):
     wdt = wdt or act
     t, ids, seg_len = _grouped_routing(routing, rows)
-    a = meta(t if saved_a else 0, max(BOTTLENECKS), dtype=wdt)
+    a = meta(t if saved_a else 0, max(rs), dtype=wdt)
     grouped_adapter.backward(
-        meta(t, d, dtype=act), meta(t, d, dtype=act), ids, seg_len, *_grouped_weights(wdt, d), BOTTLENECKS,
+        meta(t, d, dtype=act), meta(t, d, dtype=act), ids, seg_len, *_grouped_weights(wdt, d, rs), rs,
         meta(t, dtype=FP32), meta(t, dtype=FP32), a, 0.1, 1e-5, need_dh, True,
     )  # fmt: skip
 
@@ -417,6 +420,14 @@ def _cases(widths: dict[int, int] | None = None, odd_dtypes=(BF16,)) -> list[Cas
         Case("grouped forward, autocast", "fp32 act/bf16 w", lambda: grouped_forward(FP32, BF16),
              patches=variant["auto"]),
         Case("grouped backward, autocast", "fp32 act/bf16 w", lambda: grouped_backward(FP32, BF16), patches=h200),
+        Case("grouped forward, unaligned bottlenecks", "bf16", lambda: grouped_forward(BF16, rs=UNALIGNED_BOTTLENECKS),
+             patches=variant["auto"]),
+        Case("grouped forward, split variant, unaligned bottlenecks", "bf16",
+             lambda: grouped_forward(BF16, rs=UNALIGNED_BOTTLENECKS), patches=variant["split"]),
+        Case("grouped backward, unaligned bottlenecks", "bf16",
+             lambda: grouped_backward(BF16, rs=UNALIGNED_BOTTLENECKS), patches=h200),
+        Case("grouped backward, pre-activation recomputed, unaligned bottlenecks", "bf16",
+             lambda: grouped_backward(BF16, saved_a=False, rs=UNALIGNED_BOTTLENECKS), patches=h200),
     ]  # fmt: skip
     cases.append(Case("routed MoE, identity (rho = 1)", "fp32/ieee", lambda: moe_routed_update(FP32, identity=True)))
     for dtype in (FP32, FP16):

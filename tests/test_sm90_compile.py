@@ -2,7 +2,8 @@
 no compile errors, and the first autotuning config of every case (the one MOSAIC_FAST_AUTOTUNE=0 runs) fits
 in shared memory, at ViT-B's width and at D = 384, 1024, 1280 and an odd width (200), and at the ViT widths
 does not spill registers in the dtypes with tensor-core dots. A kernel entry point that the script does not
-compile fails the test."""
+compile fails the test, and so does a grouped adapter kernel not compiled both with and without its alignment
+hints (R_ALIGNED)."""
 
 import ast
 import importlib.util
@@ -145,6 +146,14 @@ def test_kernels_compile_for_sm90():
     missing = kernel_entry_points() - compiled
     hint = "add a case that calls their launcher"
     assert not missing, f"kernels that tests/sm90_compile.py does not compile ({hint}): {sorted(missing)}"
+
+    # the grouped kernels with their alignment hints (bottlenecks all multiples of 16) and without
+    hints = defaultdict(set)
+    for e in entries:
+        if "R_ALIGNED" in e["constexprs"]:
+            hints[e["kernel"]].add(e["constexprs"]["R_ALIGNED"])
+    grouped = {"_fwd_kernel", "_up_kernel", "_bwd_dh_kernel", "_bwd_w_kernel"}
+    assert set(hints) == grouped and all(v == {"True", "False"} for v in hints.values()), dict(hints)
 
     # every autotuning config of every kernel is compiled in some case (the configs after the launcher's pruning)
     seen, counts = defaultdict(set), defaultdict(int)
