@@ -6,6 +6,8 @@ the autotuner's pick among all of them), the split (two kernels) and one-pass-on
 cuBLAS path (LayerNorm, addmm, ReLU, addmm, add) and that path's pieces alone, and prints each as ms and
 % of the roofline floor measured against this device's copy bandwidth and GEMM rate. Then the
 backward: both Triton kernels, the dh kernel alone, and (one group) autograd through the cuBLAS path.
+The autotuned forward and both Triton backward rows run again without the kernels' alignment hints
+(``ALIGN_HINTS = False``: the code the kernels compile to when a bottleneck is not a multiple of 16).
 First, torch.profiler tables of forward+backward (device time per kernel) for each path.
 
     python benchmarks/tune_grouped_adapter.py --json $OUT/tune.json          # on a GPU
@@ -36,6 +38,20 @@ def _weights(d: int, rs: list[int], device, dtype):
     return [rnd(g, d, mean=1.0), rnd(g, d), rnd(r, d), rnd(r), rnd(d, r), rnd(g, d)]
 
 
+def _switched(fn, **settings):
+    """``fn`` with ``kernels.NAME = value`` for each setting while it runs (restored after)."""
+    def run(i):
+        saved = {name: getattr(kernels, name) for name in settings}
+        for name, value in settings.items():
+            setattr(kernels, name, value)
+        try:
+            return fn(i)
+        finally:
+            for name, value in saved.items():
+                setattr(kernels, name, value)
+    return run
+
+
 def _variants(h_sets, base_sets, ids, weights, rs, device):
     """name -> callable(i) for input set i."""
     ln_w, ln_b, wd, bd, wu, bu = weights
@@ -45,19 +61,9 @@ def _variants(h_sets, base_sets, ids, weights, rs, device):
         return ga.grouped_adapter(h_sets[i], *weights, rs, base=base_sets[i], expert_id=ids)
 
     out["kernel (autotuned)"] = kernel  # FORWARD_VARIANT "auto": two-pass and one-pass configs
-
-    def variant(name):
-        def run(i):
-            saved = kernels.FORWARD_VARIANT
-            kernels.FORWARD_VARIANT = name
-            try:
-                return kernel(i)
-            finally:
-                kernels.FORWARD_VARIANT = saved
-        return run
-
-    out["split kernels (autotuned)"] = variant("split")
-    out["one-pass kernel (autotuned)"] = variant("onepass")
+    out["kernel (autotuned), no alignment hints"] = _switched(kernel, ALIGN_HINTS=False)
+    out["split kernels (autotuned)"] = _switched(kernel, FORWARD_VARIANT="split")
+    out["one-pass kernel (autotuned)"] = _switched(kernel, FORWARD_VARIANT="onepass")
     for cfg in kernels._fwd_configs():
         def forced(i, cfg=cfg):
             # the config's own variant and its autotuner, left this one config ("auto" would run the
@@ -98,6 +104,7 @@ def _backward_variants(h_sets, ids, weights, rs, device):
             return kernels.backward(douts[i], flat[i], ids, seg_len, *weights, rs, *saved[i], 0.1, 1e-5,
                                     need_dh, need_w)
         out[name] = bwd
+        out[f"{name}, no alignment hints"] = _switched(bwd, ALIGN_HINTS=False)
     if ids is None:
         leaves = [[t.detach().clone().requires_grad_() for t in (h, *weights)] for h in flat]
         # The forward decides what autograd runs backward: record it on backend "auto" (one group: the
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     for r in rows:
         tail = r["error"] if "error" in r else f"{r['ms']:9.3f} ms {r['pct_floor']:6.1f}% of floor"
-        print(f"{r['routing']:<7}B={r['B']:<4}{r['variant']:<36}{tail}")
+        print(f"{r['routing']:<7}B={r['B']:<4}{r['variant']:<46}{tail}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceilings, "rows": rows}, f, indent=2)

@@ -3,15 +3,17 @@
 The kernels may tell the compiler that every group's offset and width in the packed R dimension are multiples
 of 16 (vector loads of Wu's tiles) only when every bottleneck is: then so is every offset, and an invalid
 group's width 0. Tested here: the launchers' flag, that every grouped kernel gets it and keys its autotuning on
-it, and parity against the reference with aligned and unaligned bottlenecks,
+it, the benchmark rows without hints, and parity against the reference with aligned and unaligned bottlenecks,
 forward and backward (DESIGN.md §5). The interpreter ignores the hints, so parity shows that both paths compute
 the same; tests/sm90_compile.py compiles both for sm_90.
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark_script
 from test_grouped_adapter import MIXED, _tol, make_weights, run_parity
 from triton.runtime.jit import KernelInterface
 
@@ -66,6 +68,26 @@ def test_every_grouped_kernel_gets_the_flag(monkeypatch, rs, hints):
         kernels.backward(h, h, ids, T // 3, *weights, rs, stats, stats, torch.zeros(T, max(rs)), 0.1, 1e-5, True, True)
 
     assert _launched_flags(monkeypatch, both) == [hints and rs is ALIGNED] * 4
+
+
+def test_tune_script_rows_without_hints(triton_backend, monkeypatch):
+    """benchmarks/tune_grouped_adapter.py: the "no alignment hints" rows launch without them, the others with."""
+    tune = load_benchmark_script("tune_grouped_adapter")
+    d, n = 32, 4
+    dev = torch.device(triton_backend)
+    h_sets = [torch.randn(3, n, d, device=dev) for _ in range(3)]
+    ids = torch.tensor([0, 1, 2], device=dev)
+    weights = tune._weights(d, ALIGNED, dev, torch.float32)
+    with torch.no_grad():
+        rows = {**tune._variants(h_sets, h_sets, ids, weights, ALIGNED, dev),
+                **tune._backward_variants(h_sets, ids, weights, ALIGNED, dev)}  # fmt: skip
+        unhinted = [name for name in rows if name.endswith("no alignment hints")]
+        assert len(unhinted) == 3
+        for name in unhinted:
+            hinted = name.removesuffix(", no alignment hints")
+            assert set(_launched_flags(monkeypatch, partial(rows[hinted], 0))) == {True}
+            assert set(_launched_flags(monkeypatch, partial(rows[name], 0))) == {False}
+    assert kernels.ALIGN_HINTS is True
 
 
 @pytest.mark.parametrize("variant", ["fused", "split"])
