@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,9 @@ def floors(t: int, d: int, rs: list[int], routed_r: list[int], n: int, elem: int
 
 
 def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: dict,
-        d: int = 768, n: int = 197) -> list[dict]:
+        d: int = 768, n: int = 197, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every variant's row (ms and % of the floor, or the error) per routing and batch; ``on_row`` sees each
+    row as soon as it is measured (so a run cut short by a time limit still leaves what it measured)."""
     rows = []
     for routing, rs in (("single", [192]), ("mixed", [64, 96, 192])):
         for b in batches:
@@ -162,11 +165,12 @@ def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: 
                         try:
                             fn(0)
                             sec = measure(Rotating(fn, [(i,) for i in range(3)]), device, min_run_time=0.01)
-                            rows.append(dict(routing=routing, B=b, variant=name, ms=sec * 1e3,
-                                             pct_floor=100 * floor_v / sec))
+                            row = dict(routing=routing, B=b, variant=name, ms=sec * 1e3, pct_floor=100 * floor_v / sec)
                         except Exception as exc:  # a config that does not compile: report, go on
-                            rows.append(dict(routing=routing, B=b, variant=name,
-                                             error=f"{type(exc).__name__}: {exc}"[:200]))
+                            row = dict(routing=routing, B=b, variant=name, error=f"{type(exc).__name__}: {exc}"[:200])
+                        rows.append(row)
+                        if on_row is not None:
+                            on_row(row)
             finally:
                 mosaic_fast.set_backend("auto")
     return rows
@@ -223,15 +227,19 @@ def main(argv: list[str] | None = None) -> None:
         device, dtype, batches = torch.device("cuda"), torch.bfloat16, [32, 128]
         ceilings = measure_ceilings(device)
     shape = dict(d=64, n=8) if args.smoke else {}
-    text = profile(device, dtype, batches[-1], calls=1 if args.smoke else 5, **shape)
-    rows = run(batches, device, dtype, ceilings, **shape)
-    print(text)
-    for r in rows:
-        tail = r["error"] if "error" in r else f"{r['ms']:9.3f} ms {r['pct_floor']:6.1f}% of floor"
-        print(f"{r['routing']:<7}B={r['B']:<4}{r['variant']:<46}{tail}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ceilings": ceilings, "rows": rows}, f, indent=2)
+    print(profile(device, dtype, batches[-1], calls=1 if args.smoke else 5, **shape), flush=True)
+    rows = []
+
+    def report(row: dict) -> None:
+        """Print the row and rewrite the JSON with every row so far."""
+        rows.append(row)
+        tail = row["error"] if "error" in row else f"{row['ms']:9.3f} ms {row['pct_floor']:6.1f}% of floor"
+        print(f"{row['routing']:<7}B={row['B']:<4}{row['variant']:<46}{tail}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ceilings": ceilings, "rows": rows}, f, indent=2)
+
+    run(batches, device, dtype, ceilings, **shape, on_row=report)
 
 
 if __name__ == "__main__":

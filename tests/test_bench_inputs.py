@@ -2,6 +2,7 @@
 count all the work, a replayed training step's memory includes its CUDA-graph pools, and the tune
 script's "cuBLAS" backward is the torch ops' backward."""
 
+import json
 import sys
 import types
 
@@ -330,3 +331,24 @@ def test_dynamer_cases_compile_the_reference_where_they_compile_the_fast_model()
     assert compiled == ["dynamer_block_rho0.5", "dynamer_block_rho1"]
     cpu = cases_dynamer.cases(torch.device("cpu"), torch.float32, quick=True)
     assert not any(c.compile_reference or "fast+compiled" in c.impls for c in cpu)
+
+
+def test_tune_writes_each_row_as_it_is_measured(tmp_path, monkeypatch):
+    """gpu_session.sh runs the tune script under `timeout`: a run cut short must leave the rows it measured
+    in its JSON (it used to write the file only at the end), and print each row when measured."""
+    tune = load_benchmark_script("tune_grouped_adapter")
+    monkeypatch.setattr(tune, "profile", lambda *a, **k: "profile tables")
+    first = dict(routing="single", B=1, variant="kernel (autotuned)", ms=1.5, pct_floor=50.0)
+
+    def cut_short(*args, on_row, **kwargs):
+        on_row(first)
+        on_row(dict(routing="single", B=1, variant="split kernels (autotuned)", error="OutOfResources: shared"))
+        raise TimeoutError("killed by the stage's time limit")
+
+    monkeypatch.setattr(tune, "run", cut_short)
+    out = tmp_path / "tune.json"
+    with pytest.raises(TimeoutError):
+        tune.main(["--smoke", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"][0] == first and saved["rows"][1]["error"].startswith("OutOfResources")
+    assert set(saved["ceilings"]) == {"bytes_per_s", "flops_bf16"}
