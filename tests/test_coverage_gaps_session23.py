@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from parity import TOL_BF16, TOL_CPU_FWD, assert_parity, randomize_, rel_err
+from parity import TOL_BF16, TOL_CPU_FWD, randomize_, rel_err
 
 from mosaic_fast import models, reference
 from mosaic_fast import nn as fast_nn
@@ -206,7 +206,8 @@ def test_training_path_upcasts_bf16_in_the_interpreter(triton_backend, which):
     """Forward and backward with gradients on bf16 under TRITON_INTERPRET=1 run in fp32 (the interpreter's
     bf16 tl.dot returns garbage silently, DESIGN.md §5): the MoE update (moe_gated_update) and the grouped
     adapter's backward kernels, whose fp32 dh goes back to bf16. Outputs against the float64 reference of the
-    same bf16 values within the bf16 bound; input gradients within twice the bf16 reference module's error."""
+    same bf16 values within the bf16 bound (or twice the bf16 reference module's error); input gradients within
+    twice the bf16 reference module's error."""
     if triton_backend == "cuda":
         pytest.skip("the interpreter's bf16 upcast only")
     ref, inputs, call = _bf16_modules(which)
@@ -226,10 +227,13 @@ def test_training_path_upcasts_bf16_in_the_interpreter(triton_backend, which):
     import mosaic_fast
 
     mosaic_fast.set_backend("torch")
-    _, ref_dx = run(ref, torch.bfloat16)
-    for i, (g, w) in enumerate(zip(got, want)):
+    ref_out, ref_dx = run(ref, torch.bfloat16)
+    for i, (g, r, w) in enumerate(zip(got, ref_out, want)):
+        # TOL_BF16, or twice the bf16 reference's own error where its bf16 router flipped a near-tied expert
+        # choice (seen once in 150 runs: 0.11, the bf16 reference alike)
         assert g.dtype == torch.bfloat16
-        assert_parity(g.float(), w, TOL_BF16, f"output {i}")
+        err, err_ref = rel_err(g.double(), w), rel_err(r.double(), w)
+        assert err <= max(TOL_BF16, 2 * err_ref), f"output {i}: {err:.3e} vs the bf16 reference's {err_ref:.3e}"
     for i, (g, r, w) in enumerate(zip(got_dx, ref_dx, want_dx)):
         assert g.dtype == torch.bfloat16
         err, err_ref = (float((t.double() - w).norm()) for t in (g, r))
