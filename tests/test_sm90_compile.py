@@ -1,9 +1,10 @@
 """Every Triton kernel launched from kernels/ compiles for Hopper (sm_90) without a GPU (see sm90_compile.py):
 no compile errors, and the first autotuning config of every case (the one MOSAIC_FAST_AUTOTUNE=0 runs) fits
 in shared memory, at ViT-B's width and at D = 384, 1024, 1280 and an odd width (200), and at the ViT widths
-does not spill registers in the dtypes with tensor-core dots. A kernel entry point that the script does not
-compile fails the test, and so does a grouped adapter kernel not compiled both with and without its alignment
-hints (R_ALIGNED)."""
+does not spill registers in the dtypes with tensor-core dots; the other autotuning configs compiled (bf16,
+the benchmark shapes) fit in shared memory too, since one that does not can only be skipped. A kernel entry
+point that the script does not compile fails the test, and so does a grouped adapter kernel not compiled both
+with and without its alignment hints (R_ALIGNED)."""
 
 import ast
 import importlib.util
@@ -167,9 +168,12 @@ def test_kernels_compile_for_sm90():
     # a non-first config that the autotuner would skip (OutOfResources, PTXASError) is no failure
     failed = [e for e in entries if "error" in e and (e["first"] or not e["skippable"])]
     assert not failed, json.dumps(failed, indent=1)[:4000]
-    too_big = [e for e in entries if e["first"] and e["shared"] > HOPPER_SHARED_BYTES]
-    assert not too_big, "first configs over the shared memory limit:\n" + "\n".join(
-        f"{e['module']}.{e['kernel']} {e['dtype']} {e['cases']} {e['constexprs']}: {e['shared']} bytes" for e in too_big
+    # every config compiled fits: a first config must, and another one that does not is one the autotuner can
+    # only skip (route-and-down's BH 256 tile was, at three stages)
+    too_big = [e for e in entries if e.get("shared", 0) > HOPPER_SHARED_BYTES]
+    assert not too_big, "configs over the shared memory limit:\n" + "\n".join(
+        f"{e['module']}.{e['kernel']} {e['dtype']} config {e['config']} {e['cases']} {e['constexprs']}: "
+        f"{e['shared']} bytes" for e in too_big
     )
 
     # registers and spills (cuobjdump from Triton's bundle; without it the checks below would pass unread)
