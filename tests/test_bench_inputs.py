@@ -352,3 +352,27 @@ def test_tune_writes_each_row_as_it_is_measured(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["rows"][0] == first and saved["rows"][1]["error"].startswith("OutOfResources")
     assert set(saved["ceilings"]) == {"bytes_per_s", "flops_bf16"}
+
+
+@pytest.mark.slow
+def test_tune_smoke_run_measures_every_row(tmp_path, capsys):
+    """`tune_grouped_adapter.py --smoke` (the plumbing check README and NOTES give for CPU) runs every row under
+    the interpreter: each forward and backward variant, hinted and unhinted, both routings, a time and no error,
+    and the printed rows are the saved ones. (~45 s on 2 cores: the interpreter runs each backward row ~4 s.)"""
+    from mosaic_fast.backend import INTERPRET
+
+    if not INTERPRET:
+        pytest.skip("the smoke run is the interpreter's (CPU tensors)")
+    tune = load_benchmark_script("tune_grouped_adapter")
+    out = tmp_path / "tune.json"
+    tune.main(["--smoke", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r for r in rows if "error" in r or not r["ms"] > 0] == []
+    variants = {(r["routing"], r["variant"]) for r in rows}
+    for routing in ("single", "mixed"):
+        for name in ("kernel (autotuned)", "bwd: dh + weight kernels", "bwd: dh kernel only"):
+            assert {(routing, name), (routing, f"{name}, no alignment hints")} <= variants
+    assert ("single", "cuBLAS path (auto)") in variants and ("single", "bwd: cuBLAS autograd") in variants
+    printed = capsys.readouterr().out
+    assert all(r["variant"] in printed for r in rows) and "== mixed, backend triton" in printed
+    assert mosaic_fast.get_backend() == "auto"
