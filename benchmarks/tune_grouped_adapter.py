@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -139,10 +139,9 @@ def floors(t: int, d: int, rs: list[int], routed_r: list[int], n: int, elem: int
 
 
 def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: dict,
-        d: int = 768, n: int = 197, on_row: Callable[[dict], None] | None = None) -> list[dict]:
-    """Every variant's row (ms and % of the floor, or the error) per routing and batch; ``on_row`` sees each
-    row as soon as it is measured (so a run cut short by a time limit still leaves what it measured)."""
-    rows = []
+        d: int = 768, n: int = 197) -> Iterator[dict]:
+    """Every variant's row (ms and % of the floor, or the error) per routing and batch, each yielded as soon as
+    it is measured (so a run cut short by a time limit still leaves what it measured)."""
     for routing, rs in (("single", [192]), ("mixed", [64, 96, 192])):
         for b in batches:
             t = b * n
@@ -168,12 +167,9 @@ def run(batches: list[int], device: torch.device, dtype: torch.dtype, ceilings: 
                             row = dict(routing=routing, B=b, variant=name, ms=sec * 1e3, pct_floor=100 * floor_v / sec)
                         except Exception as exc:  # a config that does not compile: report, go on
                             row = dict(routing=routing, B=b, variant=name, error=f"{type(exc).__name__}: {exc}"[:200])
-                        rows.append(row)
-                        if on_row is not None:
-                            on_row(row)
+                        yield row
             finally:
                 mosaic_fast.set_backend("auto")
-    return rows
 
 
 def _step(h, base, weights, rs, ids, gout) -> None:
@@ -229,17 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     shape = dict(d=64, n=8) if args.smoke else {}
     print(profile(device, dtype, batches[-1], calls=1 if args.smoke else 5, **shape), flush=True)
     rows = []
-
-    def report(row: dict) -> None:
-        """Print the row and rewrite the JSON with every row so far."""
+    for row in run(batches, device, dtype, ceilings, **shape):  # printed and saved (all so far) as measured
         rows.append(row)
         tail = row["error"] if "error" in row else f"{row['ms']:9.3f} ms {row['pct_floor']:6.1f}% of floor"
         print(f"{row['routing']:<7}B={row['B']:<4}{row['variant']:<46}{tail}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"ceilings": ceilings, "rows": rows}, f, indent=2)
-
-    run(batches, device, dtype, ceilings, **shape, on_row=report)
 
 
 if __name__ == "__main__":

@@ -341,9 +341,9 @@ def test_tune_writes_each_row_as_it_is_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "profile", lambda *a, **k: "profile tables")
     first = dict(routing="single", B=1, variant="kernel (autotuned)", ms=1.5, pct_floor=50.0)
 
-    def cut_short(*args, on_row, **kwargs):
-        on_row(first)
-        on_row(dict(routing="single", B=1, variant="split kernels (autotuned)", error="OutOfResources: shared"))
+    def cut_short(*args, **kwargs):
+        yield first
+        yield dict(routing="single", B=1, variant="split kernels (autotuned)", error="OutOfResources: shared")
         raise TimeoutError("killed by the stage's time limit")
 
     monkeypatch.setattr(tune, "run", cut_short)
