@@ -66,7 +66,7 @@ os.environ["MOSAIC_FAST_AUTOTUNE"] = "1"  # every config in the autotuning lists
 
 import torch
 import triton
-from sm90_resources import resource_usage  # (tests/, the script's folder)
+from sm90_resources import HOPPER_SHARED_BYTES, resource_usage  # (tests/, the script's folder)
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -89,8 +89,6 @@ TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
 #: Errors the autotuner catches while timing a config (it then skips that config).
 SKIPPABLE = (OutOfResources, CompileTimeAssertionFailure, PTXASError)
-#: Largest dynamic shared memory one block may use on H100/H200 (227 KiB).
-HOPPER_SHARED_BYTES = 232_448
 #: Streaming multiprocessors of an H200 (the grouped weight-gradient split depends on it).
 H200_SMS = 132
 

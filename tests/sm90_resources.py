@@ -20,6 +20,8 @@ import tempfile
 REGISTERS_PER_SM, REGISTER_SUB_PARTITIONS, REGISTER_UNIT = 65_536, 4, 256
 WARPS_PER_SM, BLOCKS_PER_SM = 64, 32
 SHARED_PER_SM, SHARED_UNIT, SHARED_RESERVED_PER_BLOCK = 233_472, 128, 1024
+#: Largest dynamic shared memory one block may use on H100/H200 (227 KiB): the SM's less the block's reserve.
+HOPPER_SHARED_BYTES = SHARED_PER_SM - SHARED_RESERVED_PER_BLOCK
 
 #: What cuobjdump gives (:func:`parse_resource_usage`), then what follows from it (:func:`resource_usage`).
 USAGE_FIELDS = ("registers", "local", "spill_stores", "spill_loads")

@@ -16,10 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from sm90_resources import parse_resource_usage, warps_per_sm
+from sm90_resources import HOPPER_SHARED_BYTES, parse_resource_usage, warps_per_sm
 
-#: Largest dynamic shared memory one block may use on H100/H200 (227 KiB).
-HOPPER_SHARED_BYTES = 232_448
 #: Spill bytes per thread tolerated in a first config: a few words that ptxas moves at 255 registers, which
 #: differ between ptxas versions (the one-pass forward: 8 with triton 3.8's, none with 3.6's; the dh kernel
 #: recomputing the pre-activation in bf16/fp16: none with 3.8's at 183 registers, 56/64 with 3.6's at 255
