@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
+from tiny_cli import TINY_BATCHES, TINY_MODEL
 from torch._dynamo.utils import counters
 
 from mosaic_fast.cli import main
@@ -16,9 +17,7 @@ from mosaic_fast.engine import checkpoint as ckpt_io
 
 # specialists A (PathMNIST), B (BreastMNIST, ChestMNIST: multi-label) and C (a 3D set)
 NAMES = ("PathMNIST", "BreastMNIST", "ChestMNIST", "AdrenalMNIST3D")
-TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d", "28", "--patch_size_2d", "7",
-        "--img_size_3d", "28", "--patch_size_3d", "14", "--adapter_bottleneck_a", "8", "--adapter_bottleneck_b", "8",
-        "--adapter_bottleneck_c", "16", "--batch_size", "8", "--eval_batch_size", "16", "--device", "cpu"]
+TINY = [*TINY_MODEL, *TINY_BATCHES, "--device", "cpu"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_cli import TINY_BATCHES, TINY_MODEL
 
 from mosaic_fast.cli import main
 from mosaic_fast.data.demo import DEMO_DATASETS, DEMO_ROOT
@@ -15,9 +16,7 @@ from mosaic_fast.data.synthetic import write_synthetic_npz
 from mosaic_fast.engine.config import parse_train_args
 
 NAMES = ("BreastMNIST", "ChestMNIST", "RetinaMNIST", "AdrenalMNIST3D")
-TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d", "28", "--patch_size_2d", "7",
-        "--img_size_3d", "28", "--patch_size_3d", "14", "--adapter_bottleneck_a", "8", "--adapter_bottleneck_b", "8",
-        "--adapter_bottleneck_c", "16", "--batch_size", "8", "--eval_batch_size", "16"]
+TINY = [*TINY_MODEL, *TINY_BATCHES]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from parity import TOL_BF16, TOL_CPU_FWD, randomize_, rel_err
+from tiny_cli import TINY_BATCHES, TINY_MODEL
 
 from mosaic_fast import models, reference
 from mosaic_fast import nn as fast_nn
@@ -33,9 +34,7 @@ from mosaic_fast.ops.patch_embed3d import patch_embed3d
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 8
-TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d", "28", "--patch_size_2d", "7",
-        "--img_size_3d", "28", "--patch_size_3d", "14", "--adapter_bottleneck_a", "8", "--adapter_bottleneck_b", "8",
-        "--adapter_bottleneck_c", "16", "--batch_size", "8", "--eval_batch_size", "16", "--device", "cpu"]
+TINY = [*TINY_MODEL, *TINY_BATCHES, "--device", "cpu"]
 
 
 # ------------------------------------------------------------------ arguments refused by name (DESIGN.md §7)

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_cli import TINY_MODEL
 
 from mosaic_fast.data.synthetic import write_synthetic_npz
 from mosaic_fast.engine import checkpoint as ckpt_io
 
 NAMES = ("BreastMNIST", "ChestMNIST", "AdrenalMNIST3D")
-TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d", "28", "--patch_size_2d", "7",
-        "--img_size_3d", "28", "--patch_size_3d", "14", "--adapter_bottleneck_a", "8", "--adapter_bottleneck_b", "8",
-        "--adapter_bottleneck_c", "16", "--reference_model"]
+TINY = [*TINY_MODEL, "--reference_model"]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:

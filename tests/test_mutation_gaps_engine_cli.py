@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_cli import TINY_MODEL
 
 from mosaic_fast import info
 from mosaic_fast.cli import main
@@ -22,9 +23,7 @@ from mosaic_fast.engine import commands, distributed
 from mosaic_fast.engine.config import parse_train_args
 from mosaic_fast.engine.distributed import DistInfo
 
-TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--img_size_2d", "28", "--patch_size_2d", "7",
-        "--img_size_3d", "28", "--patch_size_3d", "14", "--adapter_bottleneck_a", "8", "--adapter_bottleneck_b", "8",
-        "--adapter_bottleneck_c", "16"]
+TINY = list(TINY_MODEL)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
